@@ -1,0 +1,50 @@
+//! The Kubernetes API of Portcullis: the four custom resources of group
+//! `jit.portcullis.dev/v1alpha1`, their schemas (with CEL validation so that bad input is
+//! refused at `kubectl apply` time) and their conversion into the pure [`crate::rules`] model.
+//!
+//! Everything here is data: no client, no reconciler. Field names follow Azure's
+//! `jitNetworkAccessPolicies` and NSG APIs because they are the public contract users write.
+
+// kube's derive takes one `printcolumn(...)` per column, so their `type_ = "string"` repeat.
+#![allow(clippy::duplicated_attributes)]
+
+pub mod conditions;
+pub mod jit_policy;
+pub mod jit_request;
+pub mod nsg;
+pub mod rule_fields;
+pub mod security_rule;
+pub mod validation;
+
+pub use jit_policy::{JitPolicy, JitPolicySpec, JitPolicyStatus};
+pub use jit_request::{JitRequest, JitRequestSpec, JitRequestStatus};
+pub use nsg::{NetworkSecurityGroup, NetworkSecurityGroupSpec, NetworkSecurityGroupStatus};
+pub use security_rule::{SecurityRule, SecurityRuleSpec};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// The API group of every Portcullis kind.
+pub const GROUP: &str = "jit.portcullis.dev";
+/// The one served and stored version.
+pub const VERSION: &str = "v1alpha1";
+
+/// All CRDs in a stable order: what `portcullis crds` prints and `crds/` holds.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![
+        NetworkSecurityGroup::crd(),
+        SecurityRule::crd(),
+        JitPolicy::crd(),
+        JitRequest::crd(),
+    ]
+}
+
+/// The CRDs as one multi-document YAML stream, byte-for-byte what `make crds` writes.
+pub fn crds_yaml() -> Result<String, serde_yaml_ng::Error> {
+    let mut out = String::new();
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,171 @@
+//! `NetworkSecurityGroup` (`nsg`): the firewall. The user owns the spec (often in GitOps);
+//! the operator only ever writes status.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::rule_fields::{Access, Direction, RuleFields, RuleProtocol};
+use super::validation::{PREFIX_MESSAGE, PREFIXES_RULE};
+
+/// The desired firewall: user-owned inline rules plus the address space that gives the
+/// `VirtualNetwork` and `Internet` tags their meaning.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "jit.portcullis.dev",
+    version = "v1alpha1",
+    kind = "NetworkSecurityGroup",
+    namespaced,
+    shortname = "nsg",
+    category = "portcullis",
+    status = "NetworkSecurityGroupStatus",
+    doc = "A network security group: ordered allow/deny rules with Azure NSG semantics.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Rules",
+        type_ = "integer",
+        json_path = ".status.effectiveRuleCount"
+    ),
+    printcolumn(
+        name = "Exposed",
+        type_ = "string",
+        json_path = ".status.exposedPorts",
+        description = "Management ports reachable from Internet or *"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.securityRules) || self.securityRules.all(a, self.securityRules.filter(b, b.direction == a.direction && b.priority == a.priority).size() == 1)"
+).message("securityRules: priority must be unique per direction").field_path(".securityRules"))]
+pub struct NetworkSecurityGroupSpec {
+    /// The prefixes the `VirtualNetwork` tag stands for; `Internet` is everything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new(PREFIXES_RULE).message(PREFIX_MESSAGE))]
+    pub virtual_network_prefixes: Vec<String>,
+    /// The prefixes the `AzureLoadBalancer` tag stands for (health probes); empty by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new(PREFIXES_RULE).message(PREFIX_MESSAGE))]
+    pub load_balancer_prefixes: Vec<String>,
+    /// The user's rules. The operator never edits them; what it adds lives in `SecurityRule`
+    /// objects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub security_rules: Vec<InlineRule>,
+}
+
+/// One user rule written inside the NSG.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InlineRule {
+    /// Unique within the NSG.
+    #[schemars(
+        length(min = 1, max = 80),
+        regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+    )]
+    pub name: String,
+    #[serde(flatten)]
+    pub fields: RuleFields,
+}
+
+/// What the operator and the agents observed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSecurityGroupStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Inline rules, SecurityRule objects and the defaults, in evaluation order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub effective_rules: Vec<EffectiveRule>,
+    /// How many rules `effectiveRules` holds (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_rule_count: Option<u32>,
+    /// Management ports the inbound rules open to `Internet` or `*`: Defender's
+    /// "management ports should be protected with JIT".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposure: Vec<Exposure>,
+    /// `exposure` as a short list of ports (for `kubectl get`), e.g. `22/Tcp,3389/Tcp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposed_ports: Option<String>,
+    /// One report per enforcing agent, each written by that agent alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["agent".into()]))]
+    pub enforcement: Vec<EnforcementReport>,
+}
+
+/// Where an effective rule came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RuleOrigin {
+    /// `spec.securityRules` of the NSG.
+    Inline,
+    /// A `SecurityRule` object referencing the NSG.
+    SecurityRule,
+    /// One of the Azure default rules.
+    Default,
+}
+
+/// One rule as evaluated, with every list spelled out in plural form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveRule {
+    pub name: String,
+    pub priority: u32,
+    pub direction: Direction,
+    pub access: Access,
+    pub protocol: RuleProtocol,
+    pub source_address_prefixes: Vec<String>,
+    pub source_port_ranges: Vec<String>,
+    pub destination_address_prefixes: Vec<String>,
+    pub destination_port_ranges: Vec<String>,
+    pub origin: RuleOrigin,
+    /// Set for rules the operator materialized for JIT (denies and grants).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jit: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+/// A management port reachable from outside the virtual network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Exposure {
+    pub port: u16,
+    pub protocol: RuleProtocol,
+    /// The allow rule that exposes it.
+    pub rule: String,
+    /// The source the rule allows (`*` or `Internet`).
+    pub source: String,
+}
+
+/// What one agent applied on its host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnforcementReport {
+    /// The agent's identity (unique per host), the list-map key.
+    pub agent: String,
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// The NSG generation and the hash of the rules the agent applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    pub rules_hash: String,
+    pub applied_at: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

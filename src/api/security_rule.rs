@@ -1,0 +1,58 @@
+//! `SecurityRule` (`nsgrule`): one rule as its own object. The operator materializes JIT
+//! denies (owned by a `JitPolicy`) and grants (owned by a `JitRequest`) this way, so that
+//! ownership, garbage collection and GitOps all work on whole objects and the user's NSG
+//! spec is never rewritten. Users may create their own too.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::rule_fields::RuleFields;
+
+/// A rule attached to the NSG named in `networkSecurityGroupName`.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "jit.portcullis.dev",
+    version = "v1alpha1",
+    kind = "SecurityRule",
+    namespaced,
+    shortname = "nsgrule",
+    category = "portcullis",
+    doc = "One NSG rule as an object; JIT denies and grants are materialized as these.",
+    printcolumn(
+        name = "NSG",
+        type_ = "string",
+        json_path = ".spec.networkSecurityGroupName"
+    ),
+    printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
+    printcolumn(name = "Direction", type_ = "string", json_path = ".spec.direction"),
+    printcolumn(name = "Access", type_ = "string", json_path = ".spec.access"),
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        json_path = ".spec.sourceAddressPrefix"
+    ),
+    printcolumn(
+        name = "Ports",
+        type_ = "string",
+        json_path = ".spec.destinationPortRanges"
+    ),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityRuleSpec {
+    /// The NSG (same namespace) this rule belongs to.
+    #[schemars(length(min = 1, max = 253))]
+    pub network_security_group_name: String,
+    #[serde(flatten)]
+    pub fields: RuleFields,
+    /// After this instant the rule is never effective, deleted yet or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}

@@ -1,0 +1,9 @@
+//! Portcullis: just-in-time network access for machines managed from Kubernetes.
+//!
+//! The arrows point one way: [`rules`] is the pure NSG model (no Kubernetes in it), [`api`]
+//! holds the custom resources and their conversion into that model, and the kube-facing
+//! pieces (controllers, agent, webhook) build on both.
+
+pub mod api;
+pub mod cli;
+pub mod rules;
