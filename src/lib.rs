@@ -4,6 +4,8 @@
 //! holds the custom resources and their conversion into that model, and the kube-facing
 //! pieces (controllers, agent, webhook) build on both.
 
+pub mod access;
 pub mod api;
 pub mod cli;
 pub mod rules;
+pub mod testenv;

@@ -51,7 +51,7 @@ pub const DEFAULT_MAX_DURATION: &str = "PT3H";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct JitPolicySpec {
-    #[schemars(length(min = 1, max = 100))]
+    #[schemars(length(min = 1, max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub virtual_machines: Vec<PolicyVirtualMachine>,
     /// Requests must say why.
@@ -78,7 +78,7 @@ pub struct PolicyVirtualMachine {
     pub network_security_group_name: String,
     /// The JIT ports; omitted means 22, 3389, 5985 and 5986 over TCP, any source, PT3H.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = 16))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["number".into(), "protocol".into()]))]
     pub ports: Option<Vec<PolicyPort>>,
 }
@@ -109,11 +109,11 @@ pub struct PolicyPort {
     pub protocol: PolicyProtocol,
     /// Where requests may come from; omitted (with the plural too) means any source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 43))]
     #[x_kube(validation = Rule::new(SOURCE_RULE).message(SOURCE_MESSAGE))]
     pub allowed_source_address_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 64), inner(length(max = 64)))]
+    #[schemars(length(min = 1, max = 8), inner(length(max = 43)))]
     #[x_kube(validation = Rule::new(SOURCES_RULE).message(SOURCE_MESSAGE))]
     pub allowed_source_address_prefixes: Option<Vec<String>>,
     /// The longest access one request may get, ISO 8601, from PT1S to PT24H.

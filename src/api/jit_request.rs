@@ -54,7 +54,7 @@ pub struct JitRequestSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub justification: Option<String>,
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = 16))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub virtual_machines: Vec<RequestVirtualMachine>,
     /// Who asked. Stamped by admission from the authenticated caller; a value a user writes
@@ -70,7 +70,7 @@ pub struct RequestVirtualMachine {
     /// A machine name of the policy.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = 16))]
     pub ports: Vec<RequestPort>,
 }
 
@@ -91,11 +91,11 @@ pub struct RequestPort {
     pub duration: String,
     /// The requester's address (or prefix): the only source that gets in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 43))]
     #[x_kube(validation = Rule::new(SOURCE_RULE).message(SOURCE_MESSAGE))]
     pub allowed_source_address_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 16), inner(length(max = 64)))]
+    #[schemars(length(min = 1, max = 8), inner(length(max = 43)))]
     #[x_kube(validation = Rule::new(SOURCES_RULE).message(SOURCE_MESSAGE))]
     pub allowed_source_address_prefixes: Option<Vec<String>>,
 }

@@ -48,3 +48,17 @@ pub fn crds_yaml() -> Result<String, serde_yaml_ng::Error> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    /// `crds/` is what users and GitOps apply: it must be exactly what the code generates.
+    #[test]
+    fn committed_crds_match_the_code() {
+        let committed = include_str!("../../crds/portcullis.yaml");
+        let generated = super::crds_yaml().expect("CRDs render");
+        assert!(
+            committed == generated,
+            "crds/portcullis.yaml is stale: run `make crds` and commit the result"
+        );
+    }
+}

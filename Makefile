@@ -1,0 +1,49 @@
+# Portcullis — common tasks. `make help` lists them.
+SHELL := /bin/bash
+CARGO ?= cargo
+BIN := target/debug/portcullis
+
+.PHONY: help build test run crds crds-check lint fmt bench control-plane kind-up kind-down clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+build: ## Build the portcullis binary
+	$(CARGO) build --locked
+
+test: control-plane ## Unit and integration tests against a real local control plane
+	$(CARGO) test --locked --all-targets
+
+run: build control-plane ## Run the operator: on the configured cluster, else on a local control plane
+	$(BIN) dev
+
+crds: ## Regenerate crds/portcullis.yaml from the Rust types
+	$(CARGO) run --quiet --locked -- crds > crds/portcullis.yaml
+
+crds-check: ## Fail if crds/ differs from what the code generates
+	@diff -u crds/portcullis.yaml <($(CARGO) run --quiet --locked -- crds) && echo "crds/ is up to date"
+
+lint: ## rustfmt and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+bench: control-plane ## Benchmarks against the local control plane; tables in target/bench/
+	$(CARGO) run --release --locked --bin portcullis -- bench
+
+control-plane: ## Build (once) and cache kube-apiserver, etcd, kube-controller-manager, kubectl
+	@hack/control-plane-bins.sh >/dev/null
+
+kind-up: ## Create a kind cluster, load the image and deploy (needs Docker and kind)
+	kind create cluster --config deploy/kind/kind-config.yaml
+	docker build -f deploy/Dockerfile -t portcullis:dev .
+	kind load docker-image portcullis:dev --name portcullis
+	kubectl --context kind-portcullis apply -k deploy/
+
+kind-down: ## Delete the kind cluster
+	kind delete cluster --name portcullis
+
+clean: ## Remove build output (the cached control plane stays)
+	$(CARGO) clean

@@ -1,0 +1,136 @@
+//! What every integration test gets: the shared control plane, an admin client, a fresh
+//! namespace of its own, and kubectl driven exactly as a user drives it.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use portcullis::testenv::{ADMIN, ControlPlane, User};
+
+/// The result type of a test body: any error fails the test with its message.
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// How long a test waits for a condition before it fails: generous for a loaded
+/// two-core machine, and a wait ends as soon as the condition holds.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// One test's view of the cluster.
+pub struct Ctx {
+    pub plane: Arc<ControlPlane>,
+    pub client: Client,
+    pub ns: String,
+}
+
+impl Ctx {
+    /// Creates a namespace named after the test so tests never see each other's objects.
+    pub async fn new(
+        plane: Arc<ControlPlane>,
+        test: &str,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let client = plane.client(ADMIN).await?;
+        let mut ns: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        ns.truncate(50);
+        let ns = ns.trim_matches('-').to_owned();
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": ns }
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await?;
+        Ok(Self { plane, client, ns })
+    }
+
+    /// Runs kubectl as the admin in the test's namespace.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_as(ADMIN, args, None)
+    }
+
+    /// Runs kubectl as `user` in the test's namespace, with optional standard input.
+    pub fn kubectl_as(&self, user: User, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(self.plane.kubectl())
+            .arg("--kubeconfig")
+            .arg(self.plane.kubeconfig(user.name))
+            .args(["--namespace", &self.ns])
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl starts");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(input.as_bytes())
+                .expect("write kubectl stdin");
+        }
+        child.wait_with_output().expect("kubectl finishes")
+    }
+
+    /// `kubectl apply -f -` of a YAML document as the admin.
+    pub fn apply(&self, yaml: &str) -> Output {
+        self.kubectl_as(ADMIN, &["apply", "-f", "-"], Some(yaml))
+    }
+}
+
+/// Fails unless kubectl succeeded, showing what it printed.
+pub fn succeeded(output: &Output) -> Result<String, String> {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "kubectl failed ({}):\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Fails unless kubectl failed; returns its standard error.
+pub fn failed(output: &Output) -> Result<String, String> {
+    if output.status.success() {
+        Err(format!(
+            "kubectl unexpectedly succeeded:\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        ))
+    } else {
+        Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after [`DEADLINE`] with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {DEADLINE:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
