@@ -1,14 +1,28 @@
 //! Command-line entry points. Each subcommand is a thin shell over a module that does the
 //! work, so the same code runs from tests.
 
+use std::future::Future;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+use crate::controller;
+
+/// The log filter when `RUST_LOG` is unset: our own progress, but only kube's warnings
+/// (its request-level logs drown everything else at `info`).
+const DEFAULT_LOG_FILTER: &str = "info,kube=warn";
 
 /// Just-in-time network access for machines, on Kubernetes.
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about)]
 pub struct Cli {
+    /// How log lines are written (always to standard error; `RUST_LOG` filters them).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -18,20 +32,131 @@ pub struct Cli {
 pub enum Command {
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
     Crds,
+    /// Run the operator until SIGINT or SIGTERM.
+    ///
+    /// It connects like kubectl does (`KUBECONFIG`, `~/.kube/config`), or with the pod's
+    /// service account inside a cluster.
+    Controller(ControllerArgs),
+    /// Run the operator for development (what `make run` runs).
+    ///
+    /// On the configured cluster if there is one; otherwise on a local control plane that it
+    /// starts, sets up (CRDs, user roles) and removes again on Ctrl-C.
+    Dev,
 }
 
-/// Runs a parsed command line and maps the outcome to an exit code.
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Flags of `portcullis controller`; they map one to one onto [`controller::Config`].
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Reconciles in flight per controller.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Refuse requests without an authenticated `spec.requestor` (set where the admission
+    /// webhook stamps requestors).
+    #[arg(long)]
+    pub require_requestor: bool,
+}
+
+impl From<&ControllerArgs> for controller::Config {
+    fn from(args: &ControllerArgs) -> Self {
+        Self {
+            http_addr: args.http_addr,
+            concurrency: args.concurrency,
+            require_requestor: args.require_requestor,
+        }
+    }
+}
+
+/// Runs a parsed command line and maps the outcome to an exit code. Async commands get a
+/// multi-threaded tokio runtime built here, so `main` stays a one-liner.
 pub fn run(cli: Cli) -> ExitCode {
+    init_logging(cli.log_format);
     match cli.command {
         Command::Crds => match crate::api::crds_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS
             }
-            Err(error) => {
-                eprintln!("portcullis: cannot render the CRDs: {error}");
-                ExitCode::FAILURE
-            }
+            Err(error) => fail("cannot render the CRDs", &error),
         },
+        Command::Controller(args) => block_on(async move {
+            let shutdown = shutdown_signal()?;
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| format!("cannot connect to a cluster: {e}"))?;
+            controller::run(client, (&args).into(), shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        }),
+        Command::Dev => block_on(async {
+            let shutdown = shutdown_signal()?;
+            crate::dev::run(shutdown).await.map_err(|e| e.to_string())
+        }),
+    }
+}
+
+/// Runs an async command on a fresh runtime. The future runs on the calling (main) thread:
+/// the local control plane ties its processes' lifetime to the thread that spawns them.
+fn block_on(command: impl Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail("cannot start the async runtime", &error),
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("portcullis: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fail(what: &str, error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("portcullis: {what}: {error}");
+    ExitCode::FAILURE
+}
+
+/// Resolves on the first SIGINT or SIGTERM. The handlers are installed before this returns,
+/// so a signal that arrives during a slow startup is not lost (nor fatal: the caller gets to
+/// clean up).
+fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, String> {
+    let install = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
+    let mut interrupt = install(SignalKind::interrupt())?;
+    let mut terminate = install(SignalKind::terminate())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!("{name} received; shutting down");
+    })
+}
+
+/// Logs go to standard error so that standard output carries only what a command prints on
+/// purpose (the CRDs, the `export KUBECONFIG=` line).
+fn init_logging(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }

@@ -7,5 +7,7 @@
 pub mod access;
 pub mod api;
 pub mod cli;
+pub mod controller;
+pub mod dev;
 pub mod rules;
 pub mod testenv;

@@ -84,7 +84,20 @@ pub struct PolicyVirtualMachine {
 }
 
 /// A protocol as policies and requests spell it (Azure's `TCP`/`UDP`/`*`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
 pub enum PolicyProtocol {
     #[serde(rename = "TCP")]
     Tcp,
@@ -218,7 +231,9 @@ pub enum GrantState {
 }
 
 /// Why a port's access ended (or will).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 pub enum GrantStateReason {
     Expired,
     UserRequested,

@@ -9,6 +9,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod conditions;
+pub mod convert;
 pub mod jit_policy;
 pub mod jit_request;
 pub mod nsg;

@@ -95,7 +95,7 @@ impl fmt::Display for Access {
 }
 
 /// A rule's protocol, or a packet's (for packets never [`Protocol::Any`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     /// TCP.
     Tcp,

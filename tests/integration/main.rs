@@ -4,13 +4,16 @@
 //! the first test and torn down after the last, on failure too, and on Ctrl-C. The harness is
 //! libtest-mimic so that this teardown runs: libtest offers no hook after the last test.
 
+mod controllers;
 mod crd_validation;
 mod deploy;
 mod examples;
 mod harness;
+mod make_run;
 mod support;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,11 +34,13 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 4] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 6] = [
+        ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
         ("examples", examples::tests()),
         ("harness", harness::tests()),
+        ("make_run", make_run::tests()),
     ];
     modules
         .into_iter()
@@ -63,8 +68,8 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let plane = match runtime.block_on(start()) {
-        Ok(plane) => Arc::new(plane),
+    let (plane, operator) = match runtime.block_on(start()) {
+        Ok((plane, operator)) => (Arc::new(plane), operator),
         Err(error) => {
             eprintln!("cannot start the local control plane: {error}");
             return ExitCode::FAILURE;
@@ -85,7 +90,7 @@ fn main() -> ExitCode {
             Trial::test(name.clone(), move || {
                 handle
                     .block_on(async move {
-                        let ctx = Ctx::new(plane, &name).await?;
+                        let ctx = Ctx::new(plane, operator, &name).await?;
                         test(ctx).await
                     })
                     .map_err(|e| e.to_string().into())
@@ -97,9 +102,23 @@ fn main() -> ExitCode {
     conclusion.exit_code()
 }
 
-async fn start() -> Result<ControlPlane, Box<dyn std::error::Error>> {
+/// The control plane with the CRDs installed and the operator running in this process
+/// (tests that kill the operator start their own control plane and operator process).
+async fn start() -> Result<(ControlPlane, SocketAddr), Box<dyn std::error::Error>> {
     let plane = ControlPlane::start().await?;
     let client = plane.client(portcullis::testenv::ADMIN).await?;
     portcullis::testenv::crds::install(&client).await?;
-    Ok(plane)
+    let http_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let config = portcullis::controller::Config {
+        http_addr,
+        ..Default::default()
+    };
+    tokio::spawn(async move {
+        if let Err(error) =
+            portcullis::controller::run(client, config, std::future::pending()).await
+        {
+            eprintln!("the operator stopped: {error}");
+        }
+    });
+    Ok((plane, http_addr))
 }

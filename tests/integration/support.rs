@@ -2,6 +2,7 @@
 //! namespace of its own, and kubectl driven exactly as a user drives it.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,8 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 /// One test's view of the cluster.
 pub struct Ctx {
     pub plane: Arc<ControlPlane>,
+    /// The in-process operator's HTTP address (`/metrics`, `/readyz`).
+    pub operator: SocketAddr,
     pub client: Client,
     pub ns: String,
 }
@@ -29,6 +32,7 @@ impl Ctx {
     /// Creates a namespace named after the test so tests never see each other's objects.
     pub async fn new(
         plane: Arc<ControlPlane>,
+        operator: SocketAddr,
         test: &str,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let client = plane.client(ADMIN).await?;
@@ -50,7 +54,12 @@ impl Ctx {
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &namespace)
             .await?;
-        Ok(Self { plane, client, ns })
+        Ok(Self {
+            plane,
+            operator,
+            client,
+            ns,
+        })
     }
 
     /// Runs kubectl as the admin in the test's namespace.

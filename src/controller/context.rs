@@ -1,0 +1,302 @@
+//! What every reconciler shares: the client, the event recorder, the metrics, the caches of
+//! all four kinds, and the one clock.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::metrics::Metrics;
+use crate::access::materialize::{LABEL_MANAGED_BY, MANAGED_BY};
+use crate::api::convert::{self, ConvertError};
+use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::rules::{self, Origin, Scope};
+
+/// The reflector caches, read instead of the API on every hot path.
+#[derive(Clone)]
+pub struct Stores {
+    pub nsgs: Store<NetworkSecurityGroup>,
+    pub policies: Store<JitPolicy>,
+    pub requests: Store<JitRequest>,
+    pub rules: Store<SecurityRule>,
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub stores: Stores,
+    pub require_requestor: bool,
+}
+
+/// An NSG's rules, split the way JIT placement needs them.
+pub struct NsgView {
+    pub scope: Scope,
+    /// Inline rules and `SecurityRule`s the operator did not create.
+    pub user_rules: Vec<rules::Rule>,
+    /// Rules that could not be read (named in conditions, never fatal).
+    pub invalid: Vec<ConvertError>,
+}
+
+impl Context {
+    /// Builds the context; the recorder publishes events as `reporter`.
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        metrics: Arc<Metrics>,
+        stores: Stores,
+        require_requestor: bool,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            stores,
+            require_requestor,
+        }
+    }
+
+    /// The current time. Every decision that depends on time reads it here, once per
+    /// reconcile, so that a reconcile reasons about one instant and tests know where the
+    /// clock enters.
+    pub fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+
+    /// Resolves once every cache holds its first full list.
+    pub async fn wait_synced(&self) {
+        let _ = futures::future::join4(
+            self.stores.nsgs.wait_until_ready(),
+            self.stores.policies.wait_until_ready(),
+            self.stores.requests.wait_until_ready(),
+            self.stores.rules.wait_until_ready(),
+        )
+        .await;
+    }
+
+    /// The NSG `name` in `namespace`, from the cache.
+    pub fn nsg(&self, namespace: &str, name: &str) -> Option<Arc<NetworkSecurityGroup>> {
+        self.stores
+            .nsgs
+            .get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// The policy `name` in `namespace`, from the cache.
+    pub fn policy(&self, namespace: &str, name: &str) -> Option<Arc<JitPolicy>> {
+        self.stores
+            .policies
+            .get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// The `SecurityRule` objects that reference the NSG.
+    pub fn rules_of(&self, namespace: &str, nsg: &str) -> Vec<Arc<SecurityRule>> {
+        self.stores
+            .rules
+            .state()
+            .into_iter()
+            .filter(|r| {
+                r.metadata.namespace.as_deref() == Some(namespace)
+                    && r.spec.network_security_group_name == nsg
+            })
+            .collect()
+    }
+
+    /// The NSG's scope and its user rules (inline plus unmanaged objects), for placement.
+    pub fn nsg_view(&self, nsg: &NetworkSecurityGroup) -> NsgView {
+        let namespace = nsg.metadata.namespace.as_deref().unwrap_or_default();
+        let name = nsg.metadata.name.as_deref().unwrap_or_default();
+        let mut invalid = Vec::new();
+        let scope = convert::scope(&nsg.spec).unwrap_or_else(|e| {
+            invalid.push(e);
+            Scope::default()
+        });
+        let mut user_rules = Vec::new();
+        for inline in &nsg.spec.security_rules {
+            match convert::rule(&inline.name, &inline.fields, Origin::Inline, false) {
+                Ok(rule) => user_rules.push(rule),
+                Err(e) => invalid.push(e),
+            }
+        }
+        for object in self.rules_of(namespace, name) {
+            if is_managed(&object) {
+                continue;
+            }
+            match object_rule(&object) {
+                Ok(rule) => user_rules.push(rule),
+                Err(e) => invalid.push(e),
+            }
+        }
+        NsgView {
+            scope,
+            user_rules,
+            invalid,
+        }
+    }
+
+    /// Publishes a Kubernetes Event about `object`. Events are best effort: a failure is
+    /// logged, never fails the reconcile that already did its work.
+    pub async fn event<K>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(%error, reason, "cannot publish event");
+        }
+    }
+}
+
+/// Whether the operator created this rule (and so may change or delete it).
+pub fn is_managed(rule: &SecurityRule) -> bool {
+    rule.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_MANAGED_BY))
+        .is_some_and(|v| v == MANAGED_BY)
+}
+
+/// A `SecurityRule` object in the model, named after the object.
+pub fn object_rule(object: &SecurityRule) -> Result<rules::Rule, ConvertError> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    convert::rule(
+        &name,
+        &object.spec.fields,
+        Origin::SecurityRule { name: name.clone() },
+        is_managed(object),
+    )
+}
+
+/// Whether a rule's `expiresAt` has passed at `now`: such a rule is never effective.
+pub fn expired(expires_at: Option<&Time>, now: Timestamp) -> bool {
+    expires_at.is_some_and(|t| t.0 <= now)
+}
+
+impl Context {
+    /// Writes `status` by server-side apply as the operator's field manager. Fields other
+    /// managers own (agents' enforcement reports) are left alone.
+    pub async fn apply_status<K>(
+        &self,
+        object: &K,
+        status: serde_json::Value,
+    ) -> Result<(), super::Error>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let (name, namespace) = super::name_and_namespace(object, "object")?;
+        let api: kube::Api<K> = kube::Api::namespaced(self.client.clone(), &namespace);
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        api.patch_status(
+            &name,
+            &kube::api::PatchParams::apply(super::MANAGER).force(),
+            &kube::api::Patch::Apply(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+impl Context {
+    /// Ensures the operator's `SecurityRule` exists exactly as `desired`, owned by `owner`.
+    ///
+    /// Reads the cache first and writes only on a difference, so a steady state costs no API
+    /// calls; a deleted or hand-edited rule is restored by server-side apply with force (the
+    /// operator's fields win, anything else a user added is left alone).
+    pub async fn ensure_rule(
+        &self,
+        namespace: &str,
+        desired: &crate::access::materialize::Materialized,
+        owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    ) -> Result<bool, super::Error> {
+        let current = self
+            .stores
+            .rules
+            .get(&ObjectRef::new(&desired.name).within(namespace));
+        let in_place = current.as_ref().is_some_and(|rule| {
+            rule.spec == desired.spec
+                && rule.metadata.owner_references.as_ref().is_some_and(|refs| {
+                    refs.iter()
+                        .any(|r| r.uid == owner.uid && r.controller == Some(true))
+                })
+                && desired
+                    .labels
+                    .iter()
+                    .all(|(k, v)| rule.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+        });
+        if in_place {
+            return Ok(false);
+        }
+        let object = serde_json::json!({
+            "apiVersion": SecurityRule::api_version(&()),
+            "kind": SecurityRule::kind(&()),
+            "metadata": {
+                "name": desired.name,
+                "namespace": namespace,
+                "labels": desired.labels,
+                "ownerReferences": [owner],
+            },
+            "spec": desired.spec,
+        });
+        kube::Api::<SecurityRule>::namespaced(self.client.clone(), namespace)
+            .patch(
+                &desired.name,
+                &kube::api::PatchParams::apply(super::MANAGER).force(),
+                &kube::api::Patch::Apply(&object),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// Deletes an operator rule; one that is already gone is fine.
+    pub async fn delete_rule(&self, namespace: &str, name: &str) -> Result<(), super::Error> {
+        let api = kube::Api::<SecurityRule>::namespaced(self.client.clone(), namespace);
+        match api
+            .delete(name, &kube::api::DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The operator's rules in `namespace` that `owner_uid` controls.
+    pub fn rules_owned_by(&self, namespace: &str, owner_uid: &str) -> Vec<Arc<SecurityRule>> {
+        self.stores
+            .rules
+            .state()
+            .into_iter()
+            .filter(|r| {
+                r.metadata.namespace.as_deref() == Some(namespace)
+                    && is_managed(r)
+                    && r.metadata.owner_references.as_ref().is_some_and(|refs| {
+                        refs.iter()
+                            .any(|o| o.uid == owner_uid && o.controller == Some(true))
+                    })
+            })
+            .collect()
+    }
+}

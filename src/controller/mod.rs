@@ -1,0 +1,197 @@
+//! The operator: three kube-runtime controllers sharing one [`Context`].
+//!
+//! - [`nsg`] aggregates inline rules, `SecurityRule` objects and the defaults into each
+//!   NSG's effective view, conflicts and exposure;
+//! - [`policy`] materializes one deny rule per protected machine and keeps the policy's
+//!   status and request history;
+//! - [`request`] validates requests, grants allow rules with an expiry, and revokes them.
+//!
+//! Each controller's primary cache doubles as a lookup store for the others, and one extra
+//! reflector caches `SecurityRule`s, so hot paths read memory, not the API.
+
+pub mod context;
+pub mod metrics;
+pub mod nsg;
+pub mod policy;
+pub mod request;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use kube::runtime::events::Reporter;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+pub use context::Context;
+
+/// The field manager (and event reporter) name of everything the operator writes.
+pub const MANAGER: &str = "portcullis-controller";
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub http_addr: SocketAddr,
+    /// Reconciles in flight per controller: bounded so a burst cannot exhaust the API
+    /// server's or the operator's resources.
+    pub concurrency: u16,
+    /// Refuse requests that carry no authenticated `spec.requestor`. Turned on where the
+    /// admission webhook stamps requestors; without it nothing would ever be granted.
+    pub require_requestor: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            concurrency: 16,
+            require_requestor: false,
+        }
+    }
+}
+
+/// Why the operator stopped, or why one reconcile failed (and will be retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Not a failure: the reconcile must wait for another controller (retried soon, quietly).
+    #[error("waiting: {0}")]
+    Waiting(String),
+    #[error("{kind} without {field}")]
+    MissingField {
+        kind: &'static str,
+        field: &'static str,
+    },
+}
+
+/// How long a failed reconcile waits before it is retried.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long a reconcile that waits on another controller waits before it looks again.
+const WAIT_AFTER: Duration = Duration::from_millis(250);
+
+/// The shared error policy: count, log, retry soon. One bad object never stops a watch.
+fn error_policy<K>(
+    controller: &'static str,
+    object: &K,
+    error: &Error,
+    ctx: &Context,
+) -> kube::runtime::controller::Action
+where
+    K: kube::Resource,
+{
+    if let Error::Finalizer(inner) = error
+        && let kube::runtime::finalizer::Error::CleanupFailed(Error::Waiting(why)) = inner.as_ref()
+    {
+        tracing::debug!(controller, why, "waiting");
+        return kube::runtime::controller::Action::requeue(WAIT_AFTER);
+    }
+    ctx.metrics.reconcile_error(controller);
+    tracing::warn!(
+        controller,
+        namespace = object.meta().namespace.as_deref().unwrap_or_default(),
+        name = object.meta().name.as_deref().unwrap_or_default(),
+        %error,
+        "reconcile failed; retrying"
+    );
+    kube::runtime::controller::Action::requeue(RETRY_AFTER)
+}
+
+/// The name and namespace every namespaced object has once stored.
+fn name_and_namespace<K: kube::Resource>(
+    object: &K,
+    kind: &'static str,
+) -> Result<(String, String), Error> {
+    let name = object.meta().name.clone().ok_or(Error::MissingField {
+        kind,
+        field: "metadata.name",
+    })?;
+    let namespace = object.meta().namespace.clone().ok_or(Error::MissingField {
+        kind,
+        field: "metadata.namespace",
+    })?;
+    Ok((name, namespace))
+}
+
+/// Runs the controllers until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let shutdown = shutdown.shared();
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let http = server::serve(
+        config.http_addr,
+        metrics.clone(),
+        ready_rx,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| Error::Http {
+        addr: config.http_addr,
+        source,
+    })?;
+
+    let (rules, rules_writer) = reflector::store();
+    let rules_reflector = reflector(
+        rules_writer,
+        watcher(Api::all(client.clone()), watcher::Config::default()).default_backoff(),
+    )
+    .for_each(|_| std::future::ready(()));
+
+    let nsg_controller = nsg::controller(&client, &config);
+    let policy_controller = policy::controller(&client, &config);
+    let request_controller = request::controller(&client, &config);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+        metrics,
+        context::Stores {
+            nsgs: nsg_controller.store(),
+            policies: policy_controller.store(),
+            requests: request_controller.store(),
+            rules,
+        },
+        config.require_requestor,
+    ));
+
+    let readiness = {
+        let ctx = ctx.clone();
+        async move {
+            ctx.wait_synced().await;
+            let _ = ready_tx.send(true);
+            tracing::info!("caches synced; reconciling");
+            std::future::pending::<()>().await;
+        }
+    };
+    let controllers = futures::future::join3(
+        nsg::run(nsg_controller, ctx.clone(), shutdown.clone()),
+        policy::run(policy_controller, ctx.clone(), shutdown.clone()),
+        request::run(request_controller, ctx.clone(), shutdown.clone()),
+    );
+    tokio::select! {
+        _ = controllers => {}
+        _ = rules_reflector => {}
+        _ = readiness => {}
+        _ = shutdown.clone() => {}
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    tracing::info!("operator stopped");
+    Ok(())
+}

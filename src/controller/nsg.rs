@@ -1,0 +1,426 @@
+//! The NSG controller: computes each NSG's effective rules (inline rules, `SecurityRule`
+//! objects that have not expired, Azure's defaults), priority conflicts, and the management
+//! ports exposed to the Internet, and writes them to status only when they change.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+
+use super::context::{Context, expired, is_managed, object_rule};
+use super::{Config, Error, error_policy, name_and_namespace};
+use crate::access::validate::{model_protocol, policy_ports};
+use crate::api::conditions::{self, Decided, reason};
+use crate::api::convert::{self, ConvertError};
+use crate::api::nsg::Exposure;
+use crate::api::{JitPolicy, NetworkSecurityGroup, NetworkSecurityGroupStatus, SecurityRule};
+use crate::rules::{self, AddressPrefix, Direction, Origin, Packet, Protocol, Scope};
+
+const NAME: &str = "nsg";
+/// Management ports Defender checks on every machine, besides those policies name.
+const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
+/// A safety net: even with no change and no expiry ahead, look again this often.
+const RESYNC: Duration = Duration::from_secs(600);
+/// Addresses from the documentation ranges, used as "somebody on the Internet" when
+/// probing exposure; the first one outside the virtual network is used.
+const INTERNET_PROBES: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(203, 0, 113, 1),
+    Ipv4Addr::new(198, 51, 100, 1),
+    Ipv4Addr::new(192, 0, 2, 1),
+];
+
+/// Builds the controller: NSGs, re-triggered by the rules and policies that name them.
+pub fn controller(client: &Client, config: &Config) -> Controller<NetworkSecurityGroup> {
+    let wc = watcher::Config::default();
+    Controller::new(Api::<NetworkSecurityGroup>::all(client.clone()), wc.clone())
+        .watches(
+            Api::<SecurityRule>::all(client.clone()),
+            wc.clone(),
+            |rule| {
+                let namespace = rule.metadata.namespace.clone()?;
+                Some(ObjectRef::new(&rule.spec.network_security_group_name).within(&namespace))
+            },
+        )
+        .watches(Api::<JitPolicy>::all(client.clone()), wc, |policy| {
+            let namespace = policy.metadata.namespace.clone().unwrap_or_default();
+            policy
+                .spec
+                .virtual_machines
+                .iter()
+                .map(|m| ObjectRef::new(&m.network_security_group_name).within(&namespace))
+                .collect::<Vec<_>>()
+        })
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+}
+
+/// Runs the controller until `shutdown`.
+pub async fn run(
+    controller: Controller<NetworkSecurityGroup>,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconcile,
+            |nsg, error, ctx| error_policy(NAME, nsg.as_ref(), error, &ctx),
+            ctx,
+        )
+        .for_each(|_| std::future::ready(()))
+        .await;
+}
+
+async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.wait_synced().await;
+    let now = ctx.now();
+    let (name, namespace) = name_and_namespace(nsg.as_ref(), "NetworkSecurityGroup")?;
+    let mut invalid: Vec<ConvertError> = Vec::new();
+    let scope = convert::scope(&nsg.spec).unwrap_or_else(|e| {
+        invalid.push(e);
+        Scope::default()
+    });
+
+    let mut model = Vec::new();
+    for inline in &nsg.spec.security_rules {
+        match convert::rule(&inline.name, &inline.fields, Origin::Inline, false) {
+            Ok(rule) => model.push(rule),
+            Err(e) => invalid.push(e),
+        }
+    }
+    let mut expiries: HashMap<String, Time> = HashMap::new();
+    let mut next_expiry: Option<jiff::Timestamp> = None;
+    for object in ctx.rules_of(&namespace, &name) {
+        if expired(object.spec.expires_at.as_ref(), now) {
+            continue;
+        }
+        if let Some(at) = &object.spec.expires_at {
+            next_expiry = Some(next_expiry.map_or(at.0, |n| n.min(at.0)));
+            expiries.insert(object.metadata.name.clone().unwrap_or_default(), at.clone());
+        }
+        match object_rule(&object) {
+            Ok(rule) => model.push(rule),
+            Err(e) if is_managed(&object) => invalid.push(e),
+            Err(e) => invalid.push(e),
+        }
+    }
+    let effective = rules::effective(model);
+    let conflicts = rules::conflicts(&effective);
+    let exposure = exposure(
+        &effective,
+        &scope,
+        &management_ports(&ctx, &namespace, &name),
+    );
+
+    let previous = nsg.status.clone().unwrap_or_default();
+    let generation = nsg.metadata.generation;
+    let now_time = Time(now);
+    let ready = if invalid.is_empty() {
+        Decided {
+            type_: conditions::READY,
+            status: true,
+            reason: reason::RECONCILED,
+            message: format!("{} effective rules", effective.len()),
+        }
+    } else {
+        Decided {
+            type_: conditions::READY,
+            status: false,
+            reason: reason::INVALID_RULE,
+            message: invalid
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    };
+    let conflict = if conflicts.is_empty() {
+        Decided {
+            type_: conditions::CONFLICT,
+            status: false,
+            reason: reason::NO_CONFLICT,
+            message: "every priority is unique per direction".into(),
+        }
+    } else {
+        Decided {
+            type_: conditions::CONFLICT,
+            status: true,
+            reason: reason::CONFLICTING_PRIORITIES,
+            message: conflicts
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{:?} priority {}: {}",
+                        c.direction,
+                        c.priority,
+                        c.rules.join(", ")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    };
+    let exposed_ports: BTreeSet<String> = exposure
+        .iter()
+        .map(|e| format!("{}/{:?}", e.port, e.protocol))
+        .collect();
+    let status = NetworkSecurityGroupStatus {
+        observed_generation: generation,
+        conditions: [ready, conflict]
+            .into_iter()
+            .map(|d| d.into_condition(&previous.conditions, generation, &now_time))
+            .collect(),
+        effective_rule_count: Some(effective.len() as u32),
+        effective_rules: effective
+            .iter()
+            .map(|r| {
+                let expires_at = match &r.origin {
+                    Origin::SecurityRule { name } => expiries.get(name).cloned(),
+                    _ => None,
+                };
+                convert::effective_rule(r, expires_at)
+            })
+            .collect(),
+        exposure,
+        exposed_ports: (!exposed_ports.is_empty())
+            .then(|| exposed_ports.into_iter().collect::<Vec<_>>().join(",")),
+        enforcement: Vec::new(),
+    };
+    let unchanged = NetworkSecurityGroupStatus {
+        enforcement: Vec::new(),
+        ..previous
+    } == status;
+    if !unchanged {
+        ctx.apply_status(
+            nsg.as_ref(),
+            serde_json::to_value(&status).expect("status serializes"),
+        )
+        .await?;
+    }
+    let wait = next_expiry
+        .and_then(|at| at.duration_since(now).try_into().ok())
+        .map_or(RESYNC, |d: Duration| d.min(RESYNC));
+    Ok(Action::requeue(wait))
+}
+
+/// The management ports of this NSG: the well-known ones plus every port a policy names
+/// for a machine behind it, with the protocol to probe.
+fn management_ports(
+    ctx: &Context,
+    namespace: &str,
+    nsg: &str,
+) -> Vec<(u16, Protocol, Option<IpAddr>)> {
+    let mut ports: Vec<(u16, Protocol, Option<IpAddr>)> = MANAGEMENT_PORTS
+        .iter()
+        .map(|p| (*p, Protocol::Tcp, None))
+        .collect();
+    for policy in ctx.stores.policies.state() {
+        if policy.metadata.namespace.as_deref() != Some(namespace) {
+            continue;
+        }
+        for machine in policy
+            .spec
+            .virtual_machines
+            .iter()
+            .filter(|m| m.network_security_group_name == nsg)
+        {
+            let address = machine.address.parse::<IpAddr>().ok();
+            for port in policy_ports(machine) {
+                let protocol = match model_protocol(port.protocol) {
+                    Protocol::Any => Protocol::Tcp,
+                    p => p,
+                };
+                ports.push((port.number, protocol, address));
+            }
+            if let Some(address) = address {
+                ports.extend(
+                    MANAGEMENT_PORTS
+                        .iter()
+                        .map(|p| (*p, Protocol::Tcp, Some(address))),
+                );
+            }
+        }
+    }
+    ports.sort();
+    ports.dedup();
+    ports
+}
+
+/// Management ports that a packet from the Internet would reach, each with the rule that
+/// lets it in. It asks the evaluation (the oracle) rather than scanning rules, so shadowed
+/// allows are not reported and a JIT deny above them hides them.
+fn exposure(
+    effective: &[rules::Rule],
+    scope: &Scope,
+    ports: &[(u16, Protocol, Option<IpAddr>)],
+) -> Vec<Exposure> {
+    let Some(source) = INTERNET_PROBES
+        .iter()
+        .map(|a| IpAddr::V4(*a))
+        .find(|a| !scope.virtual_network.iter().any(|n| n.contains(a)))
+    else {
+        return Vec::new();
+    };
+    let generic_destinations = destinations(effective, scope);
+    let mut found: Vec<Exposure> = Vec::new();
+    for (port, protocol, machine) in ports {
+        let candidates: Vec<IpAddr> = match machine {
+            Some(address) => vec![*address],
+            None => generic_destinations.clone(),
+        };
+        for destination in candidates {
+            let packet = Packet {
+                direction: Direction::Inbound,
+                protocol: *protocol,
+                source,
+                source_port: 49152,
+                destination,
+                destination_port: *port,
+            };
+            let verdict = rules::evaluate(effective, &packet, scope);
+            if verdict.access != rules::Access::Allow {
+                continue;
+            }
+            let Some(rule) = effective
+                .iter()
+                .find(|r| r.name == verdict.rule && r.direction == Direction::Inbound)
+            else {
+                continue;
+            };
+            let exposure = Exposure {
+                port: *port,
+                protocol: convert::rule_protocol(*protocol),
+                rule: rule.name.clone(),
+                source: rule
+                    .source_prefixes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            };
+            if !found.contains(&exposure) {
+                found.push(exposure);
+            }
+        }
+    }
+    found
+}
+
+/// One address per place an inbound allow could point at: each virtual-network prefix
+/// and each concrete destination prefix, or the unspecified address when there is none.
+fn destinations(effective: &[rules::Rule], scope: &Scope) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = scope.virtual_network.iter().map(|n| n.network()).collect();
+    for rule in effective
+        .iter()
+        .filter(|r| r.direction == Direction::Inbound && r.access == rules::Access::Allow)
+    {
+        for prefix in &rule.destination_prefixes {
+            if let AddressPrefix::Net(net) = prefix {
+                out.push(net.network());
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Access, PortRange};
+
+    fn rule(
+        name: &str,
+        priority: u32,
+        access: Access,
+        source: &str,
+        port: &str,
+        jit: bool,
+    ) -> rules::Rule {
+        rules::Rule {
+            name: name.into(),
+            priority,
+            direction: Direction::Inbound,
+            access,
+            protocol: Protocol::Tcp,
+            source_prefixes: vec![source.parse().unwrap()],
+            source_ports: vec![PortRange::Any],
+            destination_prefixes: vec![AddressPrefix::Any],
+            destination_ports: vec![port.parse().unwrap()],
+            origin: Origin::Inline,
+            jit,
+        }
+    }
+
+    fn scope() -> Scope {
+        Scope {
+            virtual_network: vec!["198.18.0.0/24".parse().unwrap()],
+            load_balancer: vec![],
+        }
+    }
+
+    #[test]
+    fn reports_management_ports_open_to_the_internet() {
+        let effective = rules::effective([
+            rule("ssh-anywhere", 200, Access::Allow, "*", "22", false),
+            rule(
+                "rdp-internet",
+                210,
+                Access::Allow,
+                "Internet",
+                "3389",
+                false,
+            ),
+            rule("http", 220, Access::Allow, "Internet", "80", false),
+        ]);
+        let ports = [
+            (22, Protocol::Tcp, None),
+            (3389, Protocol::Tcp, None),
+            (5985, Protocol::Tcp, None),
+        ];
+        let found = exposure(&effective, &scope(), &ports);
+        let shown: Vec<(u16, &str, &str)> = found
+            .iter()
+            .map(|e| (e.port, e.rule.as_str(), e.source.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                (22, "ssh-anywhere", "*"),
+                (3389, "rdp-internet", "Internet")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_jit_deny_above_the_allow_hides_the_exposure() {
+        let effective = rules::effective([
+            rule("jit-deny", 150, Access::Deny, "*", "22", true),
+            rule("ssh-anywhere", 200, Access::Allow, "*", "22", false),
+        ]);
+        assert!(exposure(&effective, &scope(), &[(22, Protocol::Tcp, None)]).is_empty());
+    }
+
+    #[test]
+    fn vnet_only_access_is_not_exposure() {
+        let effective = rules::effective([rule(
+            "ssh-vnet",
+            200,
+            Access::Allow,
+            "VirtualNetwork",
+            "22",
+            false,
+        )]);
+        assert!(exposure(&effective, &scope(), &[(22, Protocol::Tcp, None)]).is_empty());
+    }
+}

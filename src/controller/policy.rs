@@ -1,0 +1,375 @@
+//! The JitPolicy controller: one deny `SecurityRule` per protected machine, placed per the
+//! NSG's user rules, restored when deleted or edited, cleaned up when stale; per-machine
+//! state and the request history in status.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+
+use super::context::{Context, is_managed};
+use super::{Config, Error, error_policy, name_and_namespace};
+use crate::access::materialize::{self, LABEL_ROLE, ROLE_DENY};
+use crate::access::validate::{model_protocol, policy_ports};
+use crate::api::conditions::{self, Decided, reason};
+use crate::api::jit_policy::{
+    GrantState, GrantStateReason, JitPolicyStatus, MachineState, MachineStatus, RequestRecord,
+    RequestRecordMachine, RequestRecordPort,
+};
+use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::rules::{PortRange, place};
+
+const NAME: &str = "policy";
+/// How many requests a policy remembers, newest first (Azure keeps a bounded list too).
+pub const HISTORY_LIMIT: usize = 50;
+/// A safety net: look again this often even without a change.
+const RESYNC: Duration = Duration::from_secs(600);
+/// Coalesces bursts (many requests on one policy) into one status write.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Builds the controller: policies, re-triggered by their NSGs, the rules of those NSGs,
+/// and their requests (for the history).
+pub fn controller(client: &Client, config: &Config) -> Controller<JitPolicy> {
+    let wc = watcher::Config::default();
+    let controller = Controller::new(Api::<JitPolicy>::all(client.clone()), wc.clone());
+    let by_nsg = controller.store();
+    let by_rule = controller.store();
+    controller
+        .watches(
+            Api::<NetworkSecurityGroup>::all(client.clone()),
+            wc.clone(),
+            move |nsg| {
+                let namespace = nsg.metadata.namespace.clone().unwrap_or_default();
+                let name = nsg.metadata.name.clone().unwrap_or_default();
+                policies_on(&by_nsg.state(), &namespace, &name)
+            },
+        )
+        .watches(
+            Api::<SecurityRule>::all(client.clone()),
+            wc.clone(),
+            move |rule| {
+                let namespace = rule.metadata.namespace.clone().unwrap_or_default();
+                if is_managed(&rule) {
+                    // A deny rule changed or vanished: its policy restores it. Grants don't matter.
+                    let role = rule
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(LABEL_ROLE));
+                    if role.map(String::as_str) != Some(ROLE_DENY) {
+                        return Vec::new();
+                    }
+                    rule.metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .filter(|o| o.kind == JitPolicy::kind(&()) && o.controller == Some(true))
+                        .map(|o| ObjectRef::new(&o.name).within(&namespace))
+                        .collect()
+                } else {
+                    // A user rule can move where the denies must go.
+                    policies_on(
+                        &by_rule.state(),
+                        &namespace,
+                        &rule.spec.network_security_group_name,
+                    )
+                }
+            },
+        )
+        .watches(Api::<JitRequest>::all(client.clone()), wc, |request| {
+            let namespace = request.metadata.namespace.clone()?;
+            Some(ObjectRef::new(&request.spec.policy_name).within(&namespace))
+        })
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(config.concurrency)
+                .debounce(DEBOUNCE),
+        )
+}
+
+fn policies_on(
+    policies: &[Arc<JitPolicy>],
+    namespace: &str,
+    nsg: &str,
+) -> Vec<ObjectRef<JitPolicy>> {
+    policies
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
+        .filter(|p| {
+            p.spec
+                .virtual_machines
+                .iter()
+                .any(|m| m.network_security_group_name == nsg)
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Runs the controller until `shutdown`.
+pub async fn run(
+    controller: Controller<JitPolicy>,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconcile,
+            |policy, error, ctx| error_policy(NAME, policy.as_ref(), error, &ctx),
+            ctx,
+        )
+        .for_each(|_| std::future::ready(()))
+        .await;
+}
+
+async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.wait_synced().await;
+    let now = ctx.now();
+    let (name, namespace) = name_and_namespace(policy.as_ref(), "JitPolicy")?;
+    let owner = policy
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField {
+            kind: "JitPolicy",
+            field: "metadata.uid",
+        })?;
+
+    let mut machines = Vec::new();
+    let mut desired = Vec::new();
+    for machine in &policy.spec.virtual_machines {
+        let Some(nsg) = ctx.nsg(&namespace, &machine.network_security_group_name) else {
+            machines.push(machine_status(
+                &machine.name,
+                MachineState::NetworkSecurityGroupNotFound,
+                format!(
+                    "NetworkSecurityGroup {:?} not found in {namespace}",
+                    machine.network_security_group_name
+                ),
+                None,
+            ));
+            continue;
+        };
+        let Ok(address) = machine.address.parse::<IpAddr>() else {
+            machines.push(machine_status(
+                &machine.name,
+                MachineState::NoPriorityAvailable,
+                format!("address {:?} is not an IP address", machine.address),
+                None,
+            ));
+            continue;
+        };
+        let view = ctx.nsg_view(&nsg);
+        let ports: Vec<_> = policy_ports(machine)
+            .iter()
+            .map(|p| (PortRange::single(p.number), model_protocol(p.protocol)))
+            .collect();
+        match place(&view.user_rules, address, &ports, &view.scope) {
+            Ok(placement) => {
+                let rule = materialize::deny_rule(&name, machine, placement.deny);
+                machines.push(machine_status(
+                    &machine.name,
+                    MachineState::Configured,
+                    format!(
+                        "inbound to {} denied at priority {} unless granted",
+                        machine.address, placement.deny
+                    ),
+                    Some((rule.name.clone(), placement.deny)),
+                ));
+                desired.push(rule);
+            }
+            Err(error) => machines.push(machine_status(
+                &machine.name,
+                MachineState::NoPriorityAvailable,
+                error.to_string(),
+                None,
+            )),
+        }
+    }
+
+    for rule in &desired {
+        ctx.ensure_rule(&namespace, rule, owner.clone()).await?;
+    }
+    let keep: BTreeSet<&str> = desired.iter().map(|r| r.name.as_str()).collect();
+    let uid = owner.uid.as_str();
+    for stale in ctx.rules_owned_by(&namespace, uid) {
+        let is_deny = stale
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_ROLE))
+            .map(String::as_str)
+            == Some(ROLE_DENY);
+        let stale_name = stale.metadata.name.as_deref().unwrap_or_default();
+        if is_deny && !keep.contains(stale_name) {
+            tracing::info!(policy = %name, rule = stale_name, "removing stale deny rule");
+            ctx.delete_rule(&namespace, stale_name).await?;
+        }
+    }
+
+    let previous = policy.status.clone().unwrap_or_default();
+    let generation = policy.metadata.generation;
+    let configured = machines
+        .iter()
+        .filter(|m| m.state == MachineState::Configured)
+        .count();
+    let ready = match machines
+        .iter()
+        .find(|m| m.state != MachineState::Configured)
+    {
+        None => Decided {
+            type_: conditions::READY,
+            status: true,
+            reason: reason::RECONCILED,
+            message: format!("{configured} machine(s) protected"),
+        },
+        Some(m) => Decided {
+            type_: conditions::READY,
+            status: false,
+            reason: match m.state {
+                MachineState::NetworkSecurityGroupNotFound => reason::NSG_NOT_FOUND,
+                _ => reason::NO_PRIORITY_AVAILABLE,
+            },
+            message: format!("{}: {}", m.name, m.message),
+        },
+    };
+    let status = JitPolicyStatus {
+        observed_generation: generation,
+        conditions: vec![ready.into_condition(&previous.conditions, generation, &Time(now))],
+        configured_machines: Some(format!("{configured}/{}", machines.len())),
+        virtual_machines: machines,
+        requests: history(
+            &previous.requests,
+            &ctx.stores.requests.state(),
+            &namespace,
+            &name,
+            now,
+        ),
+    };
+    if status != previous {
+        ctx.apply_status(
+            policy.as_ref(),
+            serde_json::to_value(&status).expect("status serializes"),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+fn machine_status(
+    name: &str,
+    state: MachineState,
+    message: String,
+    deny: Option<(String, u32)>,
+) -> MachineStatus {
+    let (deny_rule, deny_priority) = deny.map_or((None, None), |(n, p)| (Some(n), Some(p)));
+    MachineStatus {
+        name: name.to_owned(),
+        state,
+        message,
+        deny_rule,
+        deny_priority,
+    }
+}
+
+/// The request history: the records the current requests give, plus earlier records of
+/// requests since deleted, newest first, at most [`HISTORY_LIMIT`].
+///
+/// A request that disappeared while its ports were open was revoked by its deletion (or
+/// ran out, if its end time has passed): its record says so even when the operator missed
+/// the request's last status write.
+pub fn history(
+    previous: &[RequestRecord],
+    requests: &[Arc<JitRequest>],
+    namespace: &str,
+    policy: &str,
+    now: jiff::Timestamp,
+) -> Vec<RequestRecord> {
+    let mut by_request: HashMap<String, RequestRecord> = previous
+        .iter()
+        .map(|r| (r.request.clone(), closed_by_deletion(r.clone(), now)))
+        .collect();
+    for request in requests {
+        if request.metadata.namespace.as_deref() != Some(namespace)
+            || request.spec.policy_name != policy
+        {
+            continue;
+        }
+        if let Some(record) = record(request) {
+            by_request.insert(record.request.clone(), record);
+        }
+    }
+    let mut records: Vec<RequestRecord> = by_request.into_values().collect();
+    records.sort_by(|a, b| {
+        b.start_time
+            .0
+            .cmp(&a.start_time.0)
+            .then_with(|| a.request.cmp(&b.request))
+    });
+    records.truncate(HISTORY_LIMIT);
+    records
+}
+
+/// Marks still-open ports of a record as closed, for a request that no longer exists.
+fn closed_by_deletion(mut record: RequestRecord, now: jiff::Timestamp) -> RequestRecord {
+    for port in record
+        .virtual_machines
+        .iter_mut()
+        .flat_map(|m| m.ports.iter_mut())
+    {
+        if port.status == GrantState::Initiated {
+            port.status = GrantState::Revoked;
+            port.status_reason = Some(if port.end_time.0 <= now {
+                GrantStateReason::Expired
+            } else {
+                GrantStateReason::UserRequested
+            });
+        }
+    }
+    record
+}
+
+/// A granted (or once granted) request as Azure's `requests[]` shows it.
+fn record(request: &JitRequest) -> Option<RequestRecord> {
+    let status = request.status.as_ref()?;
+    let start_time = status.start_time.clone()?;
+    if status.grants.is_empty() {
+        return None;
+    }
+    let mut machines: Vec<RequestRecordMachine> = Vec::new();
+    for grant in &status.grants {
+        let port = RequestRecordPort {
+            number: grant.number,
+            allowed_source_address_prefix: grant.allowed_source_address_prefixes.join(","),
+            end_time: grant.end_time.clone(),
+            status: grant.status,
+            status_reason: grant.status_reason,
+        };
+        match machines
+            .iter_mut()
+            .find(|m| m.name == grant.virtual_machine)
+        {
+            Some(machine) => machine.ports.push(port),
+            None => machines.push(RequestRecordMachine {
+                name: grant.virtual_machine.clone(),
+                ports: vec![port],
+            }),
+        }
+    }
+    Some(RequestRecord {
+        request: request.metadata.name.clone()?,
+        requestor: request
+            .spec
+            .requestor
+            .as_ref()
+            .map_or_else(|| "unknown".to_owned(), |r| r.username.clone()),
+        justification: request.spec.justification.clone(),
+        start_time,
+        virtual_machines: machines,
+    })
+}

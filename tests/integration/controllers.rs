@@ -1,0 +1,692 @@
+//! The JIT controllers end to end on a real API server: manifests applied with kubectl in
+//! whatever order GitOps delivers them, observed through the objects' status and the rules
+//! the operator materializes.
+
+use std::collections::BTreeMap;
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use portcullis::access::materialize::{LABEL_MANAGED_BY, LABEL_ROLE};
+use portcullis::api::jit_policy::{GrantState, GrantStateReason, MachineState};
+use portcullis::api::jit_request::Phase;
+use portcullis::api::nsg::RuleOrigin;
+use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+
+use crate::support::{Ctx, TestResult, eventually, succeeded};
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
+    crate::tests![
+        request_before_policy_waits_then_is_granted,
+        policy_before_nsg_reports_it_then_configures,
+        deny_rule_deleted_by_hand_comes_back,
+        deny_rule_edited_by_hand_is_restored,
+        deny_goes_below_user_rules_on_the_same_port,
+        stale_deny_rules_are_removed_and_user_rules_kept,
+        denied_request_lists_every_violation,
+        short_grant_expires_on_time,
+        deleting_a_granted_request_revokes_it,
+        newer_request_of_the_same_requestor_supersedes,
+        different_requestors_coexist,
+        policy_shrink_revokes_active_grants,
+        deleting_the_policy_cascades_and_revokes,
+        nsg_reports_exposure_and_conflicts,
+        expired_request_never_grants_again,
+        kubectl_wait_for_granted_works,
+        metrics_count_grants,
+    ]
+}
+
+const NSG: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: NetworkSecurityGroup
+metadata:
+  name: nsg
+spec:
+  virtualNetworkPrefixes: ["198.18.0.0/24"]
+  securityRules:
+  - name: allow-http
+    priority: 300
+    direction: Inbound
+    access: Allow
+    protocol: Tcp
+    sourceAddressPrefix: Internet
+    sourcePortRange: "*"
+    destinationAddressPrefix: "*"
+    destinationPortRange: "80"
+"#;
+
+/// A policy `web` with machines web-1 (198.18.0.10) and web-2 (198.18.0.11) on `nsg`:
+/// SSH from 198.19.0.0/16 for up to an hour, and 8080/TCP.
+fn policy(ports_of_web_1: &str) -> String {
+    format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitPolicy
+metadata:
+  name: web
+spec:
+  virtualMachines:
+  - name: web-1
+    address: 198.18.0.10
+    networkSecurityGroupName: nsg
+    ports:
+{ports_of_web_1}
+  - name: web-2
+    address: 198.18.0.11
+    networkSecurityGroupName: nsg
+    ports:
+    - number: 22
+      protocol: TCP
+      allowedSourceAddressPrefix: 198.19.0.0/16
+      maxRequestAccessDuration: PT1H
+"#
+    )
+}
+
+const WEB_1_PORTS: &str = r#"    - number: 22
+      protocol: TCP
+      allowedSourceAddressPrefix: 198.19.0.0/16
+      maxRequestAccessDuration: PT1H
+    - number: 8080
+      protocol: TCP
+      maxRequestAccessDuration: PT1H
+"#;
+
+/// A request by `who` (written in the manifest: no admission webhook stamps it in these
+/// tests) for port `port` of web-1 from `source` for `duration`.
+fn request(name: &str, who: &str, port: u16, source: &str, duration: &str) -> String {
+    format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitRequest
+metadata:
+  name: {name}
+spec:
+  policyName: web
+  justification: testing
+  requestor:
+    username: {who}
+  virtualMachines:
+  - name: web-1
+    ports:
+    - number: {port}
+      duration: {duration}
+      allowedSourceAddressPrefix: {source}
+"#
+    )
+}
+
+fn api<K>(ctx: &Ctx) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::namespaced(ctx.client.clone(), &ctx.ns)
+}
+
+async fn phase_of(ctx: &Ctx, name: &str, wanted: Phase) -> Result<JitRequest, String> {
+    let requests: Api<JitRequest> = api(ctx);
+    eventually(&format!("jitr/{name} to be {wanted:?}"), || async {
+        let request = requests.get_opt(name).await.ok().flatten()?;
+        (request.status.as_ref()?.phase? == wanted).then_some(request)
+    })
+    .await
+}
+
+async fn rule_named(ctx: &Ctx, name: &str) -> Result<SecurityRule, String> {
+    let rules: Api<SecurityRule> = api(ctx);
+    eventually(&format!("nsgrule/{name} to exist"), || async {
+        rules.get_opt(name).await.ok().flatten()
+    })
+    .await
+}
+
+async fn rule_gone(ctx: &Ctx, name: &str) -> Result<(), String> {
+    let rules: Api<SecurityRule> = api(ctx);
+    eventually(&format!("nsgrule/{name} to be deleted"), || async {
+        matches!(rules.get_opt(name).await, Ok(None)).then_some(())
+    })
+    .await
+}
+
+async fn machine_state(ctx: &Ctx, machine: &str, wanted: MachineState) -> Result<(), String> {
+    let policies: Api<JitPolicy> = api(ctx);
+    eventually(&format!("machine {machine} to be {wanted:?}"), || async {
+        let policy = policies.get_opt("web").await.ok().flatten()?;
+        policy
+            .status?
+            .virtual_machines
+            .iter()
+            .any(|m| m.name == machine && m.state == wanted)
+            .then_some(())
+    })
+    .await
+}
+
+async fn setup(ctx: &Ctx) -> TestResult {
+    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
+    rule_named(ctx, "jit-deny-web-web-1").await?;
+    Ok(())
+}
+
+async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
+    succeeded(&ctx.apply(&request("ask", "alice", 22, "198.19.0.10", "PT10M")))?;
+    let pending = phase_of(&ctx, "ask", Phase::Pending).await?;
+    assert_eq!(
+        pending.status.unwrap().reason.as_deref(),
+        Some("PolicyNotFound")
+    );
+    succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
+    succeeded(&ctx.apply(NSG))?;
+    let granted = phase_of(&ctx, "ask", Phase::Granted).await?;
+    let status = granted.status.unwrap();
+    let grant = &status.grants[0];
+    assert_eq!((grant.number, grant.status), (22, GrantState::Initiated));
+    assert_eq!(status.source.as_deref(), Some("198.19.0.10"));
+
+    let allow = rule_named(&ctx, &grant.rule).await?;
+    assert_eq!(
+        allow.spec.fields.source_address_prefix.as_deref(),
+        Some("198.19.0.10")
+    );
+    assert_eq!(
+        allow.spec.fields.destination_address_prefix.as_deref(),
+        Some("198.18.0.10")
+    );
+    assert_eq!(
+        allow.spec.fields.destination_port_ranges.as_deref(),
+        Some(&["22".to_owned()][..])
+    );
+    assert_eq!(
+        allow.spec.expires_at.as_ref().map(|t| t.0),
+        Some(grant.end_time.0)
+    );
+    let owner = &allow.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("JitRequest", Some(true))
+    );
+
+    // The NSG's effective view: the grant above the deny, above the user rules.
+    let nsgs: Api<NetworkSecurityGroup> = api(&ctx);
+    let view = eventually(
+        "the grant and the deny in the NSG's effective rules",
+        || async {
+            let nsg = nsgs.get("nsg").await.ok()?;
+            let rules = nsg.status?.effective_rules;
+            let has = |name: &str| rules.iter().any(|r| r.name == name);
+            (has(&grant.rule) && has("jit-deny-web-web-1")).then_some(rules)
+        },
+    )
+    .await?;
+    let position = |name: &str| view.iter().position(|r| r.name == name).unwrap();
+    assert!(position(&grant.rule) < position("jit-deny-web-web-1"));
+    assert!(position("jit-deny-web-web-1") < position("allow-http"));
+    assert!(
+        view.iter()
+            .any(|r| r.name == "DenyAllInBound" && r.origin == RuleOrigin::Default)
+    );
+    Ok(())
+}
+
+async fn policy_before_nsg_reports_it_then_configures(ctx: Ctx) -> TestResult {
+    succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
+    machine_state(&ctx, "web-1", MachineState::NetworkSecurityGroupNotFound).await?;
+    succeeded(&ctx.apply(NSG))?;
+    machine_state(&ctx, "web-1", MachineState::Configured).await?;
+    let deny = rule_named(&ctx, "jit-deny-web-web-1").await?;
+    assert_eq!(
+        deny.spec.fields.destination_port_ranges.as_deref(),
+        Some(&["22".to_owned(), "8080".to_owned()][..])
+    );
+    assert_eq!(
+        deny.spec.fields.destination_address_prefix.as_deref(),
+        Some("198.18.0.10")
+    );
+    let labels = deny.metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels.get(LABEL_MANAGED_BY).map(String::as_str),
+        Some("portcullis")
+    );
+    assert_eq!(labels.get(LABEL_ROLE).map(String::as_str), Some("deny"));
+    let listed = succeeded(&ctx.kubectl(&["get", "jitp", "web"]))?;
+    assert!(
+        listed.contains("2/2"),
+        "printer columns show configured machines:\n{listed}"
+    );
+    Ok(())
+}
+
+async fn deny_rule_deleted_by_hand_comes_back(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    let rules: Api<SecurityRule> = api(&ctx);
+    let before = rules.get("jit-deny-web-web-1").await?;
+    rules
+        .delete("jit-deny-web-web-1", &DeleteParams::default())
+        .await?;
+    eventually("the deny rule to come back", || async {
+        let now = rules.get_opt("jit-deny-web-web-1").await.ok().flatten()?;
+        (now.metadata.uid != before.metadata.uid).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+async fn deny_rule_edited_by_hand_is_restored(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    let rules: Api<SecurityRule> = api(&ctx);
+    let original = rules.get("jit-deny-web-web-1").await?;
+    succeeded(&ctx.kubectl(&[
+        "patch",
+        "nsgrule",
+        "jit-deny-web-web-1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"access":"Allow","priority":4000}}"#,
+    ]))?;
+    eventually("the deny rule to be restored", || async {
+        let now = rules.get("jit-deny-web-web-1").await.ok()?;
+        (now.spec == original.spec).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+async fn deny_goes_below_user_rules_on_the_same_port(ctx: Ctx) -> TestResult {
+    let with_ssh = format!(
+        "{NSG}  - name: allow-ssh-bastion
+    priority: 400
+    direction: Inbound
+    access: Allow
+    protocol: Tcp
+    sourceAddressPrefix: 198.18.0.5
+    sourcePortRange: \"*\"
+    destinationAddressPrefix: \"*\"
+    destinationPortRange: \"22\"
+"
+    );
+    succeeded(&ctx.apply(&with_ssh))?;
+    succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
+    let deny = rule_named(&ctx, "jit-deny-web-web-1").await?;
+    assert_eq!(
+        deny.spec.fields.priority, 401,
+        "the deny goes just below the user's SSH rule"
+    );
+    // Without a user rule on its ports the deny takes the top non-JIT priority.
+    succeeded(&ctx.apply(NSG))?;
+    let rules: Api<SecurityRule> = api(&ctx);
+    eventually("the deny to move up to 101", || async {
+        (rules
+            .get("jit-deny-web-web-1")
+            .await
+            .ok()?
+            .spec
+            .fields
+            .priority
+            == 101)
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+async fn stale_deny_rules_are_removed_and_user_rules_kept(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    rule_named(&ctx, "jit-deny-web-web-2").await?;
+    // A rule the operator did not create, even one that looks like its own.
+    let lookalike = r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: SecurityRule
+metadata:
+  name: jit-deny-web-web-3
+  labels:
+    app.kubernetes.io/managed-by: portcullis
+    jit.portcullis.dev/policy: web
+    jit.portcullis.dev/role: deny
+spec:
+  networkSecurityGroupName: nsg
+  priority: 2000
+  direction: Inbound
+  access: Deny
+  protocol: Tcp
+  sourceAddressPrefix: "*"
+  sourcePortRange: "*"
+  destinationAddressPrefix: 198.18.0.12
+  destinationPortRange: "22"
+"#;
+    succeeded(&ctx.apply(lookalike))?;
+    // web-2 removed from the policy, web-1's address changed.
+    let shrunk = policy(WEB_1_PORTS)
+        .split("  - name: web-2")
+        .next()
+        .unwrap()
+        .replace("198.18.0.10", "198.18.0.20");
+    succeeded(&ctx.apply(&shrunk))?;
+    rule_gone(&ctx, "jit-deny-web-web-2").await?;
+    let rules: Api<SecurityRule> = api(&ctx);
+    eventually("web-1's deny to follow its new address", || async {
+        let deny = rules.get("jit-deny-web-web-1").await.ok()?;
+        (deny.spec.fields.destination_address_prefix.as_deref() == Some("198.18.0.20"))
+            .then_some(())
+    })
+    .await?;
+    let policies: Api<JitPolicy> = api(&ctx);
+    eventually("the policy to observe its new generation", || async {
+        let p = policies.get("web").await.ok()?;
+        (p.status?.observed_generation == p.metadata.generation).then_some(())
+    })
+    .await?;
+    assert!(
+        rules.get_opt("jit-deny-web-web-3").await?.is_some(),
+        "a user's rule was deleted"
+    );
+    Ok(())
+}
+
+async fn denied_request_lists_every_violation(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    let bad = request("bad", "alice", 22, "203.0.113.9", "PT2H").replace(
+        "  - name: web-1\n    ports:\n",
+        "  - name: web-9\n    ports:\n    - number: 22\n      duration: PT1M\n      allowedSourceAddressPrefix: 198.19.0.1\n  - name: web-1\n    ports:\n    - number: 3389\n      duration: PT1M\n      allowedSourceAddressPrefix: 198.19.0.1\n",
+    );
+    succeeded(&ctx.apply(&bad))?;
+    let denied = phase_of(&ctx, "bad", Phase::Denied).await?;
+    let status = denied.status.unwrap();
+    let all = status.violations.join("\n");
+    for needle in ["web-9", "3389", "PT2H", "203.0.113.9"] {
+        assert!(
+            all.contains(needle),
+            "violations do not mention {needle}:\n{all}"
+        );
+    }
+    assert_eq!(status.violations.len(), 4, "{all}");
+    assert_eq!(status.reason.as_deref(), Some("PolicyViolation"));
+    let rules: Api<SecurityRule> = api(&ctx);
+    assert!(
+        rules
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .all(|r| !r
+                .metadata
+                .name
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("jit-allow"))
+    );
+    Ok(())
+}
+
+async fn short_grant_expires_on_time(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&request("short", "alice", 22, "198.19.0.10", "PT3S")))?;
+    let granted = phase_of(&ctx, "short", Phase::Granted).await?;
+    let grant = granted.status.unwrap().grants[0].clone();
+    let expired = phase_of(&ctx, "short", Phase::Expired).await?;
+    rule_gone(&ctx, &grant.rule).await?;
+    let closed = &expired.status.unwrap().grants[0];
+    assert_eq!(
+        (closed.status, closed.status_reason),
+        (GrantState::Revoked, Some(GrantStateReason::Expired))
+    );
+    let history = eventually("the policy's history to show the expiry", || async {
+        let policy: JitPolicy = api(&ctx).get("web").await.ok()?;
+        let record = policy
+            .status?
+            .requests
+            .into_iter()
+            .find(|r| r.request == "short")?;
+        (record.virtual_machines[0].ports[0].status_reason == Some(GrantStateReason::Expired))
+            .then_some(record)
+    })
+    .await?;
+    assert_eq!(history.requestor, "alice");
+    let events = succeeded(&ctx.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=short",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]))?;
+    assert!(
+        events.contains("Granted") && events.contains("Expired"),
+        "events: {events}"
+    );
+    Ok(())
+}
+
+async fn deleting_a_granted_request_revokes_it(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&request("early", "alice", 22, "198.19.0.10", "PT30M")))?;
+    let granted = phase_of(&ctx, "early", Phase::Granted).await?;
+    let rule = granted.status.unwrap().grants[0].rule.clone();
+    rule_named(&ctx, &rule).await?;
+    succeeded(&ctx.kubectl(&["delete", "jitr", "early", "--wait=true"]))?;
+    let rules: Api<SecurityRule> = api(&ctx);
+    assert!(
+        rules.get_opt(&rule).await?.is_none(),
+        "the allow rule outlived its request"
+    );
+    let record = eventually("the history to record the revocation", || async {
+        let policy: JitPolicy = api(&ctx).get("web").await.ok()?;
+        let record = policy
+            .status?
+            .requests
+            .into_iter()
+            .find(|r| r.request == "early")?;
+        (record.virtual_machines[0].ports[0].status_reason == Some(GrantStateReason::UserRequested))
+            .then_some(record)
+    })
+    .await?;
+    assert_eq!(
+        record.virtual_machines[0].ports[0].status,
+        GrantState::Revoked
+    );
+    Ok(())
+}
+
+async fn newer_request_of_the_same_requestor_supersedes(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&request("first", "alice", 22, "198.19.0.10", "PT30M")))?;
+    let first = phase_of(&ctx, "first", Phase::Granted).await?;
+    succeeded(&ctx.apply(&request("second", "alice", 22, "198.19.0.11", "PT30M")))?;
+    phase_of(&ctx, "second", Phase::Granted).await?;
+    let revoked = phase_of(&ctx, "first", Phase::Revoked).await?;
+    assert_eq!(
+        revoked.status.unwrap().reason.as_deref(),
+        Some("NewerRequestInitiated")
+    );
+    rule_gone(&ctx, &first.status.unwrap().grants[0].rule).await?;
+    Ok(())
+}
+
+async fn different_requestors_coexist(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&request("alices", "alice", 22, "198.19.0.10", "PT30M")))?;
+    phase_of(&ctx, "alices", Phase::Granted).await?;
+    succeeded(&ctx.apply(&request("carols", "carol", 22, "198.19.0.12", "PT30M")))?;
+    phase_of(&ctx, "carols", Phase::Granted).await?;
+    let requests: Api<JitRequest> = api(&ctx);
+    let alices = requests.get("alices").await?;
+    assert_eq!(alices.status.unwrap().phase, Some(Phase::Granted));
+    Ok(())
+}
+
+async fn policy_shrink_revokes_active_grants(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&request("http-alt", "alice", 8080, "198.19.0.10", "PT30M")))?;
+    let granted = phase_of(&ctx, "http-alt", Phase::Granted).await?;
+    let only_ssh = WEB_1_PORTS
+        .split("    - number: 8080")
+        .next()
+        .unwrap()
+        .to_owned();
+    succeeded(&ctx.apply(&policy(&only_ssh)))?;
+    let revoked = phase_of(&ctx, "http-alt", Phase::Revoked).await?;
+    assert_eq!(
+        revoked.status.unwrap().reason.as_deref(),
+        Some("PolicyChanged")
+    );
+    rule_gone(&ctx, &granted.status.unwrap().grants[0].rule).await?;
+    Ok(())
+}
+
+async fn deleting_the_policy_cascades_and_revokes(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&request("orphan", "alice", 22, "198.19.0.10", "PT30M")))?;
+    let granted = phase_of(&ctx, "orphan", Phase::Granted).await?;
+    succeeded(&ctx.kubectl(&["delete", "jitp", "web"]))?;
+    // The garbage collector removes the owned deny rules; the request controller revokes.
+    rule_gone(&ctx, "jit-deny-web-web-1").await?;
+    rule_gone(&ctx, "jit-deny-web-web-2").await?;
+    phase_of(&ctx, "orphan", Phase::Revoked).await?;
+    rule_gone(&ctx, &granted.status.unwrap().grants[0].rule).await?;
+    Ok(())
+}
+
+async fn nsg_reports_exposure_and_conflicts(ctx: Ctx) -> TestResult {
+    let exposed = format!(
+        "{NSG}  - name: ssh-from-anywhere
+    priority: 500
+    direction: Inbound
+    access: Allow
+    protocol: Tcp
+    sourceAddressPrefix: \"*\"
+    sourcePortRange: \"*\"
+    destinationAddressPrefix: \"*\"
+    destinationPortRange: \"22\"
+"
+    );
+    succeeded(&ctx.apply(&exposed))?;
+    let nsgs: Api<NetworkSecurityGroup> = api(&ctx);
+    let status = eventually("exposure of port 22", || async {
+        let status = nsgs.get("nsg").await.ok()?.status?;
+        (!status.exposure.is_empty()).then_some(status)
+    })
+    .await?;
+    assert_eq!(status.exposed_ports.as_deref(), Some("22/Tcp"));
+    assert_eq!(status.exposure[0].rule, "ssh-from-anywhere");
+    let listed = succeeded(&ctx.kubectl(&["get", "nsg", "nsg"]))?;
+    assert!(listed.contains("22/Tcp"), "{listed}");
+
+    // A user SecurityRule at an inline rule's priority is a conflict.
+    let clash = r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: SecurityRule
+metadata:
+  name: clash
+spec:
+  networkSecurityGroupName: nsg
+  priority: 300
+  direction: Inbound
+  access: Deny
+  protocol: Tcp
+  sourceAddressPrefix: "*"
+  sourcePortRange: "*"
+  destinationAddressPrefix: "*"
+  destinationPortRange: "80"
+"#;
+    succeeded(&ctx.apply(clash))?;
+    let conflict = eventually("a PriorityConflict condition", || async {
+        let status = nsgs.get("nsg").await.ok()?.status?;
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "PriorityConflict" && c.status == "True")
+    })
+    .await?;
+    assert!(
+        conflict.message.contains("allow-http") && conflict.message.contains("clash"),
+        "{}",
+        conflict.message
+    );
+    Ok(())
+}
+
+async fn expired_request_never_grants_again(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    let manifest = request("once", "alice", 22, "198.19.0.10", "PT2S");
+    succeeded(&ctx.apply(&manifest))?;
+    let expired = phase_of(&ctx, "once", Phase::Expired).await?;
+    let rule = expired.status.as_ref().unwrap().grants[0].rule.clone();
+    // Re-applying the same manifest (GitOps resync) changes nothing.
+    succeeded(&ctx.apply(&manifest))?;
+    let requests: Api<JitRequest> = api(&ctx);
+    requests
+        .patch(
+            "once",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"touched": "yes"}}})),
+        )
+        .await?;
+    let policies: Api<JitPolicy> = api(&ctx);
+    // Wait until the operator has seen the touch: the policy's history is recomputed from it.
+    eventually("the policy to process the touched request", || async {
+        let p = policies.get("web").await.ok()?;
+        p.status?
+            .requests
+            .iter()
+            .any(|r| r.request == "once")
+            .then_some(())
+    })
+    .await?;
+    let again = requests.get("once").await?;
+    assert_eq!(again.status.unwrap().phase, Some(Phase::Expired));
+    let rules: Api<SecurityRule> = api(&ctx);
+    assert!(rules.get_opt(&rule).await?.is_none());
+    Ok(())
+}
+
+async fn kubectl_wait_for_granted_works(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&request("waited", "alice", 22, "198.19.0.10", "PT30M")))?;
+    succeeded(&ctx.kubectl(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Granted",
+        "jitr/waited",
+        "--timeout=60s",
+    ]))?;
+    let listed = succeeded(&ctx.kubectl(&["get", "jitr", "waited"]))?;
+    let row: BTreeMap<&str, &str> = listed
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .zip(listed.lines().nth(1).unwrap().split_whitespace())
+        .collect();
+    assert_eq!(row.get("POLICY"), Some(&"web"));
+    assert_eq!(row.get("REQUESTOR"), Some(&"alice"));
+    assert_eq!(row.get("PHASE"), Some(&"Granted"));
+    assert_eq!(row.get("SOURCE"), Some(&"198.19.0.10"));
+    Ok(())
+}
+
+async fn metrics_count_grants(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&request("counted", "alice", 22, "198.19.0.10", "PT30M")))?;
+    phase_of(&ctx, "counted", Phase::Granted).await?;
+    let body = http_get(ctx.operator, "/metrics").await?;
+    for needle in [
+        "portcullis_grants_total{result=\"Granted\"}",
+        "portcullis_active_grants",
+        "portcullis_grant_latency_seconds_count",
+    ] {
+        assert!(
+            body.contains(needle),
+            "missing {needle} in /metrics:\n{body}"
+        );
+    }
+    assert!(http_get(ctx.operator, "/readyz").await?.contains("ok"));
+    Ok(())
+}
+
+/// A plain HTTP/1.0 GET, enough for the operator's own endpoints.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, std::io::Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
