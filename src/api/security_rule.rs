@@ -38,7 +38,7 @@ use super::rule_fields::RuleFields;
         type_ = "string",
         json_path = ".spec.destinationPortRanges"
     ),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt"),
     printcolumn(
         name = "Age",
         type_ = "date",

@@ -32,6 +32,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
     pub require_requestor: bool,
+    synced: std::sync::atomic::AtomicBool,
 }
 
 /// An NSG's rules, split the way JIT placement needs them.
@@ -58,6 +59,7 @@ impl Context {
             metrics,
             stores,
             require_requestor,
+            synced: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -68,15 +70,35 @@ impl Context {
         Timestamp::now()
     }
 
-    /// Resolves once every cache holds its first full list.
+    /// Resolves once every cache holds its first full list, and from then on lets
+    /// [`Context::synced`] answer yes. Awaited once, by the operator's startup.
+    ///
+    /// Each round asks the stores afresh: a waiter parked across the stores' first list
+    /// was seen to miss its wake-up, so no single wait is trusted to end.
     pub async fn wait_synced(&self) {
-        let _ = futures::future::join4(
-            self.stores.nsgs.wait_until_ready(),
-            self.stores.policies.wait_until_ready(),
-            self.stores.requests.wait_until_ready(),
-            self.stores.rules.wait_until_ready(),
-        )
-        .await;
+        loop {
+            let all = futures::future::join4(
+                self.stores.nsgs.wait_until_ready(),
+                self.stores.policies.wait_until_ready(),
+                self.stores.requests.wait_until_ready(),
+                self.stores.rules.wait_until_ready(),
+            );
+            if tokio::time::timeout(std::time::Duration::from_millis(100), all)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether every cache holds its first full list. Until then a reconciler would act
+    /// on a partial view (a missing policy, a rule not seen yet), so reconcilers check
+    /// this and come back shortly instead of waiting inside the reconcile.
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The NSG `name` in `namespace`, from the cache.

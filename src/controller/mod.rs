@@ -78,6 +78,14 @@ pub enum Error {
 
 /// How long a failed reconcile waits before it is retried.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long a reconcile that runs before the caches are synced waits before it retries.
+const UNSYNCED_RETRY: Duration = Duration::from_millis(100);
+
+/// The action of a reconcile that came before the caches were complete.
+fn until_synced() -> kube::runtime::controller::Action {
+    kube::runtime::controller::Action::requeue(UNSYNCED_RETRY)
+}
+
 /// How long a reconcile that waits on another controller waits before it looks again.
 const WAIT_AFTER: Duration = Duration::from_millis(250);
 

@@ -78,7 +78,9 @@ pub async fn run(
 }
 
 async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.wait_synced().await;
+    if !ctx.synced() {
+        return Ok(super::until_synced());
+    }
     let now = ctx.now();
     let (name, namespace) = name_and_namespace(nsg.as_ref(), "NetworkSecurityGroup")?;
     let mut invalid: Vec<ConvertError> = Vec::new();

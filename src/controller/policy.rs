@@ -130,7 +130,9 @@ pub async fn run(
 }
 
 async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.wait_synced().await;
+    if !ctx.synced() {
+        return Ok(super::until_synced());
+    }
     let now = ctx.now();
     let (name, namespace) = name_and_namespace(policy.as_ref(), "JitPolicy")?;
     let owner = policy

@@ -122,7 +122,9 @@ pub async fn run(
 }
 
 async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.wait_synced().await;
+    if !ctx.synced() {
+        return Ok(super::until_synced());
+    }
     let (_, namespace) = name_and_namespace(request.as_ref(), "JitRequest")?;
     let api: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &namespace);
     let action = finalizer(&api, FINALIZER, request, |event| async {
@@ -173,14 +175,13 @@ async fn apply(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {
         Some(Phase::Granted) => review(request, &previous, now, ctx, &namespace, &name).await?,
         _ => evaluate(request, &previous, now, ctx, &namespace, &name).await?,
     };
-    finish(request, previous, outcome, now, ctx).await
+    finish(request, previous, outcome, ctx).await
 }
 
 async fn finish(
     request: &JitRequest,
     previous: JitRequestStatus,
     outcome: Outcome,
-    now: Timestamp,
     ctx: &Context,
 ) -> Result<Action, Error> {
     let mut status = outcome.status;
@@ -205,7 +206,12 @@ async fn finish(
             ctx.event(request, type_, reason, reason, note).await;
         }
     }
-    let _ = now;
+    tracing::debug!(
+        request = request.metadata.name.as_deref().unwrap_or_default(),
+        phase = ?status.phase,
+        requeue = ?outcome.requeue,
+        "reconciled"
+    );
     Ok(outcome
         .requeue
         .map_or_else(Action::await_change, Action::requeue))
@@ -446,7 +452,7 @@ async fn cleanup(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {
                 describe(&previous.grants)
             ),
         ));
-        finish(request, previous.clone(), outcome, now, ctx).await?;
+        finish(request, previous.clone(), outcome, ctx).await?;
     }
     if !previous.grants.is_empty()
         && let Some(policy) = ctx.policy(&namespace, &request.spec.policy_name)

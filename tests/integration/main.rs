@@ -10,6 +10,7 @@ mod deploy;
 mod examples;
 mod harness;
 mod make_run;
+mod restart;
 mod support;
 
 use std::future::Future;
@@ -34,12 +35,13 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 6] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 7] = [
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
         ("examples", examples::tests()),
         ("harness", harness::tests()),
+        ("restart", restart::tests()),
         ("make_run", make_run::tests()),
     ];
     modules

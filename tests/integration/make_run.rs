@@ -1,6 +1,9 @@
 //! `make run` as a developer meets it: with no cluster configured, `portcullis dev` brings up
 //! its own control plane, prints a kubeconfig a second terminal can use, and on Ctrl-C
 //! leaves nothing behind: no directory, no process.
+//!
+//! The body drives processes with blocking std calls; that is fine here because each test
+//! runs on a thread of its own, not on a runtime worker.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
