@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/debug/portcullis
 
-.PHONY: help build test run crds crds-check lint fmt bench control-plane kind-up kind-down clean
+.PHONY: help build test run demo crds crds-check lint fmt bench control-plane kind-up kind-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ test: control-plane ## Unit and integration tests against a real local control p
 
 run: build control-plane ## Run the operator: on the configured cluster, else on a local control plane
 	$(BIN) dev
+
+demo: control-plane ## As root: the JIT story with a real sshd, two network namespaces and the agent
+	hack/demo.sh
 
 crds: ## Regenerate crds/portcullis.yaml from the Rust types
 	$(CARGO) run --quiet --locked -- crds > crds/portcullis.yaml
@@ -31,7 +34,7 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 bench: control-plane ## Benchmarks against the local control plane; tables in target/bench/
-	$(CARGO) run --release --locked --bin portcullis -- bench
+	$(CARGO) bench --locked --bench operator
 
 control-plane: ## Build (once) and cache kube-apiserver, etcd, kube-controller-manager, kubectl
 	@hack/control-plane-bins.sh >/dev/null

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
-use crate::controller;
+use crate::{agent, controller, webhook};
 
 /// The log filter when `RUST_LOG` is unset: our own progress, but only kube's warnings
 /// (its request-level logs drown everything else at `info`).
@@ -37,6 +37,15 @@ pub enum Command {
     /// It connects like kubectl does (`KUBECONFIG`, `~/.kube/config`), or with the pod's
     /// service account inside a cluster.
     Controller(ControllerArgs),
+    /// Enforce one NSG on this machine with nftables, until SIGINT or SIGTERM.
+    ///
+    /// Needs NET_ADMIN. It connects like kubectl does, or with the pod's service account.
+    Agent(AgentArgs),
+    /// Serve the admission webhook over HTTPS until SIGINT or SIGTERM.
+    ///
+    /// It connects like kubectl does, or with the pod's service account, to read policies
+    /// and review access.
+    Webhook(WebhookArgs),
     /// Run the operator for development (what `make run` runs).
     ///
     /// On the configured cluster if there is one; otherwise on a local control plane that it
@@ -78,6 +87,114 @@ impl From<&ControllerArgs> for controller::Config {
     }
 }
 
+/// Flags of `portcullis webhook`.
+#[derive(Debug, Args)]
+pub struct WebhookArgs {
+    /// Where the HTTPS server listens (`/mutate`, `/validate`, `/healthz`).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub addr: SocketAddr,
+    /// The serving certificate chain, PEM (cert-manager's `tls.crt`).
+    #[arg(long)]
+    pub tls_cert: std::path::PathBuf,
+    /// The serving key, PEM (cert-manager's `tls.key`).
+    #[arg(long)]
+    pub tls_key: std::path::PathBuf,
+    /// Who the operator runs as: only they may write SecurityRules labelled as the
+    /// operator's (repeat or comma-separate for several).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = webhook::DEFAULT_OPERATOR_USERNAME
+    )]
+    pub operator_username: Vec<String>,
+}
+
+/// Runs `portcullis webhook`.
+async fn run_webhook(
+    args: WebhookArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let tls =
+        webhook::tls_config_from_files(&args.tls_cert, &args.tls_key).map_err(|e| e.to_string())?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot connect to a cluster: {e}"))?;
+    let config = webhook::Config {
+        operator_usernames: args.operator_username,
+    };
+    let server = webhook::serve(args.addr, tls, client, config, shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    server
+        .task
+        .await
+        .map_err(|e| format!("the webhook server failed: {e}"))
+}
+
+/// Flags of `portcullis agent`; they map onto [`agent::Config`].
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The NSG to enforce, as NAMESPACE/NAME.
+    #[arg(long, env = "PORTCULLIS_NSG", required_unless_present = "cleanup")]
+    pub nsg: Option<String>,
+    /// The machine's addresses the NSG protects (comma-separated or repeated).
+    #[arg(
+        long,
+        env = "PORTCULLIS_ADDRESS",
+        value_delimiter = ',',
+        required_unless_present = "cleanup"
+    )]
+    pub address: Vec<std::net::IpAddr>,
+    /// Remove the agent's nftables table (and nothing else), then exit.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// The nftables table (family inet) the agent owns.
+    #[arg(long, default_value = agent::DEFAULT_TABLE)]
+    pub table: String,
+    /// The agent's name in the NSG status (unique per machine; default: the host name).
+    #[arg(long)]
+    pub agent_name: Option<String>,
+    /// Run nft inside this network namespace (`ip netns exec`) while the agent itself stays
+    /// in its own: for tests and for enforcing inside a namespace from the host.
+    #[arg(long, hide = true)]
+    pub netns: Option<String>,
+}
+
+/// Runs `portcullis agent`.
+async fn run_agent(
+    args: AgentArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let nft = match &args.netns {
+        Some(name) => agent::apply::Nft::in_netns(name),
+        None => Ok(agent::apply::Nft::host()),
+    }
+    .map_err(|e| e.to_string())?;
+    if args.cleanup {
+        return agent::cleanup(nft, &args.table)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let nsg = args.nsg.as_deref().unwrap_or_default();
+    let (namespace, name) = agent::Config::nsg_ref(nsg).map_err(|e| e.to_string())?;
+    let host = agent::hostname();
+    let config = agent::Config {
+        namespace,
+        nsg: name,
+        addresses: args.address,
+        table: args.table,
+        agent: args.agent_name.unwrap_or_else(|| host.clone()),
+        host,
+        nft,
+    };
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot connect to a cluster: {e}"))?;
+    agent::run(client, config, shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Runs a parsed command line and maps the outcome to an exit code. Async commands get a
 /// multi-threaded tokio runtime built here, so `main` stays a one-liner.
 pub fn run(cli: Cli) -> ExitCode {
@@ -98,6 +215,14 @@ pub fn run(cli: Cli) -> ExitCode {
             controller::run(client, (&args).into(), shutdown)
                 .await
                 .map_err(|e| e.to_string())
+        }),
+        Command::Agent(args) => block_on(async move {
+            let shutdown = shutdown_signal()?;
+            run_agent(args, shutdown).await
+        }),
+        Command::Webhook(args) => block_on(async move {
+            let shutdown = shutdown_signal()?;
+            run_webhook(args, shutdown).await
         }),
         Command::Dev => block_on(async {
             let shutdown = shutdown_signal()?;

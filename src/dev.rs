@@ -3,8 +3,10 @@
 //! With a cluster configured (a non-empty `KUBECONFIG`, or `~/.kube/config` with a current
 //! context) the operator runs against it, after saying which one. Otherwise a local control
 //! plane is started and set up as a small but complete cluster: CRDs, the shipped user roles
-//! bound to the harness identities (alice requests, bob views), and the operator running in
-//! the foreground. Once the operator is ready the kubeconfig to use from a second terminal
+//! bound to the harness identities (alice requests, bob views), the admission webhook served
+//! with a certificate from the plane's CA and registered with its apiserver, and the operator
+//! running in the foreground (refusing requests without a requestor, as it does behind the
+//! webhook on a cluster). Once the operator is ready the kubeconfig to use from a second terminal
 //! is printed; on SIGINT or SIGTERM the operator stops, then the control plane, and its
 //! directory is removed.
 
@@ -23,6 +25,7 @@ use tracing::subscriber::NoSubscriber;
 
 use crate::controller;
 use crate::testenv::{self, ADMIN, ALICE, BOB, ControlPlane};
+use crate::webhook::{self, registration};
 
 /// The ClusterRoles users get on a real cluster; the dev setup binds them like an admin
 /// would, so RBAC behaves as it will in production.
@@ -54,6 +57,8 @@ pub enum Error {
     },
     #[error("the operator failed: {0}")]
     Operator(#[from] controller::Error),
+    #[error("the admission webhook: {0}")]
+    Webhook(#[from] webhook::Error),
 }
 
 /// Runs the operator until `shutdown` resolves, on the configured cluster or a local one.
@@ -111,7 +116,7 @@ async fn run_on_cluster(kubeconfig: Kubeconfig, shutdown: Shutdown) -> Result<()
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     let client = Client::try_from(config)?;
     let http_addr = http_addr()?;
-    run_operator(client, http_addr, shutdown, || {
+    run_operator(client, http_addr, false, shutdown, || {
         say(&format!(
             "Portcullis is running (metrics on http://{http_addr}/metrics). Ctrl-C stops it.\n"
         ))
@@ -142,11 +147,12 @@ async fn serve_on(plane: &ControlPlane, shutdown: Shutdown) -> Result<(), Error>
         version = set_up(plane, &client) => version?,
         () = shutdown.clone() => return Ok(()),
     };
+    let webhook = serve_webhook(plane, &client, shutdown.clone()).await?;
     let http_addr = http_addr()?;
     let admin = plane.kubeconfig(ADMIN.name);
     let alice = plane.kubeconfig(ALICE.name);
     let bob = plane.kubeconfig(BOB.name);
-    run_operator(client, http_addr, shutdown, || {
+    run_operator(client, http_addr, true, shutdown, || {
         say(&format!(
             "Portcullis is running on a local control plane (Kubernetes {version}).
 In another terminal:
@@ -157,11 +163,13 @@ kubectl get portcullis
 
 Other identities: {alice} (alice, group team-web, may request access)
 and {bob} (bob, group viewers, read-only).
-Metrics: http://{http_addr}/metrics. Ctrl-C stops the operator and removes the control plane.
+Metrics: http://{http_addr}/metrics. Admission webhook: https://{webhook}.
+Ctrl-C stops the operator and removes the control plane.
 ",
             admin = admin.display(),
             alice = alice.display(),
             bob = bob.display(),
+            webhook = webhook.addr,
         ))
     })
     .await
@@ -172,6 +180,29 @@ async fn set_up(plane: &ControlPlane, client: &Client) -> Result<String, Error> 
     testenv::crds::install(client).await?;
     apply(plane, &format!("{USER_ROLES}\n---\n{}", dev_bindings())).await?;
     Ok(client.apiserver_version().await?.git_version)
+}
+
+/// Serves the admission webhook on a free loopback port with a certificate signed by the
+/// plane's CA, and registers it with the plane's apiserver (trusting that CA), so admission
+/// behaves as `deploy/webhook/` makes it behave on a cluster. The operator runs as the admin
+/// here, so the admin is the identity allowed to write the operator's SecurityRules.
+pub async fn serve_webhook(
+    plane: &ControlPlane,
+    client: &Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<webhook::Server, Error> {
+    let cert = plane.pki().serving_cert(&["127.0.0.1"])?;
+    let tls = webhook::tls_config(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())?;
+    let config = webhook::Config {
+        operator_usernames: vec![ADMIN.name.to_owned()],
+    };
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let server = webhook::serve(listen, tls, client.clone(), config, shutdown).await?;
+    let base = format!("https://{}", server.addr);
+    let (mutating, validating) =
+        registration::configurations(registration::by_url(&base, &plane.pki().ca_pem))?;
+    registration::register(client, &mutating, &validating).await?;
+    Ok(server)
 }
 
 /// Cluster-wide bindings of the shipped roles to the harness identities. A real cluster
@@ -246,14 +277,17 @@ async fn apply(plane: &ControlPlane, yaml: &str) -> Result<(), Error> {
 
 /// Runs the operator until `shutdown`, calling `announce` once it reports ready (so that
 /// whatever is announced is true by then). Returns early if the operator fails.
+/// `require_requestor` where the webhook stamps requestors (see [`controller::Config`]).
 async fn run_operator(
     client: Client,
     http_addr: SocketAddr,
+    require_requestor: bool,
     shutdown: Shutdown,
     announce: impl FnOnce() -> Result<(), Error>,
 ) -> Result<(), Error> {
     let config = controller::Config {
         http_addr,
+        require_requestor,
         ..controller::Config::default()
     };
     let operator = controller::run(client, config, shutdown);

@@ -5,9 +5,11 @@
 //! pieces (controllers, agent, webhook) build on both.
 
 pub mod access;
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod dev;
 pub mod rules;
 pub mod testenv;
+pub mod webhook;

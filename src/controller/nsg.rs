@@ -26,6 +26,9 @@ use crate::rules::{self, AddressPrefix, Direction, Origin, Packet, Protocol, Sco
 const NAME: &str = "nsg";
 /// Management ports Defender checks on every machine, besides those policies name.
 const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
+/// Coalesces a burst of rule changes (many grants at once) into one status write; the
+/// status is a view for people, enforcement does not wait for it.
+const DEBOUNCE: Duration = Duration::from_millis(200);
 /// A safety net: even with no change and no expiry ahead, look again this often.
 const RESYNC: Duration = Duration::from_secs(600);
 /// Addresses from the documentation ranges, used as "somebody on the Internet" when
@@ -57,7 +60,11 @@ pub fn controller(client: &Client, config: &Config) -> Controller<NetworkSecurit
                 .map(|m| ObjectRef::new(&m.network_security_group_name).within(&namespace))
                 .collect::<Vec<_>>()
         })
-        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(config.concurrency)
+                .debounce(DEBOUNCE),
+        )
 }
 
 /// Runs the controller until `shutdown`.

@@ -275,7 +275,7 @@ async fn evaluate(
                 .ok()
         })
         .min()
-        .unwrap_or(now);
+        .unwrap_or_else(|| whole_second(now));
 
     let owner = owner_ref(request)?;
     let mut grant_status = Vec::with_capacity(placed.len());
@@ -688,11 +688,20 @@ fn owner_ref(
         })
 }
 
+/// When a grant that started at `start` ends, on a whole second: the API stores times to
+/// the second, and the stored `expiresAt` must be exactly when access closes (it is what
+/// agents give the kernel and what users read), never later.
 fn end_of(start: Timestamp, duration: Duration) -> Timestamp {
-    jiff::SignedDuration::try_from(duration)
+    let end = jiff::SignedDuration::try_from(duration)
         .ok()
         .and_then(|d| start.checked_add(d).ok())
-        .unwrap_or(start)
+        .unwrap_or(start);
+    whole_second(end)
+}
+
+/// `at` truncated to the second.
+fn whole_second(at: Timestamp) -> Timestamp {
+    Timestamp::from_second(at.as_second()).unwrap_or(at)
 }
 
 fn policy_protocol(protocol: Protocol) -> PolicyProtocol {

@@ -7,11 +7,13 @@
 mod controllers;
 mod crd_validation;
 mod deploy;
+mod enforcement;
 mod examples;
 mod harness;
 mod make_run;
 mod restart;
 mod support;
+mod webhook;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,14 +37,16 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 7] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 9] = [
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
+        ("enforcement", enforcement::tests()),
         ("examples", examples::tests()),
         ("harness", harness::tests()),
         ("restart", restart::tests()),
         ("make_run", make_run::tests()),
+        ("webhook", webhook::tests()),
     ];
     modules
         .into_iter()

@@ -1,0 +1,530 @@
+//! `make bench`: the operator against a real local control plane. Prints a table and writes
+//! it as JSON to `target/bench/operator.json`.
+//!
+//! - floor: one plain write observed through a watch (the physical limit of one write here);
+//! - grant latency: JitRequest created → allow rules exist and status `Granted`;
+//! - revoke lateness: `expiresAt` → allow rules deleted and status `Expired`;
+//! - burst: 1,000 requests over 50 policies at once, beside a plain client making the same
+//!   number of API writes;
+//! - API writes per grant, from the apiserver's own request counters;
+//! - the operator's peak RSS with 10,000 active grants.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use portcullis::api::jit_request::Phase;
+use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use portcullis::testenv::{ADMIN, ControlPlane};
+use serde_json::json;
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const GRANTS: usize = 200;
+const REVOKES: usize = 100;
+const BURST: usize = 1_000;
+const BURST_POLICIES: usize = 50;
+const RSS_GRANTS: usize = 10_000;
+/// Requests in flight at once when creating many.
+const PARALLEL: usize = 32;
+
+#[derive(serde::Serialize)]
+struct Row {
+    name: &'static str,
+    value: String,
+    target: String,
+    met: Option<bool>,
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("benchmark failed: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> BenchResult<()> {
+    let plane = ControlPlane::start().await?;
+    let client = plane.client(ADMIN).await?;
+    portcullis::testenv::crds::install(&client).await?;
+    let mut operator = Operator::start(&plane)?;
+    let mut rows = Vec::new();
+
+    let floor = floor(&client).await?;
+    rows.push(percentiles("floor: write → watch event", &floor, None));
+
+    let writes_before = api_writes(&client).await?;
+    let grant = grant_latency(&client).await?;
+    let writes = api_writes(&client).await? - writes_before;
+    let floor_p99 = percentile(&floor, 0.99);
+    let grant_p99 = percentile(&grant, 0.99);
+    rows.push(Row {
+        met: Some(grant_p99 <= 4.0 * floor_p99),
+        ..percentiles(
+            "grant latency (200 sequential)",
+            &grant,
+            Some(format!(
+                "p99 ≤ 4 × floor p99 = {:.1} ms",
+                4.0 * floor_p99 * 1e3
+            )),
+        )
+    });
+    // The benchmark's own request creations are not the operator's writes.
+    let per_grant = (writes - GRANTS as f64) / GRANTS as f64;
+    rows.push(Row {
+        name: "API writes per grant (operator)",
+        value: format!("{per_grant:.2}"),
+        target: "≤ 3".into(),
+        met: Some(per_grant <= 3.0),
+    });
+
+    let lateness = revoke_lateness(&client).await?;
+    rows.push(Row {
+        met: Some(percentile(&lateness, 0.99) <= 0.5),
+        ..percentiles(
+            "revoke lateness (expiresAt → closed)",
+            &lateness,
+            Some("p99 ≤ 500 ms".into()),
+        )
+    });
+
+    let (burst_seconds, plain_seconds) = burst(&client, per_grant).await?;
+    rows.push(Row {
+        name: "burst: 1,000 requests / 50 policies",
+        value: format!("{burst_seconds:.2} s (plain client, same writes: {plain_seconds:.2} s)"),
+        target: format!("≤ 1.5 × plain = {:.2} s", 1.5 * plain_seconds),
+        met: Some(burst_seconds <= 1.5 * plain_seconds),
+    });
+
+    fill_to(&client, RSS_GRANTS).await?;
+    let rss = operator.peak_rss_mib()?;
+    rows.push(Row {
+        name: "operator peak RSS, 10,000 active grants",
+        value: format!("{rss:.1} MiB"),
+        target: "≤ 100 MiB".into(),
+        met: Some(rss <= 100.0),
+    });
+    operator.stop();
+
+    print_table(&rows);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("operator.json"),
+        serde_json::to_string_pretty(&rows)?,
+    )?;
+    println!("\nwritten to {}", dir.join("operator.json").display());
+    drop(plane);
+    Ok(())
+}
+
+/// The operator binary (built with the benchmark's optimizations) in its own process.
+struct Operator(Child);
+
+impl Operator {
+    fn start(plane: &ControlPlane) -> BenchResult<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["controller", "--http-addr", &format!("127.0.0.1:{port}")])
+            .env("KUBECONFIG", plane.kubeconfig(ADMIN.name))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Self(child))
+    }
+
+    /// The kernel's high-water mark of the process's resident memory.
+    fn peak_rss_mib(&self) -> BenchResult<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .ok_or("no VmHWM")?
+            .parse()?;
+        Ok(kib / 1024.0)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn namespace(client: &Client, name: &str) -> BenchResult<()> {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(())
+}
+
+/// Records when each object name is first seen satisfying `done`.
+fn observe<K, F>(api: Api<K>, done: F) -> Arc<Mutex<HashMap<String, Instant>>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(&K) -> bool + Send + 'static,
+{
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let mut events = watcher(api, watcher::Config::default())
+            .applied_objects()
+            .boxed();
+        while let Ok(Some(object)) = events.try_next().await {
+            if done(&object) {
+                let name = object.meta().name.clone().unwrap_or_default();
+                record
+                    .lock()
+                    .expect("lock")
+                    .entry(name)
+                    .or_insert_with(Instant::now);
+            }
+        }
+    });
+    seen
+}
+
+async fn wait_for(seen: &Mutex<HashMap<String, Instant>>, name: &str) -> BenchResult<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(at) = seen.lock().expect("lock").get(name) {
+            return Ok(*at);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{name} never observed").into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn floor(client: &Client) -> BenchResult<Vec<f64>> {
+    namespace(client, "bench-floor").await?;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "bench-floor");
+    let seen = observe(maps.clone(), |_| true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut samples = Vec::new();
+    for i in 0..GRANTS {
+        let name = format!("floor-{i}");
+        let start = Instant::now();
+        maps.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+        )
+        .await?;
+        samples.push(
+            wait_for(&seen, &name)
+                .await?
+                .duration_since(start)
+                .as_secs_f64(),
+        );
+    }
+    Ok(samples)
+}
+
+/// An NSG and a policy with `machines` machines in namespace `ns`.
+async fn policy(client: &Client, ns: &str, machines: usize) -> BenchResult<()> {
+    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), ns);
+    nsgs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "nsg"},
+            "spec": {"virtualNetworkPrefixes": ["198.18.0.0/16"]}
+        }))?,
+    )
+    .await?;
+    let vms: Vec<_> = (0..machines)
+        .map(|m| {
+            json!({
+                "name": format!("vm-{m}"),
+                "address": format!("198.18.{}.{}", m / 250, m % 250 + 1),
+                "networkSecurityGroupName": "nsg",
+                "ports": [{"number": 22, "protocol": "TCP", "maxRequestAccessDuration": "PT24H"}]
+            })
+        })
+        .collect();
+    let policies: Api<JitPolicy> = Api::namespaced(client.clone(), ns);
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "web"}, "spec": {"virtualMachines": vms}}),
+            )?,
+        )
+        .await?;
+    Ok(())
+}
+
+/// A request by a distinct requestor (so none supersedes another) for vm-`machine`.
+fn request(name: &str, who: usize, machine: usize, duration: &str) -> BenchResult<JitRequest> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": "web",
+            "requestor": {"username": format!("user-{who}")},
+            "virtualMachines": [{"name": format!("vm-{machine}"), "ports": [{
+                "number": 22,
+                "duration": duration,
+                "allowedSourceAddressPrefix": format!("198.19.{}.{}", who / 250 % 250, who % 250 + 1)
+            }]}]
+        }
+    }))?)
+}
+
+fn phase_is(request: &JitRequest, phase: Phase) -> bool {
+    request.status.as_ref().and_then(|s| s.phase) == Some(phase)
+}
+
+async fn grant_latency(client: &Client) -> BenchResult<Vec<f64>> {
+    namespace(client, "bench-grant").await?;
+    policy(client, "bench-grant", 1).await?;
+    let requests: Api<JitRequest> = Api::namespaced(client.clone(), "bench-grant");
+    let granted = observe(requests.clone(), |r| phase_is(r, Phase::Granted));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut samples = Vec::new();
+    for i in 0..GRANTS {
+        let name = format!("grant-{i}");
+        let start = Instant::now();
+        requests
+            .create(&PostParams::default(), &request(&name, i, 0, "PT24H")?)
+            .await?;
+        samples.push(
+            wait_for(&granted, &name)
+                .await?
+                .duration_since(start)
+                .as_secs_f64(),
+        );
+    }
+    Ok(samples)
+}
+
+async fn revoke_lateness(client: &Client) -> BenchResult<Vec<f64>> {
+    namespace(client, "bench-revoke").await?;
+    policy(client, "bench-revoke", 1).await?;
+    let requests: Api<JitRequest> = Api::namespaced(client.clone(), "bench-revoke");
+    let rules: Api<SecurityRule> = Api::namespaced(client.clone(), "bench-revoke");
+    let expired = observe(requests.clone(), |r| phase_is(r, Phase::Expired));
+    // Rule deletions, observed as the rule disappearing from a watch.
+    let deleted = Arc::new(Mutex::new(HashMap::<String, Instant>::new()));
+    {
+        let deleted = deleted.clone();
+        tokio::spawn(async move {
+            let mut events = watcher(rules, watcher::Config::default()).boxed();
+            while let Ok(Some(event)) = events.try_next().await {
+                if let watcher::Event::Delete(rule) = event {
+                    deleted
+                        .lock()
+                        .expect("lock")
+                        .insert(rule.metadata.name.unwrap_or_default(), Instant::now());
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut expiring = Vec::new();
+    for i in 0..REVOKES {
+        let name = format!("revoke-{i}");
+        requests
+            .create(&PostParams::default(), &request(&name, i, 0, "PT3S")?)
+            .await?;
+        expiring.push(name);
+        tokio::time::sleep(Duration::from_millis(37)).await;
+    }
+    let mut samples = Vec::new();
+    for name in &expiring {
+        let closed_at = wait_for(&expired, name).await?;
+        let request = requests.get(name).await?;
+        let grant = request
+            .status
+            .and_then(|s| s.grants.into_iter().next())
+            .ok_or("no grant")?;
+        let rule_gone = wait_for(&deleted, &grant.rule).await?;
+        let closed = closed_at.max(rule_gone);
+        // Instants and wall-clock timestamps meet through "now".
+        let now_instant = Instant::now();
+        let now_wall = jiff::Timestamp::now();
+        let closed_wall = now_wall.as_millisecond() as f64 / 1e3
+            - now_instant.duration_since(closed).as_secs_f64();
+        let expires = grant.end_time.0.as_millisecond() as f64 / 1e3;
+        samples.push((closed_wall - expires).max(0.0));
+    }
+    Ok(samples)
+}
+
+async fn burst(client: &Client, writes_per_grant: f64) -> BenchResult<(f64, f64)> {
+    for p in 0..BURST_POLICIES {
+        let ns = format!("bench-burst-{p}");
+        namespace(client, &ns).await?;
+        policy(client, &ns, 1).await?;
+    }
+    let granted = observe(Api::<JitRequest>::all(client.clone()), |r| {
+        phase_is(r, Phase::Granted)
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = Instant::now();
+    futures::stream::iter(0..BURST)
+        .map(|i| {
+            let api: Api<JitRequest> = Api::namespaced(
+                client.clone(),
+                &format!("bench-burst-{}", i % BURST_POLICIES),
+            );
+            async move {
+                api.create(
+                    &PostParams::default(),
+                    &request(&format!("burst-{i}"), i, 0, "PT24H")?,
+                )
+                .await
+                .map_err(Into::into)
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e: Box<dyn std::error::Error + Send + Sync>| e)?;
+    for i in 0..BURST {
+        wait_for(&granted, &format!("burst-{i}")).await?;
+    }
+    let operator_seconds = start.elapsed().as_secs_f64();
+
+    // A plain client making as many writes as the burst cost (the creates plus the
+    // operator's writes), with the same parallelism.
+    let writes = (BURST as f64 * (1.0 + writes_per_grant)).round() as usize;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "bench-floor");
+    let start = Instant::now();
+    futures::stream::iter(0..writes)
+        .map(|i| {
+            let maps = maps.clone();
+            async move {
+                let map: ConfigMap =
+                    serde_json::from_value(json!({"metadata": {"name": format!("plain-{i}")}}))?;
+                maps.create(&PostParams::default(), &map)
+                    .await
+                    .map_err(Into::into)
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e: Box<dyn std::error::Error + Send + Sync>| e)?;
+    Ok((operator_seconds, start.elapsed().as_secs_f64()))
+}
+
+/// Adds long grants across the burst namespaces until `total` are active.
+async fn fill_to(client: &Client, total: usize) -> BenchResult<()> {
+    let requests: Api<JitRequest> = Api::all(client.clone());
+    let active = |list: &[JitRequest]| list.iter().filter(|r| phase_is(r, Phase::Granted)).count();
+    let current = active(&requests.list(&Default::default()).await?.items);
+    let missing = total.saturating_sub(current);
+    futures::stream::iter(0..missing)
+        .map(|i| {
+            let n = BURST + i;
+            let api: Api<JitRequest> = Api::namespaced(
+                client.clone(),
+                &format!("bench-burst-{}", n % BURST_POLICIES),
+            );
+            async move {
+                api.create(
+                    &PostParams::default(),
+                    &request(&format!("fill-{i}"), n, 0, "PT24H")?,
+                )
+                .await
+                .map_err(Into::into)
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e: Box<dyn std::error::Error + Send + Sync>| e)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while active(&requests.list(&Default::default()).await?.items) < total {
+        if Instant::now() > deadline {
+            return Err(format!("{total} grants not active after 10 minutes").into());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
+/// Write requests the apiserver has served so far (create, update, patch, apply, delete).
+async fn api_writes(client: &Client) -> BenchResult<f64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            [
+                "\"POST\"",
+                "\"PUT\"",
+                "\"PATCH\"",
+                "\"APPLY\"",
+                "\"DELETE\"",
+            ]
+            .iter()
+            .any(|v| l.contains(&format!("verb={v}")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn percentiles(name: &'static str, samples: &[f64], target: Option<String>) -> Row {
+    Row {
+        name,
+        value: format!(
+            "p50 {:.1} ms, p99 {:.1} ms (n={})",
+            percentile(samples, 0.5) * 1e3,
+            percentile(samples, 0.99) * 1e3,
+            samples.len()
+        ),
+        target: target.unwrap_or_else(|| "-".into()),
+        met: None,
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    println!(
+        "\n{:width$}  {:52}  {:34}  met",
+        "benchmark", "result", "target"
+    );
+    for row in rows {
+        let met = match row.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        println!(
+            "{:width$}  {:52}  {:34}  {met}",
+            row.name, row.value, row.target
+        );
+    }
+}

@@ -1,0 +1,391 @@
+//! `portcullis agent`: enforces one NSG on the machine it runs on, with nftables.
+//!
+//! It watches the NSG and the `SecurityRule`s that reference it, renders the effective
+//! inbound rules for the machine's addresses ([`render`]), puts them into its own table
+//! ([`apply`]) and reports what it applied into the NSG status, in its own entry of
+//! `status.enforcement` (server-side apply with a field manager of its own, so the
+//! operator's status writes and other agents' reports are never clobbered).
+//!
+//! Failure behaviour, by design:
+//! - API server unreachable: the watches retry with backoff and nothing is re-applied; the
+//!   kernel keeps the last ruleset, and grants still expire there (element timeouts).
+//! - restart: the old table stays in force until the first full replace, which swaps it in
+//!   one transaction, so no closed port is ever open in between.
+//! - SIGTERM: the table stays (a stopped agent must not open the machine); `--cleanup`
+//!   removes it explicitly.
+
+pub mod apply;
+pub mod render;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::pin::pin;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+
+use crate::api::convert::{self, ConvertError};
+use crate::api::nsg::EnforcementReport;
+use crate::api::{NetworkSecurityGroup, SecurityRule};
+use crate::controller::context::{expired, object_rule};
+use crate::rules::{self, Origin};
+use apply::{Applied, Enforcer, Nft};
+use render::{Policy, Target};
+
+/// The table name when `--table` is not given.
+pub const DEFAULT_TABLE: &str = "portcullis";
+/// The full table is re-asserted this often even without a change, so an out-of-band edit
+/// of the table does not last.
+const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a failed apply or status report is retried.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Why the agent cannot start, or why one enforcement round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid NSG reference {0:?}: expected NAMESPACE/NAME")]
+    NsgRef(String),
+    #[error("at least one address to protect is needed")]
+    NoAddress,
+    #[error("invalid network namespace name {0:?}")]
+    Netns(String),
+    #[error("nft: {0}")]
+    Nft(String),
+    #[error("the NSG cannot be enforced as written: {0}")]
+    Invalid(String),
+}
+
+/// What the agent enforces, where and under which name.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Namespace of the NSG.
+    pub namespace: String,
+    /// Name of the NSG.
+    pub nsg: String,
+    /// The machine's addresses (what the NSG's destinations are matched against).
+    pub addresses: Vec<IpAddr>,
+    /// The nftables table the agent owns (family `inet`).
+    pub table: String,
+    /// The agent's identity: key of its `status.enforcement` entry and suffix of its field
+    /// manager; unique per machine (the host name by default).
+    pub agent: String,
+    /// The host name reported with the entry.
+    pub host: String,
+    /// Where `nft` runs.
+    pub nft: Nft,
+}
+
+impl Config {
+    /// Parses `NAMESPACE/NAME`.
+    pub fn nsg_ref(value: &str) -> Result<(String, String), Error> {
+        match value.split_once('/') {
+            Some((namespace, name))
+                if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+            {
+                Ok((namespace.to_owned(), name.to_owned()))
+            }
+            _ => Err(Error::NsgRef(value.to_owned())),
+        }
+    }
+
+    /// The field manager of this agent's status writes.
+    pub fn field_manager(&self) -> String {
+        format!("portcullis-agent-{}", self.agent)
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            table: self.table.clone(),
+            addresses: self.addresses.clone(),
+        }
+    }
+}
+
+/// The machine's host name, as the kernel knows it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The policy to enforce: the NSG's inline rules and its `SecurityRule` objects that have
+/// not expired at `now`, plus the defaults, in evaluation order. Unreadable values are
+/// returned as errors rather than skipped: leaving out a deny would open what it closes.
+pub fn policy(
+    nsg: &NetworkSecurityGroup,
+    objects: &[&SecurityRule],
+    now: Timestamp,
+) -> Result<Policy, Vec<ConvertError>> {
+    let mut invalid = Vec::new();
+    let scope = convert::scope(&nsg.spec).unwrap_or_else(|e| {
+        invalid.push(e);
+        rules::Scope::default()
+    });
+    let mut model = Vec::new();
+    for inline in &nsg.spec.security_rules {
+        match convert::rule(&inline.name, &inline.fields, Origin::Inline, false) {
+            Ok(rule) => model.push(rule),
+            Err(e) => invalid.push(e),
+        }
+    }
+    let mut expiries = BTreeMap::new();
+    for object in objects {
+        if expired(object.spec.expires_at.as_ref(), now) {
+            continue;
+        }
+        match object_rule(object) {
+            Ok(rule) => {
+                if let Some(at) = &object.spec.expires_at {
+                    expiries.insert(rule.name.clone(), at.0);
+                }
+                model.push(rule);
+            }
+            Err(e) => invalid.push(e),
+        }
+    }
+    if !invalid.is_empty() {
+        return Err(invalid);
+    }
+    Ok(Policy {
+        rules: rules::effective(model),
+        scope,
+        expiries,
+    })
+}
+
+/// Removes the agent's table and nothing else.
+pub async fn cleanup(nft: Nft, table: &str) -> Result<(), Error> {
+    Enforcer::new(nft).cleanup(table).await
+}
+
+/// What the agent last reported, to write status only when it changes.
+#[derive(Clone, Debug, PartialEq)]
+struct Reported {
+    generation: Option<i64>,
+    hash: String,
+    error: Option<String>,
+}
+
+/// Enforces the NSG until `shutdown` resolves. Errors of one round (nft refused, status
+/// not written) are logged, reported and retried; only shutdown ends the loop.
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    if config.addresses.is_empty() {
+        return Err(Error::NoAddress);
+    }
+    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), &config.namespace);
+    let objects: Api<SecurityRule> = Api::namespaced(client, &config.namespace);
+    let (nsg_store, nsg_writer) = reflector::store();
+    let (rule_store, rule_writer) = reflector::store();
+    // SecurityRules cannot be selected by spec field on the server; the namespace's are
+    // watched and filtered here.
+    let nsg_events = reflector::reflector(
+        nsg_writer,
+        watcher::watcher(
+            nsgs.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.nsg)),
+        ),
+    )
+    .default_backoff()
+    .map(|event| event.map(|e| matches!(e, watcher::Event::InitDone)));
+    let rule_events = reflector::reflector(
+        rule_writer,
+        watcher::watcher(objects, watcher::Config::default()),
+    )
+    .default_backoff()
+    .map(|event| event.map(|e| matches!(e, watcher::Event::InitDone)));
+    let mut events = pin!(futures::stream::select(
+        nsg_events.map(|e| (0, e)),
+        rule_events.map(|e| (1, e))
+    ));
+    let mut shutdown = pin!(shutdown);
+    let mut synced = [false, false];
+    let mut agent = Agent {
+        enforcer: Enforcer::new(config.nft.clone()),
+        nsg_store,
+        rule_store,
+        nsgs,
+        reported: None,
+        applied_at: None,
+        missing_warned: false,
+        config,
+    };
+    tracing::info!(
+        nsg = %format!("{}/{}", agent.config.namespace, agent.config.nsg),
+        table = agent.config.table,
+        addresses = ?agent.config.addresses,
+        "agent started"
+    );
+    let mut wake = tokio::time::Instant::now() + RESYNC;
+    let mut resync = tokio::time::Instant::now() + RESYNC;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            event = events.next() => match event {
+                Some((which, Ok(init_done))) => synced[which] |= init_done,
+                Some((_, Err(error))) => {
+                    tracing::warn!(%error, "watch failed; keeping the applied rules and retrying");
+                    continue;
+                }
+                None => break,
+            },
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        if synced != [true, true] {
+            wake = tokio::time::Instant::now() + RESYNC;
+            continue;
+        }
+        if tokio::time::Instant::now() >= resync {
+            agent.enforcer.invalidate();
+            resync = tokio::time::Instant::now() + RESYNC;
+        }
+        let next = agent.round().await;
+        wake = tokio::time::Instant::now() + next.min(RESYNC);
+    }
+    tracing::info!("agent stopped; its table stays in force");
+    Ok(())
+}
+
+struct Agent {
+    config: Config,
+    enforcer: Enforcer,
+    nsg_store: Store<NetworkSecurityGroup>,
+    rule_store: Store<SecurityRule>,
+    nsgs: Api<NetworkSecurityGroup>,
+    reported: Option<Reported>,
+    applied_at: Option<Timestamp>,
+    missing_warned: bool,
+}
+
+impl Agent {
+    /// One enforcement round from the caches; returns how long until the next one is due
+    /// (the next expiry, or a retry after a failure).
+    async fn round(&mut self) -> Duration {
+        let now = Timestamp::now();
+        let Some(nsg) = self
+            .nsg_store
+            .get(&ObjectRef::new(&self.config.nsg).within(&self.config.namespace))
+        else {
+            if !self.missing_warned {
+                tracing::warn!("the NSG does not exist; keeping the applied rules");
+                self.missing_warned = true;
+            }
+            return RESYNC;
+        };
+        self.missing_warned = false;
+        let objects = self.rule_store.state();
+        let mine: Vec<&SecurityRule> = objects
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|r| r.spec.network_security_group_name == self.config.nsg)
+            .collect();
+        let next_expiry = mine
+            .iter()
+            .filter_map(|r| r.spec.expires_at.as_ref().map(|t| t.0))
+            .filter(|at| *at > now)
+            .min();
+        let outcome = match policy(&nsg, &mine, now) {
+            Err(invalid) => Err(Error::Invalid(
+                invalid
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+            Ok(policy) => {
+                let desired = render::render(&policy, &self.config.target(), now);
+                self.enforcer.apply(desired, now).await
+            }
+        };
+        let error = match outcome {
+            Ok(Applied::Unchanged) => None,
+            Ok(applied) => {
+                self.applied_at = Some(now);
+                let ruleset = self.enforcer.applied().expect("an applied ruleset");
+                tracing::info!(
+                    how = ?applied,
+                    hash = ruleset.hash(),
+                    grants = ruleset.grant_count(),
+                    "rules applied"
+                );
+                None
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot enforce the NSG; keeping the applied rules");
+                Some(error.to_string())
+            }
+        };
+        let failed = error.is_some();
+        let reported = self.report(&nsg, error).await;
+        let until_expiry = next_expiry
+            .and_then(|at| Duration::try_from(at.duration_since(now)).ok())
+            .unwrap_or(RESYNC);
+        if failed || !reported {
+            until_expiry.min(RETRY)
+        } else {
+            until_expiry
+        }
+    }
+
+    /// Writes this agent's `status.enforcement` entry when it changed; false if the write
+    /// failed (retried with the next round).
+    async fn report(&mut self, nsg: &NetworkSecurityGroup, error: Option<String>) -> bool {
+        let hash = self
+            .enforcer
+            .applied()
+            .map_or_else(|| "none".to_owned(), render::Ruleset::hash);
+        let current = Reported {
+            generation: nsg.metadata.generation,
+            hash,
+            error,
+        };
+        if self.reported.as_ref() == Some(&current) {
+            return true;
+        }
+        let entry = EnforcementReport {
+            agent: self.config.agent.clone(),
+            host: self.config.host.clone(),
+            addresses: self
+                .config
+                .addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            observed_generation: current.generation,
+            rules_hash: current.hash.clone(),
+            applied_at: Time(self.applied_at.unwrap_or_else(Timestamp::now)),
+            error: current.error.clone(),
+        };
+        let patch = serde_json::json!({
+            "apiVersion": NetworkSecurityGroup::api_version(&()),
+            "kind": NetworkSecurityGroup::kind(&()),
+            "status": { "enforcement": [entry] },
+        });
+        let params = PatchParams::apply(&self.config.field_manager()).force();
+        match self
+            .nsgs
+            .patch_status(&self.config.nsg, &params, &Patch::Apply(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.reported = Some(current);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot report into the NSG status; retrying");
+                false
+            }
+        }
+    }
+}

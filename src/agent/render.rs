@@ -1,0 +1,850 @@
+//! From an NSG's effective inbound rules to the nftables ruleset that enforces them, as a
+//! value. Pure: no kernel, no clock (the caller passes `now`), no Kubernetes, so the
+//! translation is unit-tested here and differentially tested against [`rules::evaluate`]
+//! with real packets in the integration tests.
+//!
+//! The table (family `inet`, so one ruleset covers IPv4 and IPv6) has one base chain,
+//! `input`, hooked at filter priority with policy accept. Its rules, in order:
+//!
+//! 1. `ct state established,related accept`: a revoke or an expiry never cuts a live session.
+//! 2. loopback and IPv6 neighbour discovery are accepted: they never cross an Azure NSG
+//!    (host-local traffic and the link layer are below it), and dropping ND breaks IPv6.
+//! 3. packets to an address that is not one of the agent's `return` (the policy accepts them):
+//!    the NSG governs the machine's addresses, nothing else on the host.
+//! 4. the NSG rules in evaluation order, each as one or more nft rules with the rule's
+//!    verdict (Allow = accept, Deny = drop); a final `drop` mirrors [`rules::evaluate`],
+//!    which fails closed when no rule matches.
+//!
+//! JIT grants (operator rules with `expiresAt`) are not rules but elements of interval sets
+//! with a kernel timeout, matched by one rule per run of consecutive grants: per-packet cost
+//! does not grow with the number of grants, a grant closes in the kernel even when nothing
+//! else runs, and adding or removing one is an element update, not a reload.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use jiff::Timestamp;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::schema::{Chain, NfListObject, Rule as NftRule, Set, SetFlag, SetType, SetTypeValue};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use crate::rules::{Access, AddressPrefix, Direction, Origin, PortRange, Protocol, Rule, Scope};
+
+/// The one base chain of the agent's table.
+pub const CHAIN: &str = "input";
+/// Protocol numbers as `meta l4proto` sees them.
+const TCP: u32 = 6;
+const UDP: u32 = 17;
+const ICMP: u32 = 1;
+const ICMPV6: u32 = 58;
+/// ICMPv6 router solicitation/advertisement and neighbour solicitation/advertisement.
+const NEIGHBOUR_DISCOVERY: [u32; 4] = [133, 134, 135, 136];
+
+/// What the agent enforces: the NSG's effective rules, as [`rules::effective`] orders them
+/// (defaults included, expired rules already left out), the scope that gives tags their
+/// meaning, and the `expiresAt` of each `SecurityRule` object that has one.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Effective rules in evaluation order; only inbound ones are enforced.
+    pub rules: Vec<Rule>,
+    /// What `VirtualNetwork`, `Internet` and `AzureLoadBalancer` stand for.
+    pub scope: Scope,
+    /// `expiresAt` by `SecurityRule` object name.
+    pub expiries: BTreeMap<String, Timestamp>,
+}
+
+/// Where the ruleset goes: the table the agent owns and the addresses it protects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Name of the agent's `inet` table.
+    pub table: String,
+    /// The machine's addresses; packets to other addresses are not the NSG's business.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// An address family, for the per-family halves of the ruleset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        }
+    }
+
+    /// The payload protocol name of the network header (`ip` or `ip6`).
+    fn header(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    fn addr_type(self) -> SetType {
+        match self {
+            Family::V4 => SetType::Ipv4Addr,
+            Family::V6 => SetType::Ipv6Addr,
+        }
+    }
+
+    fn icmp(self) -> u32 {
+        match self {
+            Family::V4 => ICMP,
+            Family::V6 => ICMPV6,
+        }
+    }
+
+    /// `meta nfproto ipv4` (or `ipv6`): the packet is of this family.
+    fn nfproto(self) -> Statement<'static> {
+        let name = match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        };
+        matches(
+            meta(MetaKey::Nfproto),
+            Operator::EQ,
+            Expression::String(name.into()),
+        )
+    }
+
+    fn everything(self) -> IpNet {
+        match self {
+            Family::V4 => "0.0.0.0/0".parse().expect("valid net"),
+            Family::V6 => "::/0".parse().expect("valid net"),
+        }
+    }
+}
+
+/// One element of a grant set: destination address, source prefix, protocol and
+/// destination port range. Elements of one set never overlap (the kernel's concatenated
+/// interval sets refuse overlaps), see [`disjoint_sources`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GrantKey {
+    /// One of the agent's addresses.
+    pub destination: IpAddr,
+    /// Source prefix, same family as `destination`.
+    pub source: IpNet,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Inclusive destination port range (`0-65535` for ICMP, whose "port" is ignored).
+    pub ports: (u16, u16),
+}
+
+/// The desired content of the agent's table. The skeleton (chains, sets, rules) and the
+/// grant elements are kept apart so that a change of grants alone can be applied as an
+/// element update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ruleset {
+    /// The table's name (family `inet`).
+    pub table: String,
+    /// Chain, sets and rules, in the order they must be added (sets before the rules
+    /// that reference them).
+    pub skeleton: Vec<NfListObject<'static>>,
+    /// Grant elements by set name, each with the instant it expires.
+    pub grants: BTreeMap<String, BTreeMap<GrantKey, Timestamp>>,
+}
+
+impl Ruleset {
+    /// A short stable hash of everything the ruleset enforces (FNV-1a over its JSON form):
+    /// what agents report as `rulesHash`, so that two agents or two runs can be compared.
+    pub fn hash(&self) -> String {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for byte in bytes {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        feed(self.table.as_bytes());
+        feed(
+            serde_json::to_string(&self.skeleton)
+                .expect("nftables objects serialize")
+                .as_bytes(),
+        );
+        for (set, elements) in &self.grants {
+            feed(set.as_bytes());
+            for (key, expires) in elements {
+                feed(format!("{key:?}@{expires}").as_bytes());
+            }
+        }
+        format!("{hash:016x}")
+    }
+
+    /// How many grant elements the ruleset holds.
+    pub fn grant_count(&self) -> usize {
+        self.grants.values().map(BTreeMap::len).sum()
+    }
+}
+
+/// Builds the ruleset enforcing `policy` on `target` at `now`.
+pub fn render(policy: &Policy, target: &Target, now: Timestamp) -> Ruleset {
+    let mut builder = Builder {
+        table: target.table.clone(),
+        scope: &policy.scope,
+        addresses: target.addresses.clone(),
+        skeleton: Vec::new(),
+        rules: Vec::new(),
+        grants: BTreeMap::new(),
+    };
+    builder.skeleton.push(NfListObject::Chain(Chain {
+        family: NfFamily::INet,
+        table: builder.table.clone().into(),
+        name: CHAIN.into(),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Input),
+        prio: Some(0),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }));
+    builder.preamble();
+
+    let inbound: Vec<&Rule> = policy
+        .rules
+        .iter()
+        .filter(|r| r.direction == Direction::Inbound)
+        .collect();
+    let expiry = |rule: &Rule| match &rule.origin {
+        Origin::SecurityRule { name } => policy.expiries.get(name).copied(),
+        _ => None,
+    };
+    let grant_of = |rule: &Rule| expiry(rule).filter(|_| is_grant(rule));
+    // The first run of grants sits where the first grant is, or at the top when there is
+    // none: then the first grant of a typical NSG (grants take the top priorities) is an
+    // element update, not a reload.
+    let mut run = 0;
+    let mut in_run = false;
+    if !inbound.iter().any(|r| grant_of(r).is_some()) {
+        builder.grant_run(run);
+        run += 1;
+    }
+    let mut pending: Vec<(&Rule, Timestamp)> = Vec::new();
+    for rule in inbound {
+        match grant_of(rule) {
+            Some(expires) => {
+                if !in_run {
+                    builder.grant_run(run);
+                    in_run = true;
+                }
+                pending.push((rule, expires));
+            }
+            None => {
+                if in_run {
+                    builder.grant_elements(run, &pending, now);
+                    pending.clear();
+                    run += 1;
+                    in_run = false;
+                }
+                builder.rule(rule);
+            }
+        }
+    }
+    if in_run {
+        builder.grant_elements(run, &pending, now);
+    }
+    builder.finish()
+}
+
+/// Whether a rule is rendered as set elements: an operator-made allow with ports and
+/// prefixes a set element can express (no source-port restriction, no `Internet` source,
+/// whose complement is not a prefix).
+fn is_grant(rule: &Rule) -> bool {
+    rule.jit
+        && rule.access == Access::Allow
+        && rule.source_ports.contains(&PortRange::Any)
+        && !rule.source_prefixes.contains(&AddressPrefix::Internet)
+}
+
+struct Builder<'s> {
+    table: String,
+    scope: &'s Scope,
+    addresses: Vec<IpAddr>,
+    /// Chain and sets.
+    skeleton: Vec<NfListObject<'static>>,
+    /// Rules, added after every set.
+    rules: Vec<NfListObject<'static>>,
+    grants: BTreeMap<String, BTreeMap<GrantKey, Timestamp>>,
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn net(net: &IpNet) -> Expression<'static> {
+    if net.prefix_len() == net.max_prefix_len() {
+        Expression::String(net.addr().to_string().into())
+    } else {
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(Expression::String(net.network().to_string().into())),
+            len: u32::from(net.prefix_len()),
+        }))
+    }
+}
+
+fn port_range((start, end): (u16, u16)) -> Expression<'static> {
+    if start == end {
+        Expression::Number(u32::from(start))
+    } else {
+        Expression::Range(Box::new(nftables::expr::Range {
+            range: [
+                Expression::Number(u32::from(start)),
+                Expression::Number(u32::from(end)),
+            ],
+        }))
+    }
+}
+
+/// An anonymous set, or the single value when there is only one (nft's canonical form).
+fn set_of(mut items: Vec<Expression<'static>>) -> Expression<'static> {
+    if items.len() == 1 {
+        items.remove(0)
+    } else {
+        Expression::Named(NamedExpression::Set(
+            items
+                .into_iter()
+                .map(nftables::expr::SetItem::Element)
+                .collect(),
+        ))
+    }
+}
+
+/// Prefixes of one family, merged so that no two overlap (sets refuse overlapping
+/// intervals).
+fn merged_nets(nets: impl IntoIterator<Item = IpNet>, family: Family) -> Vec<IpNet> {
+    let nets: Vec<IpNet> = nets
+        .into_iter()
+        .filter(|n| Family::of(&n.addr()) == family)
+        .collect();
+    IpNet::aggregate(&nets)
+}
+
+/// Port ranges merged into sorted, disjoint, non-adjacent intervals; `None` for "any port".
+fn merged_ports(ranges: &[PortRange]) -> Option<Vec<(u16, u16)>> {
+    let mut spans: Vec<(u16, u16)> = Vec::new();
+    for range in ranges {
+        match *range {
+            PortRange::Any => return None,
+            PortRange::Range { start, end } => spans.push((start, end)),
+        }
+    }
+    spans.sort();
+    let mut merged: Vec<(u16, u16)> = Vec::new();
+    for (start, end) in spans {
+        match merged.last_mut() {
+            Some(last) if u32::from(start) <= u32::from(last.1) + 1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    Some(merged)
+}
+
+/// The concrete prefixes a tag or prefix stands for (`Internet` and `*` have none: they
+/// are rendered as a negated set match and as no match at all).
+fn concrete(prefix: &AddressPrefix, scope: &Scope) -> Vec<IpNet> {
+    match prefix {
+        AddressPrefix::Net(n) => vec![*n],
+        AddressPrefix::VirtualNetwork => scope.virtual_network.clone(),
+        AddressPrefix::AzureLoadBalancer => scope.load_balancer.clone(),
+        AddressPrefix::Any | AddressPrefix::Internet => Vec::new(),
+    }
+}
+
+/// How a rule's protocol and ports are matched: `meta l4proto` values (empty: any
+/// protocol) and the port sets (`None`: any port).
+struct L4 {
+    protocols: Vec<u32>,
+    source_ports: Option<Vec<(u16, u16)>>,
+    destination_ports: Option<Vec<(u16, u16)>>,
+}
+
+/// The protocol/port alternatives of a rule in `family`, with [`Rule::matches`]'s
+/// semantics: ICMP ignores ports, `*` covers TCP, UDP and ICMP (and, when no port is
+/// restricted, every other protocol too), and an empty port list matches no TCP/UDP packet.
+fn l4_alternatives(rule: &Rule, family: Family) -> Vec<L4> {
+    let icmp = L4 {
+        protocols: vec![family.icmp()],
+        source_ports: None,
+        destination_ports: None,
+    };
+    let ported = |protocols: Vec<u32>| {
+        if rule.source_ports.is_empty() || rule.destination_ports.is_empty() {
+            return None;
+        }
+        Some(L4 {
+            protocols,
+            source_ports: merged_ports(&rule.source_ports),
+            destination_ports: merged_ports(&rule.destination_ports),
+        })
+    };
+    match rule.protocol {
+        Protocol::Icmp => vec![icmp],
+        Protocol::Tcp => ported(vec![TCP]).into_iter().collect(),
+        Protocol::Udp => ported(vec![UDP]).into_iter().collect(),
+        Protocol::Any => match ported(vec![TCP, UDP]) {
+            Some(l4) if l4.source_ports.is_none() && l4.destination_ports.is_none() => {
+                vec![L4 {
+                    protocols: Vec::new(),
+                    ..l4
+                }]
+            }
+            Some(l4) => vec![l4, icmp],
+            None => vec![icmp],
+        },
+    }
+}
+
+impl Builder<'_> {
+    fn addresses_of(&self, family: Family) -> Vec<IpAddr> {
+        self.addresses
+            .iter()
+            .filter(|a| Family::of(a) == family)
+            .copied()
+            .collect()
+    }
+
+    fn families(&self) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| !self.addresses_of(*f).is_empty())
+            .collect()
+    }
+
+    fn push_rule(&mut self, expr: Vec<Statement<'static>>) {
+        self.rules.push(NfListObject::Rule(NftRule {
+            family: NfFamily::INet,
+            table: self.table.clone().into(),
+            chain: CHAIN.into(),
+            expr: expr.into(),
+            ..NftRule::default()
+        }));
+    }
+
+    fn push_set(&mut self, name: String, set_type: SetTypeValue<'static>, flags: &[SetFlag]) {
+        self.skeleton.push(NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: self.table.clone().into(),
+            name: name.into(),
+            set_type,
+            flags: Some(flags.iter().copied().collect()),
+            ..Set::default()
+        })));
+    }
+
+    /// Everything before the NSG rules: established flows, loopback, neighbour discovery,
+    /// other addresses, and the `vnet_*` sets that `Internet` matches are negated against.
+    fn preamble(&mut self) {
+        let ct_state = Expression::Named(NamedExpression::CT(nftables::expr::CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        }));
+        self.push_rule(vec![
+            matches(
+                ct_state,
+                Operator::IN,
+                Expression::List(vec![
+                    Expression::String("established".into()),
+                    Expression::String("related".into()),
+                ]),
+            ),
+            Statement::Accept(None),
+        ]);
+        self.push_rule(vec![
+            matches(
+                meta(MetaKey::Iifname),
+                Operator::EQ,
+                Expression::String("lo".into()),
+            ),
+            Statement::Accept(None),
+        ]);
+        if !self.addresses_of(Family::V6).is_empty() {
+            self.push_rule(vec![
+                matches(
+                    meta(MetaKey::L4proto),
+                    Operator::EQ,
+                    Expression::Number(ICMPV6),
+                ),
+                matches(
+                    payload("icmpv6", "type"),
+                    Operator::EQ,
+                    set_of(
+                        NEIGHBOUR_DISCOVERY
+                            .iter()
+                            .map(|t| Expression::Number(*t))
+                            .collect(),
+                    ),
+                ),
+                Statement::Accept(None),
+            ]);
+        }
+        for family in Family::ALL {
+            let mine = self.addresses_of(family);
+            let not_mine = if mine.is_empty() {
+                family.nfproto()
+            } else {
+                matches(
+                    payload(family.header(), "daddr"),
+                    Operator::NEQ,
+                    set_of(mine.iter().map(|a| net(&IpNet::from(*a))).collect()),
+                )
+            };
+            self.push_rule(vec![not_mine, Statement::Return(None)]);
+        }
+        for family in self.families() {
+            let name = format!("vnet_{}", family.suffix());
+            self.push_set(
+                name.clone(),
+                SetTypeValue::Single(family.addr_type()),
+                &[SetFlag::Interval],
+            );
+            let nets = merged_nets(self.scope.virtual_network.iter().copied(), family);
+            if !nets.is_empty() {
+                self.push_elements(&name, nets.iter().map(net).collect());
+            }
+        }
+    }
+
+    fn push_elements(&mut self, set: &str, elements: Vec<Expression<'static>>) {
+        self.skeleton
+            .push(NfListObject::Element(nftables::schema::Element {
+                family: NfFamily::INet,
+                table: self.table.clone().into(),
+                name: set.to_owned().into(),
+                elem: elements.into(),
+            }));
+    }
+
+    /// One NSG rule: for each family, destination, source and protocol/port alternative,
+    /// an nft rule with the rule's verdict (consecutive rules with one verdict are their
+    /// union, which is how a rule's lists are "any of").
+    fn rule(&mut self, rule: &Rule) {
+        let verdict = match rule.access {
+            Access::Allow => Statement::Accept(None),
+            Access::Deny => Statement::Drop(None),
+        };
+        for family in self.families() {
+            let mine = self.addresses_of(family);
+            // Packets that get here are addressed to one of `mine`, so the destination
+            // match reduces to which of them the rule's destinations contain.
+            let destinations: Vec<IpAddr> = mine
+                .iter()
+                .filter(|a| {
+                    rule.destination_prefixes
+                        .iter()
+                        .any(|p| p.matches(**a, self.scope))
+                })
+                .copied()
+                .collect();
+            if destinations.is_empty() {
+                continue;
+            }
+            let destination = (destinations.len() < mine.len()).then(|| {
+                matches(
+                    payload(family.header(), "daddr"),
+                    Operator::EQ,
+                    set_of(destinations.iter().map(|a| net(&IpNet::from(*a))).collect()),
+                )
+            });
+            let mut sources: Vec<Option<Statement<'static>>> = Vec::new();
+            if rule.source_prefixes.contains(&AddressPrefix::Any) {
+                sources.push(None);
+            } else {
+                let nets = merged_nets(
+                    rule.source_prefixes
+                        .iter()
+                        .flat_map(|p| concrete(p, self.scope)),
+                    family,
+                );
+                if !nets.is_empty() {
+                    sources.push(Some(matches(
+                        payload(family.header(), "saddr"),
+                        Operator::EQ,
+                        set_of(nets.iter().map(net).collect()),
+                    )));
+                }
+                if rule.source_prefixes.contains(&AddressPrefix::Internet) {
+                    sources.push(Some(matches(
+                        payload(family.header(), "saddr"),
+                        Operator::NEQ,
+                        Expression::String(format!("@vnet_{}", family.suffix()).into()),
+                    )));
+                }
+            }
+            for source in &sources {
+                for l4 in l4_alternatives(rule, family) {
+                    let mut expr: Vec<Statement<'static>> = Vec::new();
+                    if destination.is_none() && source.is_none() {
+                        // Nothing else ties this rule to its family: without this it
+                        // would also decide the other family's packets.
+                        expr.push(family.nfproto());
+                    }
+                    expr.extend(destination.clone());
+                    expr.extend(source.clone());
+                    if !l4.protocols.is_empty() {
+                        expr.push(matches(
+                            meta(MetaKey::L4proto),
+                            Operator::EQ,
+                            set_of(
+                                l4.protocols
+                                    .iter()
+                                    .map(|p| Expression::Number(*p))
+                                    .collect(),
+                            ),
+                        ));
+                    }
+                    for (field, ports) in [
+                        ("sport", &l4.source_ports),
+                        ("dport", &l4.destination_ports),
+                    ] {
+                        if let Some(ports) = ports {
+                            expr.push(matches(
+                                payload("th", field),
+                                Operator::EQ,
+                                set_of(ports.iter().map(|r| port_range(*r)).collect()),
+                            ));
+                        }
+                    }
+                    expr.push(verdict.clone());
+                    self.push_rule(expr);
+                }
+            }
+        }
+    }
+
+    fn grant_set(run: usize, family: Family) -> String {
+        match run {
+            0 => format!("jit_allow_{}", family.suffix()),
+            n => format!("jit_allow{n}_{}", family.suffix()),
+        }
+    }
+
+    /// The sets of one run of grants and the rule that matches them:
+    /// `ip daddr . ip saddr . meta l4proto . th dport @jit_allow_v4 accept`. The
+    /// destination is part of the key so that a grant for one of several addresses opens
+    /// only that one.
+    fn grant_run(&mut self, run: usize) {
+        for family in self.families() {
+            let name = Self::grant_set(run, family);
+            self.push_set(
+                name.clone(),
+                SetTypeValue::Concatenated(
+                    vec![
+                        family.addr_type(),
+                        family.addr_type(),
+                        SetType::InetProto,
+                        SetType::InetService,
+                    ]
+                    .into(),
+                ),
+                &[SetFlag::Interval, SetFlag::Timeout],
+            );
+            let key = Expression::Named(NamedExpression::Concat(vec![
+                payload(family.header(), "daddr"),
+                payload(family.header(), "saddr"),
+                meta(MetaKey::L4proto),
+                payload("th", "dport"),
+            ]));
+            self.push_rule(vec![
+                matches(
+                    key,
+                    Operator::EQ,
+                    Expression::String(format!("@{name}").into()),
+                ),
+                Statement::Accept(None),
+            ]);
+            self.grants.entry(name).or_default();
+        }
+    }
+
+    /// The elements of one run: every (destination, source, protocol, port range) the
+    /// grants allow, made disjoint, each expiring at the latest expiry that covers it.
+    fn grant_elements(&mut self, run: usize, grants: &[(&Rule, Timestamp)], now: Timestamp) {
+        for family in self.families() {
+            let mine = self.addresses_of(family);
+            // (destination, protocol) -> [(source, ports, expires)]
+            let mut groups: BTreeMap<(IpAddr, u8), Vec<GrantItem>> = BTreeMap::new();
+            for (rule, expires) in grants {
+                if *expires <= now {
+                    continue;
+                }
+                let sources: Vec<IpNet> = if rule.source_prefixes.contains(&AddressPrefix::Any) {
+                    vec![family.everything()]
+                } else {
+                    merged_nets(
+                        rule.source_prefixes
+                            .iter()
+                            .flat_map(|p| concrete(p, self.scope)),
+                        family,
+                    )
+                };
+                let ported: Vec<(u8, Vec<(u16, u16)>)> = {
+                    let ports = merged_ports(&rule.destination_ports)
+                        .unwrap_or_else(|| vec![(0, u16::MAX)]);
+                    let full = vec![(0, u16::MAX)];
+                    let icmp = family.icmp() as u8;
+                    match rule.protocol {
+                        Protocol::Tcp => vec![(TCP as u8, ports)],
+                        Protocol::Udp => vec![(UDP as u8, ports)],
+                        Protocol::Icmp => vec![(icmp, full)],
+                        Protocol::Any => {
+                            vec![(TCP as u8, ports.clone()), (UDP as u8, ports), (icmp, full)]
+                        }
+                    }
+                };
+                for destination in mine.iter().filter(|a| {
+                    rule.destination_prefixes
+                        .iter()
+                        .any(|p| p.matches(**a, self.scope))
+                }) {
+                    for (protocol, ranges) in &ported {
+                        // An empty port list allows no TCP/UDP packet; ICMP ignores it.
+                        if rule.destination_ports.is_empty()
+                            && u32::from(*protocol) != family.icmp()
+                        {
+                            continue;
+                        }
+                        let group = groups.entry((*destination, *protocol)).or_default();
+                        for source in &sources {
+                            for range in ranges {
+                                group.push((*source, *range, *expires));
+                            }
+                        }
+                    }
+                }
+            }
+            let set = self.grants.entry(Self::grant_set(run, family)).or_default();
+            for ((destination, protocol), items) in groups {
+                for (source, ports, expires) in disjoint(&items, family) {
+                    set.insert(
+                        GrantKey {
+                            destination,
+                            source,
+                            protocol,
+                            ports,
+                        },
+                        expires,
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> Ruleset {
+        // Nothing matched: deny, as the oracle does (the defaults normally decide first).
+        self.push_rule(vec![Statement::Drop(None)]);
+        let mut skeleton = self.skeleton;
+        skeleton.extend(self.rules);
+        Ruleset {
+            table: self.table,
+            skeleton,
+            grants: self.grants,
+        }
+    }
+}
+
+/// A grant as set elements see it: source prefix, destination port range, expiry.
+type GrantItem = (IpNet, (u16, u16), Timestamp);
+
+/// Makes grant items (source prefix, port range, expiry) disjoint: ports are cut at every
+/// range boundary, and per port segment the sources become non-overlapping prefixes, each
+/// with the latest expiry of the grants covering it. The union and the expiry of every
+/// (source, port) point are unchanged.
+fn disjoint(items: &[GrantItem], family: Family) -> Vec<GrantItem> {
+    let mut cuts: Vec<u32> = items
+        .iter()
+        .flat_map(|(_, (start, end), _)| [u32::from(*start), u32::from(*end) + 1])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut out = Vec::new();
+    for pair in cuts.windows(2) {
+        let segment = (pair[0] as u16, (pair[1] - 1) as u16);
+        let covering: Vec<(IpNet, Timestamp)> = items
+            .iter()
+            .filter(|(_, (start, end), _)| *start <= segment.0 && segment.1 <= *end)
+            .map(|(source, _, expires)| (*source, *expires))
+            .collect();
+        if covering.is_empty() {
+            continue;
+        }
+        let mut sources = Vec::new();
+        disjoint_sources(family.everything(), None, &covering, &mut sources);
+        out.extend(
+            sources
+                .into_iter()
+                .map(|(source, expires)| (source, segment, expires)),
+        );
+    }
+    out
+}
+
+/// Splits `node` into disjoint prefixes that carry the latest expiry of the `items` (all
+/// inside `node`) covering them, walking down the prefix tree only where a more specific
+/// item outlives what covers it.
+fn disjoint_sources(
+    node: IpNet,
+    inherited: Option<Timestamp>,
+    items: &[(IpNet, Timestamp)],
+    out: &mut Vec<(IpNet, Timestamp)>,
+) {
+    let here = items
+        .iter()
+        .filter(|(net, _)| *net == node)
+        .map(|(_, expires)| *expires)
+        .chain(inherited)
+        .max();
+    let inner: Vec<(IpNet, Timestamp)> = items
+        .iter()
+        .filter(|(net, expires)| *net != node && here.is_none_or(|h| *expires > h))
+        .copied()
+        .collect();
+    if inner.is_empty() {
+        if let Some(expires) = here {
+            out.push((node, expires));
+        }
+        return;
+    }
+    let Ok(halves) = node.subnets(node.prefix_len() + 1) else {
+        return;
+    };
+    for half in halves {
+        let within: Vec<(IpNet, Timestamp)> = items
+            .iter()
+            .filter(|(net, _)| *net != node && half.contains(net))
+            .copied()
+            .collect();
+        disjoint_sources(half, here, &within, out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,314 @@
+use super::*;
+use crate::rules::effective;
+
+fn now() -> Timestamp {
+    "2030-01-01T00:00:00Z".parse().unwrap()
+}
+
+fn at(seconds: i64) -> Timestamp {
+    now() + jiff::SignedDuration::from_secs(seconds)
+}
+
+fn rule(name: &str, priority: u32, access: Access, source: &str, port: &str) -> Rule {
+    Rule {
+        name: name.into(),
+        priority,
+        direction: Direction::Inbound,
+        access,
+        protocol: Protocol::Tcp,
+        source_prefixes: vec![source.parse().unwrap()],
+        source_ports: vec![PortRange::Any],
+        destination_prefixes: vec![AddressPrefix::Any],
+        destination_ports: vec![port.parse().unwrap()],
+        origin: Origin::Inline,
+        jit: false,
+    }
+}
+
+fn grant(name: &str, priority: u32, source: &str, port: &str) -> Rule {
+    Rule {
+        origin: Origin::SecurityRule { name: name.into() },
+        jit: true,
+        ..rule(name, priority, Access::Allow, source, port)
+    }
+}
+
+fn target() -> Target {
+    Target {
+        table: "portcullis".into(),
+        addresses: vec!["198.18.0.10".parse().unwrap()],
+    }
+}
+
+fn policy(rules: Vec<Rule>, expiries: &[(&str, i64)]) -> Policy {
+    Policy {
+        rules: effective(rules),
+        scope: Scope {
+            virtual_network: vec!["198.18.0.0/28".parse().unwrap()],
+            load_balancer: vec![],
+        },
+        expiries: expiries
+            .iter()
+            .map(|(name, seconds)| ((*name).to_owned(), at(*seconds)))
+            .collect(),
+    }
+}
+
+/// The chain's rules as nft JSON strings, for readable assertions.
+fn chain(ruleset: &Ruleset) -> Vec<String> {
+    ruleset
+        .skeleton
+        .iter()
+        .filter_map(|o| match o {
+            NfListObject::Rule(r) => Some(serde_json::to_string(&r.expr).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_first_grant_at_the_top_changes_only_elements() {
+    let user = rule("http", 300, Access::Allow, "Internet", "80");
+    let without = render(&policy(vec![user.clone()], &[]), &target(), now());
+    let with = render(
+        &policy(
+            vec![user, grant("g", 100, "198.18.0.20", "22")],
+            &[("g", 60)],
+        ),
+        &target(),
+        now(),
+    );
+    assert_eq!(without.skeleton, with.skeleton);
+    assert_eq!(without.grant_count(), 0);
+    let elements = &with.grants["jit_allow_v4"];
+    let key = GrantKey {
+        destination: "198.18.0.10".parse().unwrap(),
+        source: "198.18.0.20/32".parse().unwrap(),
+        protocol: 6,
+        ports: (22, 22),
+    };
+    assert_eq!(elements.get(&key), Some(&at(60)));
+    assert_ne!(without.hash(), with.hash());
+}
+
+#[test]
+fn a_grant_below_a_user_rule_keeps_its_place() {
+    let deny = rule("deny-ssh", 100, Access::Deny, "*", "22");
+    let ruleset = render(
+        &policy(
+            vec![deny.clone(), grant("g", 200, "198.18.0.20", "22")],
+            &[("g", 60)],
+        ),
+        &target(),
+        now(),
+    );
+    let rules = chain(&ruleset);
+    let deny_at = rules.iter().position(|r| r.contains("\"drop\"")).unwrap();
+    let grant_at = rules
+        .iter()
+        .position(|r| r.contains("@jit_allow_v4"))
+        .unwrap();
+    assert!(deny_at < grant_at, "{rules:#?}");
+    let empty = render(&policy(vec![deny], &[]), &target(), now());
+    assert_ne!(empty.skeleton, ruleset.skeleton);
+}
+
+#[test]
+fn an_expired_or_foreign_grant_is_an_ordinary_rule_or_nothing() {
+    // No expiry known: an allow like any other.
+    let plain = render(
+        &policy(vec![grant("g", 100, "198.18.0.20", "22")], &[]),
+        &target(),
+        now(),
+    );
+    assert_eq!(plain.grant_count(), 0);
+    assert!(chain(&plain).iter().any(|r| r.contains("198.18.0.20")));
+    // Expiry already passed: no element.
+    let expired = render(
+        &policy(vec![grant("g", 100, "198.18.0.20", "22")], &[("g", -1)]),
+        &target(),
+        now(),
+    );
+    assert_eq!(expired.grant_count(), 0);
+}
+
+#[test]
+fn preamble_accepts_established_then_leaves_other_addresses_alone() {
+    let ruleset = render(&policy(vec![], &[]), &target(), now());
+    let rules = chain(&ruleset);
+    assert!(rules[0].contains("established") && rules[0].contains("accept"));
+    assert!(rules[1].contains("\"lo\""));
+    assert!(rules[2].contains("daddr") && rules[2].contains("!=") && rules[2].contains("return"));
+    // No IPv6 address: every IPv6 packet returns, and no ND rule is needed.
+    assert!(rules[3].contains("ipv6") && rules[3].contains("return"));
+    assert!(!rules.iter().any(|r| r.contains("icmpv6")));
+    assert_eq!(rules.last().unwrap(), "[{\"drop\":null}]");
+}
+
+#[test]
+fn internet_is_the_negated_virtual_network_set() {
+    let ruleset = render(
+        &policy(
+            vec![rule("http", 300, Access::Allow, "Internet", "80")],
+            &[],
+        ),
+        &target(),
+        now(),
+    );
+    let http = chain(&ruleset)
+        .into_iter()
+        .find(|r| r.contains("@vnet_v4"))
+        .unwrap();
+    assert!(http.contains("\"op\":\"!=\""), "{http}");
+    assert!(http.contains("\"dport\"") && http.contains("80"), "{http}");
+    let vnet = ruleset.skeleton.iter().find_map(|o| match o {
+        NfListObject::Element(e) if e.name == "vnet_v4" => Some(serde_json::to_string(e).unwrap()),
+        _ => None,
+    });
+    assert!(vnet.unwrap().contains("198.18.0.0"));
+}
+
+#[test]
+fn a_rule_without_family_specific_matches_is_pinned_to_its_family() {
+    let mut target = target();
+    target.addresses.push("2001:db8::10".parse().unwrap());
+    let ruleset = render(
+        &policy(vec![rule("any-80", 300, Access::Allow, "*", "80")], &[]),
+        &target,
+        now(),
+    );
+    let rules: Vec<String> = chain(&ruleset)
+        .into_iter()
+        .filter(|r| r.contains("accept") && r.contains("80"))
+        .collect();
+    assert_eq!(rules.len(), 2, "{rules:#?}");
+    assert!(
+        rules[0].contains("ipv4") && rules[1].contains("ipv6"),
+        "{rules:#?}"
+    );
+    assert!(chain(&ruleset).iter().any(|r| r.contains("icmpv6")));
+}
+
+#[test]
+fn destinations_reduce_to_the_agents_addresses() {
+    let mut target = target();
+    target.addresses.push("198.18.0.11".parse().unwrap());
+    let mut only_one = rule("one", 300, Access::Allow, "*", "80");
+    only_one.destination_prefixes = vec!["198.18.0.11".parse().unwrap()];
+    let mut elsewhere = rule("elsewhere", 310, Access::Allow, "*", "81");
+    elsewhere.destination_prefixes = vec!["203.0.113.0/24".parse().unwrap()];
+    let rules = chain(&render(
+        &policy(vec![only_one, elsewhere], &[]),
+        &target,
+        now(),
+    ));
+    let one: Vec<&String> = rules.iter().filter(|r| r.contains("198.18.0.11")).collect();
+    assert!(
+        one.iter()
+            .any(|r| r.contains("\"daddr\"") && r.contains("accept"))
+    );
+    assert!(!rules.iter().any(|r| r.contains("81")), "{rules:#?}");
+}
+
+#[test]
+fn icmp_ignores_ports_and_any_protocol_covers_it() {
+    let mut any = rule("any-22", 300, Access::Deny, "*", "22");
+    any.protocol = Protocol::Any;
+    let rules = chain(&render(&policy(vec![any], &[]), &target(), now()));
+    let denies: Vec<&String> = rules
+        .iter()
+        .filter(|r| r.contains("drop") && r.contains("l4proto"))
+        .collect();
+    assert_eq!(denies.len(), 2, "{denies:#?}");
+    assert!(denies[0].contains("[6,17]") && denies[0].contains("dport"));
+    assert!(
+        denies[1].contains("\"right\":1,") && !denies[1].contains("dport"),
+        "{denies:#?}"
+    );
+}
+
+#[test]
+fn overlapping_lists_are_merged() {
+    assert_eq!(
+        merged_ports(&[
+            "1000-2000".parse().unwrap(),
+            "1500-1600".parse().unwrap(),
+            "2001".parse().unwrap(),
+            "22".parse().unwrap(),
+        ]),
+        Some(vec![(22, 22), (1000, 2001)])
+    );
+    assert_eq!(merged_ports(&[PortRange::single(22), PortRange::Any]), None);
+    let nets = merged_nets(
+        [
+            "198.18.0.0/24".parse().unwrap(),
+            "198.18.0.16/28".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ],
+        Family::V4,
+    );
+    assert_eq!(nets, vec!["198.18.0.0/24".parse::<IpNet>().unwrap()]);
+}
+
+#[test]
+fn nested_grants_become_disjoint_with_the_latest_expiry() {
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    // A longer grant for one address inside a shorter one for its /29.
+    let items = [
+        (net("198.18.0.16/29"), (22, 22), at(60)),
+        (net("198.18.0.20/32"), (22, 22), at(600)),
+    ];
+    let out = disjoint(&items, Family::V4);
+    let find = |ip: &str| {
+        out.iter()
+            .filter(|(n, _, _)| n.contains(&ip.parse::<IpAddr>().unwrap()))
+            .map(|(_, _, e)| *e)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(find("198.18.0.20"), vec![at(600)]);
+    assert_eq!(find("198.18.0.16"), vec![at(60)]);
+    assert_eq!(find("198.18.0.23"), vec![at(60)]);
+    assert!(find("198.18.0.24").is_empty());
+    for (i, a) in out.iter().enumerate() {
+        for b in &out[i + 1..] {
+            assert!(!a.0.contains(&b.0) && !b.0.contains(&a.0), "{out:?}");
+        }
+    }
+    // The inner grant expiring first is absorbed.
+    let absorbed = disjoint(
+        &[
+            (net("198.18.0.16/29"), (22, 22), at(600)),
+            (net("198.18.0.20/32"), (22, 22), at(60)),
+        ],
+        Family::V4,
+    );
+    assert_eq!(absorbed, vec![(net("198.18.0.16/29"), (22, 22), at(600))]);
+    // Overlapping port ranges are cut at their boundaries.
+    let ports = disjoint(
+        &[
+            (net("198.18.0.20/32"), (20, 30), at(60)),
+            (net("198.18.0.20/32"), (22, 22), at(600)),
+        ],
+        Family::V4,
+    );
+    let spans: Vec<((u16, u16), Timestamp)> = ports.iter().map(|(_, p, e)| (*p, *e)).collect();
+    assert_eq!(
+        spans,
+        vec![((20, 21), at(60)), ((22, 22), at(600)), ((23, 30), at(60))]
+    );
+}
+
+#[test]
+fn any_protocol_grants_cover_tcp_udp_and_icmp() {
+    let mut g = grant("g", 100, "198.18.0.20", "22");
+    g.protocol = Protocol::Any;
+    let ruleset = render(&policy(vec![g], &[("g", 60)]), &target(), now());
+    let protocols: Vec<(u8, (u16, u16))> = ruleset.grants["jit_allow_v4"]
+        .keys()
+        .map(|k| (k.protocol, k.ports))
+        .collect();
+    assert_eq!(
+        protocols,
+        vec![(1, (0, 65535)), (6, (22, 22)), (17, (22, 22))]
+    );
+}

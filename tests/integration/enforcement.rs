@@ -1,0 +1,1018 @@
+//! The agent with real traffic: a "vm" network namespace running a real OpenSSH server and
+//! the agent's nftables table, a "client" namespace with two source addresses, joined by a
+//! veth pair, all addressed from 198.18.0.0/15. The agent runs as the real binary in the
+//! host namespace (where the API server is) and applies its table inside the vm namespace
+//! (`--netns`). Verdicts are observed with real connects: accepted SYNs are answered
+//! (connected, or refused by a closed port), dropped ones time out.
+//!
+//! Needs root, network namespaces, nft and OpenSSH; where any is missing every test here
+//! prints a loud SKIPPED line and passes.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::api::Api;
+use portcullis::agent::apply::{Enforcer, Nft};
+use portcullis::agent::render::{self, Policy, Target};
+use portcullis::api::NetworkSecurityGroup;
+use portcullis::api::jit_request::Phase;
+use portcullis::rules::{
+    self, Access, AddressPrefix, Direction, Origin, Packet, PortRange, Protocol, Rule, Scope,
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpSocket;
+use tokio::process::{Child, Command};
+
+use crate::support::{Ctx, TestResult, eventually, succeeded};
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
+    crate::tests![
+        policy_closes_ssh_and_keeps_allowed_ports_open,
+        grant_admits_only_its_source_until_revoked,
+        established_session_survives_expiry,
+        grant_ends_on_time_with_the_agent_killed,
+        kernel_verdicts_equal_the_evaluation,
+        cleanup_removes_only_its_table,
+        agent_manifests_pass_server_dry_run,
+    ]
+}
+
+/// The protected machine.
+const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// Client source A (gets the grant) and B (does not).
+const A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+const B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
+/// How long a SYN may go unanswered before the verdict is "dropped". On a veth pair an
+/// accepted SYN is answered in microseconds; a timeout that looks like a drop where an
+/// accept was expected is re-checked with [`SLOW_CONNECT`] before it counts.
+const DROP_TIMEOUT: Duration = Duration::from_millis(300);
+const SLOW_CONNECT: Duration = Duration::from_secs(3);
+
+/// The NSG of the API-driven tests: the vm's /28 is the virtual network (so A and B are
+/// "Internet"), HTTP is open to the Internet, everything else falls to DenyAllInBound.
+const NSG: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: NetworkSecurityGroup
+metadata:
+  name: nsg
+spec:
+  virtualNetworkPrefixes: ["198.18.0.0/28"]
+  securityRules:
+  - name: allow-http
+    priority: 300
+    direction: Inbound
+    access: Allow
+    protocol: Tcp
+    sourceAddressPrefix: Internet
+    sourcePortRange: "*"
+    destinationAddressPrefix: "*"
+    destinationPortRange: "80"
+"#;
+
+/// SSH to the vm may be requested from the clients' /28 for up to an hour.
+const POLICY: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitPolicy
+metadata:
+  name: web
+spec:
+  virtualMachines:
+  - name: web-1
+    address: 198.18.0.10
+    networkSecurityGroupName: nsg
+    ports:
+    - number: 22
+      protocol: TCP
+      allowedSourceAddressPrefix: 198.18.0.16/28
+      maxRequestAccessDuration: PT1H
+"#;
+
+fn request(name: &str, source: Ipv4Addr, duration: &str) -> String {
+    format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitRequest
+metadata:
+  name: {name}
+spec:
+  policyName: web
+  justification: testing enforcement
+  requestor:
+    username: alice
+  virtualMachines:
+  - name: web-1
+    ports:
+    - number: 22
+      duration: {duration}
+      allowedSourceAddressPrefix: {source}
+"#
+    )
+}
+
+/// Why these tests cannot run here, if they cannot.
+fn unsupported() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    for tool in [
+        "/usr/sbin/nft",
+        "/usr/sbin/sshd",
+        "/usr/bin/ssh",
+        "/usr/bin/ssh-keygen",
+    ] {
+        if !Path::new(tool).exists() {
+            return Some(format!(
+                "{tool} is missing (apt-get install nftables openssh-server openssh-client)"
+            ));
+        }
+    }
+    let probe = format!("pcprobe{}", std::process::id());
+    let added = std::process::Command::new("ip")
+        .args(["netns", "add", &probe])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !added {
+        return Some("network namespaces are not permitted".into());
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &probe])
+        .status();
+    None
+}
+
+/// Prints the loud skip line; true when the test must stop here (and pass). The probe
+/// runs once per process (tests run in parallel and would race on it).
+fn skipped(test: &str) -> bool {
+    static UNSUPPORTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    match UNSUPPORTED.get_or_init(unsupported) {
+        None => false,
+        Some(why) => {
+            eprintln!("\n*** SKIPPED enforcement::{test}: {why} ***\n");
+            true
+        }
+    }
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs `ip ARGS`, failing with its standard error.
+fn ip(args: &[&str]) -> Result<(), Error> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into())
+    }
+}
+
+/// The two namespaces, the files of the SSH setup and the processes started in them, all
+/// removed on drop, whatever path the test took.
+struct Lab {
+    vm: String,
+    client: String,
+    dir: tempfile::TempDir,
+    sshd: Option<Child>,
+    agent: Option<Child>,
+}
+
+impl Lab {
+    /// Two namespaces joined by a veth pair: the vm has [`VM`], the client `sources`.
+    fn new(sources: &[Ipv4Addr]) -> Result<Self, Error> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let lab = Lab {
+            vm: format!("pcvm{id}"),
+            client: format!("pccl{id}"),
+            dir: tempfile::tempdir()?,
+            sshd: None,
+            agent: None,
+        };
+        ip(&["netns", "add", &lab.vm])?;
+        ip(&["netns", "add", &lab.client])?;
+        let (vm, client) = (lab.vm.as_str(), lab.client.as_str());
+        ip(&[
+            "-n", vm, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+            client,
+        ])?;
+        for ns in [vm, client] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        ip(&["-n", vm, "addr", "add", &format!("{VM}/32"), "dev", "eth0"])?;
+        ip(&["-n", vm, "route", "add", "198.18.0.0/15", "dev", "eth0"])?;
+        for source in sources {
+            ip(&[
+                "-n",
+                client,
+                "addr",
+                "add",
+                &format!("{source}/32"),
+                "dev",
+                "eth0",
+            ])?;
+        }
+        ip(&[
+            "-n",
+            client,
+            "route",
+            "add",
+            &format!("{VM}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        Ok(lab)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A real sshd on the vm's port 22, accepting the generated client key for root.
+    async fn start_sshd(&mut self) -> Result<(), Error> {
+        std::fs::create_dir_all("/run/sshd")?;
+        for key in ["host_key", "client_key"] {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(self.path(key))
+                .output()
+                .await?;
+            if !out.status.success() {
+                return Err(format!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr)).into());
+            }
+        }
+        std::fs::copy(self.path("client_key.pub"), self.path("authorized_keys"))?;
+        let config = format!(
+            "Port 22\nListenAddress {VM}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
+             StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nLogLevel ERROR\n",
+            self.path("host_key").display(),
+            self.path("authorized_keys").display(),
+        );
+        std::fs::write(self.path("sshd_config"), config)?;
+        let sshd = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.vm,
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+            ])
+            .arg(self.path("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(self.path("sshd.log"))?))
+            .kill_on_drop(true)
+            .spawn()?;
+        self.sshd = Some(sshd);
+        // Ready once port 22 answers (no firewall yet).
+        eventually("sshd to listen", || async {
+            matches!(self.connect(A, 22, DROP_TIMEOUT).await, Verdict::Connected).then_some(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The agent binary for `ctx`'s NSG `nsg`, its log in the lab directory.
+    fn start_agent(&mut self, ctx: &Ctx, name: &str) -> Result<(), Error> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("agent.log"))?;
+        let agent = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["agent", "--nsg", &format!("{}/nsg", ctx.ns)])
+            .args(["--address", &VM.to_string(), "--agent-name", name])
+            .args(["--netns", &self.vm])
+            .env("KUBECONFIG", ctx.plane.kubeconfig("admin"))
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    /// A TCP connect from `source` in the client namespace to the vm's `port`.
+    async fn connect(&self, source: Ipv4Addr, port: u16, timeout: Duration) -> Verdict {
+        match client_sockets(&self.client, &[IpAddr::V4(source)]) {
+            Ok(mut sockets) => {
+                let (socket, _) = sockets.remove(0);
+                connect(socket, port, timeout).await
+            }
+            Err(error) => Verdict::Error(error.to_string()),
+        }
+    }
+
+    /// Waits until connects from `source` to `port` get `wanted` (passes or drops).
+    async fn until(&self, source: Ipv4Addr, port: u16, passes: bool) -> Result<(), Error> {
+        let what = format!(
+            "{port} to be {} from {source}",
+            if passes { "reachable" } else { "dropped" }
+        );
+        eventually(&what, || async {
+            (self.connect(source, port, DROP_TIMEOUT).await.passed() == passes).then_some(())
+        })
+        .await
+        .map_err(|e| format!("{e}\nagent log:\n{}", self.agent_log()))?;
+        Ok(())
+    }
+
+    /// `ssh` from `source` to root@vm running `command`, key authentication only.
+    fn ssh(&self, source: Ipv4Addr, command: &str) -> Command {
+        let mut ssh = Command::new("ip");
+        ssh.args(["netns", "exec", &self.client, "ssh", "-i"])
+            .arg(self.path("client_key"))
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=2",
+                "-o",
+                "LogLevel=ERROR",
+                "-b",
+                &source.to_string(),
+                &format!("root@{VM}"),
+                command,
+            ])
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        ssh
+    }
+
+    /// Whether `ssh` from `source` logs in and runs a command.
+    async fn ssh_logs_in(&self, source: Ipv4Addr) -> Result<bool, Error> {
+        let out = self.ssh(source, "echo logged-in").output().await?;
+        Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("logged-in"))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in [self.agent.take(), self.sshd.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.start_kill();
+            if let Some(pid) = child.id() {
+                // Reap it now: a namespace is only gone once nothing runs in it.
+                // SAFETY: waitpid on our own child's pid, with a valid status pointer.
+                unsafe {
+                    let mut status = 0;
+                    libc::waitpid(pid as libc::pid_t, &mut status, 0);
+                }
+            }
+        }
+        for ns in [&self.vm, &self.client] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// What a connect attempt saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The handshake completed.
+    Connected,
+    /// A RST came back: the SYN passed the firewall, nothing listens.
+    Refused,
+    /// No answer in time: dropped.
+    TimedOut,
+    Error(String),
+}
+
+impl Verdict {
+    fn passed(&self) -> bool {
+        matches!(self, Verdict::Connected | Verdict::Refused)
+    }
+}
+
+/// Sockets created inside network namespace `netns` and bound to `sources` (with their
+/// ephemeral source ports). A socket belongs to the namespace it was created in, so only
+/// the creating thread has to enter it; the sockets are then used from anywhere.
+fn client_sockets(netns: &str, sources: &[IpAddr]) -> Result<Vec<(TcpSocket, u16)>, Error> {
+    let path = format!("/var/run/netns/{netns}");
+    let sources = sources.to_vec();
+    std::thread::spawn(move || -> Result<Vec<(TcpSocket, u16)>, Error> {
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: setns on a valid namespace fd; it changes only this (short-lived) thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        sources
+            .iter()
+            .map(|source| {
+                let socket = TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(*source, 0))?;
+                let port = socket.local_addr()?.port();
+                Ok((socket, port))
+            })
+            .collect()
+    })
+    .join()
+    .map_err(|_| "socket thread panicked")?
+}
+
+async fn connect(socket: TcpSocket, port: u16, timeout: Duration) -> Verdict {
+    match tokio::time::timeout(timeout, socket.connect(SocketAddr::from((VM, port)))).await {
+        Err(_) => Verdict::TimedOut,
+        Ok(Ok(_)) => Verdict::Connected,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Verdict::Refused,
+        Ok(Err(e)) => Verdict::Error(e.to_string()),
+    }
+}
+
+/// A listener on the vm's `port`, accepting and dropping connections until aborted.
+fn listen(lab: &Lab, port: u16) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let path = format!("/var/run/netns/{}", lab.vm);
+    let listener = std::thread::spawn(move || -> Result<std::net::TcpListener, Error> {
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: as in `client_sockets`.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let listener = std::net::TcpListener::bind(SocketAddr::from((VM, port)))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+    .join()
+    .map_err(|_| "listener thread panicked")??;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    Ok(tokio::spawn(async move {
+        while listener.accept().await.is_ok() {}
+    }))
+}
+
+/// Sets up the NSG and waits for the agent's report of it.
+async fn enforced(ctx: &Ctx, lab: &Lab, agent: &str) -> Result<(), Error> {
+    succeeded(&ctx.apply(NSG))?;
+    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    eventually(&format!("agent {agent} to report"), || async {
+        let nsg = nsgs.get_opt("nsg").await.ok().flatten()?;
+        nsg.status?
+            .enforcement
+            .iter()
+            .any(|r| r.agent == agent && r.error.is_none() && r.rules_hash != "none")
+            .then_some(())
+    })
+    .await
+    .map_err(|e| format!("{e}\nagent log:\n{}", lab.agent_log()))?;
+    Ok(())
+}
+
+async fn granted(ctx: &Ctx, name: &str) -> Result<(), Error> {
+    let requests: Api<portcullis::api::JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    eventually(&format!("jitr/{name} to be granted"), || async {
+        let request = requests.get_opt(name).await.ok().flatten()?;
+        (request.status?.phase? == Phase::Granted).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+async fn policy_closes_ssh_and_keeps_allowed_ports_open(ctx: Ctx) -> TestResult {
+    if skipped("policy_closes_ssh_and_keeps_allowed_ports_open") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_sshd().await?;
+    let _http = listen(&lab, 80)?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    for source in [A, B] {
+        lab.until(source, 22, false).await?;
+        if lab.ssh_logs_in(source).await? {
+            return Err(format!("ssh from {source} logged in through DenyAllInBound").into());
+        }
+        if lab.connect(source, 80, SLOW_CONNECT).await != Verdict::Connected {
+            return Err(format!("port 80 is not reachable from {source}").into());
+        }
+    }
+    // The operator rewrites the NSG status on a spec change; the agent's entry survives
+    // and follows the new generation.
+    succeeded(&ctx.apply(&NSG.replace("priority: 300", "priority: 310")))?;
+    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    eventually(
+        "the agent to report generation 2 beside the operator's status",
+        || async {
+            let status = nsgs.get_opt("nsg").await.ok().flatten()?.status?;
+            let mine = status.enforcement.iter().find(|r| r.agent == "vm-1")?;
+            (mine.observed_generation == Some(2)
+                && status.observed_generation == Some(2)
+                && mine.addresses == [VM.to_string()])
+            .then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+async fn grant_admits_only_its_source_until_revoked(ctx: Ctx) -> TestResult {
+    if skipped("grant_admits_only_its_source_until_revoked") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_sshd().await?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    succeeded(&ctx.apply(POLICY))?;
+    lab.until(A, 22, false).await?;
+    succeeded(&ctx.apply(&request("ssh-a", A, "PT10M")))?;
+    granted(&ctx, "ssh-a").await?;
+    lab.until(A, 22, true).await?;
+    if !lab.ssh_logs_in(A).await? {
+        return Err(format!("ssh from A did not log in:\n{}", lab.agent_log()).into());
+    }
+    if lab.ssh_logs_in(B).await? {
+        return Err("ssh from B logged in with A's grant".into());
+    }
+    if lab.connect(B, 22, DROP_TIMEOUT).await.passed() {
+        return Err("B's SYN to 22 passed".into());
+    }
+    succeeded(&ctx.kubectl(&["delete", "jitrequest", "ssh-a", "--wait=false"]))?;
+    lab.until(A, 22, false).await?;
+    if lab.ssh_logs_in(A).await? {
+        return Err("ssh from A logged in after the revoke".into());
+    }
+    if !lab.agent_log().contains("how=Grants") {
+        return Err(format!(
+            "grants were not applied as element updates:\n{}",
+            lab.agent_log()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+async fn established_session_survives_expiry(ctx: Ctx) -> TestResult {
+    if skipped("established_session_survives_expiry") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_sshd().await?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    succeeded(&ctx.apply(POLICY))?;
+    succeeded(&ctx.apply(&request("short", A, "PT12S")))?;
+    granted(&ctx, "short").await?;
+    lab.until(A, 22, true).await?;
+    let mut session = lab
+        .ssh(A, "while read line; do echo \"echo $line\"; done")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdin = session.stdin.take().ok_or("no ssh stdin")?;
+    let mut stdout = BufReader::new(session.stdout.take().ok_or("no ssh stdout")?).lines();
+    let mut round_trip = async |word: &str| -> Result<(), Error> {
+        stdin.write_all(format!("{word}\n").as_bytes()).await?;
+        let line = tokio::time::timeout(Duration::from_secs(20), stdout.next_line())
+            .await
+            .map_err(|_| format!("the session did not answer {word}"))??;
+        if line.as_deref() != Some(&format!("echo {word}")) {
+            return Err(format!("the session answered {line:?} to {word}").into());
+        }
+        Ok(())
+    };
+    round_trip("before").await?;
+    // Expiry: new connections from A are dropped again...
+    lab.until(A, 22, false).await?;
+    if lab.ssh_logs_in(A).await? {
+        return Err("a new ssh from A logged in after expiry".into());
+    }
+    // ...while the session opened before it still works.
+    round_trip("after").await?;
+    Ok(())
+}
+
+async fn grant_ends_on_time_with_the_agent_killed(ctx: Ctx) -> TestResult {
+    if skipped("grant_ends_on_time_with_the_agent_killed") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_sshd().await?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    succeeded(&ctx.apply(POLICY))?;
+    succeeded(&ctx.apply(&request("doomed", A, "PT10S")))?;
+    granted(&ctx, "doomed").await?;
+    lab.until(A, 22, true).await?;
+    let requests: Api<portcullis::api::JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let request = requests.get("doomed").await?;
+    let expires: Timestamp = request
+        .status
+        .as_ref()
+        .and_then(|s| s.grants.first())
+        .map(|g| g.end_time.0)
+        .ok_or("the granted request has no end time")?;
+    let mut agent = lab.agent.take().ok_or("no agent")?;
+    agent.kill().await?;
+    // Nothing but the kernel is left to close the port: the element's timeout, rounded up
+    // to the second, plus the apply delay.
+    lab.until(A, 22, false).await?;
+    let closed = Timestamp::now();
+    let late = closed.duration_since(expires);
+    if late.as_secs_f64() > 2.5 {
+        return Err(format!("the grant ended {late:#} after its expiry").into());
+    }
+    if late.as_secs_f64() < -0.5 {
+        return Err(format!("the grant ended {late:#} before its expiry").into());
+    }
+    Ok(())
+}
+
+async fn cleanup_removes_only_its_table(_ctx: Ctx) -> TestResult {
+    if skipped("cleanup_removes_only_its_table") {
+        return Ok(());
+    }
+    let lab = Lab::new(&[A])?;
+    let nft = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.vm, "nft"])
+            .args(args)
+            .output()
+    };
+    let mut enforcer = Enforcer::new(Nft::in_netns(&lab.vm)?);
+    let policy = Policy {
+        rules: rules::effective([]),
+        ..Policy::default()
+    };
+    let target = Target {
+        table: "portcullis".into(),
+        addresses: vec![IpAddr::V4(VM)],
+    };
+    enforcer
+        .apply(
+            render::render(&policy, &target, Timestamp::now()),
+            Timestamp::now(),
+        )
+        .await?;
+    if !nft(&["add", "table", "inet", "other"])?.status.success() {
+        return Err("cannot add the other table".into());
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["agent", "--cleanup", "--netns", &lab.vm])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("cleanup failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let tables = String::from_utf8(nft(&["list", "tables"])?.stdout)?;
+    if tables.contains("portcullis") || !tables.contains("table inet other") {
+        return Err(format!("after cleanup: {tables}").into());
+    }
+    // Idempotent: no table is fine too.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["agent", "--cleanup", "--netns", &lab.vm])
+        .status()?;
+    if !again.success() {
+        return Err("a second cleanup failed".into());
+    }
+    Ok(())
+}
+
+/// A small deterministic generator (SplitMix64): the seed printed reproduces a run.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// The client addresses of the differential test, spread over 198.18.0.0/15 so that
+/// prefixes and tags cut between them.
+const SOURCES: [Ipv4Addr; 12] = [
+    Ipv4Addr::new(198, 18, 0, 5),
+    Ipv4Addr::new(198, 18, 0, 20),
+    Ipv4Addr::new(198, 18, 0, 21),
+    Ipv4Addr::new(198, 18, 0, 77),
+    Ipv4Addr::new(198, 18, 1, 5),
+    Ipv4Addr::new(198, 18, 3, 9),
+    Ipv4Addr::new(198, 18, 128, 1),
+    Ipv4Addr::new(198, 19, 0, 10),
+    Ipv4Addr::new(198, 19, 0, 200),
+    Ipv4Addr::new(198, 19, 5, 5),
+    Ipv4Addr::new(198, 19, 200, 1),
+    Ipv4Addr::new(198, 19, 255, 254),
+];
+const PORTS: [u16; 12] = [
+    22, 80, 443, 1000, 1500, 2000, 2001, 3389, 5985, 8080, 9000, 60000,
+];
+
+fn random_nsg(random: &mut Random, now: Timestamp) -> Policy {
+    let prefix = |s: &str| s.parse::<AddressPrefix>().expect("valid prefix");
+    let vnets = [
+        "198.18.0.0/24",
+        "198.18.0.0/16",
+        "198.19.0.0/24",
+        "198.18.1.0/24",
+        "198.18.0.0/28",
+        "2001:db8::/48",
+    ];
+    let sources = [
+        "*",
+        "VirtualNetwork",
+        "Internet",
+        "AzureLoadBalancer",
+        "198.18.0.0/24",
+        "198.18.0.20",
+        "198.18.0.16/30",
+        "198.19.0.0/16",
+        "198.19.0.0/24",
+        "198.18.0.0/15",
+        "198.18.0.64/26",
+        "203.0.113.0/24",
+        "2001:db8::/32",
+    ];
+    let destinations = [
+        "*",
+        "198.18.0.10",
+        "VirtualNetwork",
+        "Internet",
+        "198.18.0.0/24",
+        "198.19.0.0/16",
+        "2001:db8::10",
+    ];
+    let destination_ports = [
+        "*",
+        "22",
+        "80",
+        "443",
+        "1000-2000",
+        "1500-1600",
+        "2000-2001",
+        "3389",
+        "8080",
+        "0-1023",
+        "5985-9000",
+        "60000",
+    ];
+    let source_ports = ["*", "*", "*", "*", "1024-65535", "0-1023", "32768-40000"];
+    let protocols = [
+        Protocol::Tcp,
+        Protocol::Tcp,
+        Protocol::Any,
+        Protocol::Any,
+        Protocol::Udp,
+        Protocol::Icmp,
+    ];
+    let scope = Scope {
+        virtual_network: (0..1 + random.below(2))
+            .map(|_| random.pick(&vnets).parse().expect("valid net"))
+            .collect(),
+        load_balancer: if random.chance(50) {
+            vec!["198.19.0.200/32".parse().expect("valid net")]
+        } else {
+            Vec::new()
+        },
+    };
+    let mut priorities: Vec<u32> = Vec::new();
+    let mut model = Vec::new();
+    let mut expiries = BTreeMap::new();
+    for index in 0..1 + random.below(14) {
+        let mut priority = 100 + random.below(400) as u32;
+        while priorities.contains(&priority) {
+            priority += 1;
+        }
+        priorities.push(priority);
+        let jit = random.chance(25);
+        let name = format!("r{index}");
+        let several = |random: &mut Random, pool: &[&str], max: usize| -> Vec<String> {
+            (0..1 + random.below(max))
+                .map(|_| (*random.pick(pool)).to_owned())
+                .collect()
+        };
+        let (access, protocol, source_prefixes, source_ports_of, origin) = if jit {
+            // A grant as the operator writes it: one source, one port, an expiry.
+            expiries.insert(name.clone(), now + jiff::SignedDuration::from_secs(3600));
+            (
+                Access::Allow,
+                *random.pick(&[Protocol::Tcp, Protocol::Any]),
+                vec![(*random.pick(&sources[4..])).to_owned()],
+                vec!["*".to_owned()],
+                Origin::SecurityRule { name: name.clone() },
+            )
+        } else {
+            (
+                *random.pick(&[Access::Allow, Access::Deny]),
+                *random.pick(&protocols),
+                several(random, &sources, 3),
+                several(random, &source_ports, 2),
+                Origin::Inline,
+            )
+        };
+        model.push(Rule {
+            name,
+            priority,
+            direction: Direction::Inbound,
+            access,
+            protocol,
+            source_prefixes: source_prefixes.iter().map(|s| prefix(s)).collect(),
+            source_ports: source_ports_of
+                .iter()
+                .map(|p| p.parse::<PortRange>().expect("valid ports"))
+                .collect(),
+            destination_prefixes: several(random, &destinations, 2)
+                .iter()
+                .map(|s| prefix(s))
+                .collect(),
+            destination_ports: several(random, &destination_ports, 3)
+                .iter()
+                .map(|p| p.parse::<PortRange>().expect("valid ports"))
+                .collect(),
+            origin,
+            jit,
+        });
+    }
+    Policy {
+        rules: rules::effective(model),
+        scope,
+        expiries,
+    }
+}
+
+async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
+    if skipped("kernel_verdicts_equal_the_evaluation") {
+        return Ok(());
+    }
+    let seed = std::env::var("PORTCULLIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Timestamp::now().as_nanosecond() as u64);
+    eprintln!(
+        "enforcement::kernel_verdicts_equal_the_evaluation: seed {seed} (PORTCULLIS_SEED={seed} reproduces it)"
+    );
+    let mut random = Random(seed);
+    let lab = Lab::new(&SOURCES)?;
+    let mut enforcer = Enforcer::new(Nft::in_netns(&lab.vm)?);
+    // The IPv6 address is only in the ruleset (no host has it): it makes every ruleset
+    // carry its IPv6 half too, which nft must accept.
+    let target = Target {
+        table: "portcullis".into(),
+        addresses: vec![IpAddr::V4(VM), "2001:db8::10".parse()?],
+    };
+    const NSGS: usize = 10;
+    const PACKETS: usize = 40;
+    let mut mismatches = Vec::new();
+    let mut checked = 0;
+    for round in 0..NSGS {
+        let now = Timestamp::now();
+        let policy = random_nsg(&mut random, now);
+        let ruleset = render::render(&policy, &target, now);
+        enforcer.apply(ruleset, now).await?;
+        let picks: Vec<(Ipv4Addr, u16)> = (0..PACKETS)
+            .map(|_| (*random.pick(&SOURCES), *random.pick(&PORTS)))
+            .collect();
+        let sources: Vec<IpAddr> = picks.iter().map(|(s, _)| IpAddr::V4(*s)).collect();
+        let sockets = client_sockets(&lab.client, &sources)?;
+        let attempts = sockets
+            .into_iter()
+            .zip(&picks)
+            .map(|((socket, sport), (source, port))| {
+                let packet = Packet {
+                    direction: Direction::Inbound,
+                    protocol: Protocol::Tcp,
+                    source: IpAddr::V4(*source),
+                    source_port: sport,
+                    destination: IpAddr::V4(VM),
+                    destination_port: *port,
+                };
+                async move {
+                    (
+                        packet,
+                        connect(socket, packet.destination_port, DROP_TIMEOUT).await,
+                    )
+                }
+            });
+        let results = futures::future::join_all(attempts).await;
+        for (packet, seen) in results {
+            checked += 1;
+            let want = rules::evaluate(&policy.rules, &packet, &policy.scope);
+            let mut passed = seen.passed();
+            if let Verdict::Error(error) = &seen {
+                return Err(format!("connect failed: {error}").into());
+            }
+            if !passed && want.access == Access::Allow {
+                // Maybe only slow (a loaded machine): ask again, patiently, from the same
+                // source (the source port differs, which the rules may care about).
+                let mut again = client_sockets(&lab.client, &[packet.source])?;
+                let (socket, sport) = again.remove(0);
+                let retry = Packet {
+                    source_port: sport,
+                    ..packet
+                };
+                if rules::evaluate(&policy.rules, &retry, &policy.scope).access == Access::Allow {
+                    passed = connect(socket, packet.destination_port, SLOW_CONNECT)
+                        .await
+                        .passed();
+                }
+            }
+            if passed != (want.access == Access::Allow) {
+                mismatches.push(format!(
+                    "round {round}: {}:{} -> {}:{} expected {:?} by {:?}, kernel {}",
+                    packet.source,
+                    packet.source_port,
+                    packet.destination,
+                    packet.destination_port,
+                    want.access,
+                    want.rule,
+                    if passed { "passed it" } else { "dropped it" },
+                ));
+            }
+        }
+        if !mismatches.is_empty() {
+            let table = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &lab.vm,
+                    "nft",
+                    "list",
+                    "table",
+                    "inet",
+                    "portcullis",
+                ])
+                .output()?;
+            return Err(format!(
+                "seed {seed}: {} mismatches:\n{}\nrules: {:#?}\nscope: {:?}\nkernel:\n{}",
+                mismatches.len(),
+                mismatches.join("\n"),
+                policy.rules,
+                policy.scope,
+                String::from_utf8_lossy(&table.stdout)
+            )
+            .into());
+        }
+    }
+    eprintln!(
+        "enforcement::kernel_verdicts_equal_the_evaluation: {checked} packets, 0 mismatches (seed {seed})"
+    );
+    Ok(())
+}
+
+/// `deploy/agent/` as a user applies it, into the test's namespace (the shared
+/// `portcullis-system` belongs to the operator's deploy test), checked by the API server.
+async fn agent_manifests_pass_server_dry_run(ctx: Ctx) -> TestResult {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/agent");
+    let rendered = succeeded(&ctx.kubectl(&["kustomize", &dir.display().to_string()]))?;
+    let manifests = rendered.replace(
+        "namespace: portcullis-system",
+        &format!("namespace: {}", ctx.ns),
+    );
+    let out = succeeded(&ctx.kubectl_as(
+        portcullis::testenv::ADMIN,
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&manifests),
+    ))?;
+    for expected in [
+        "serviceaccount/portcullis-agent",
+        "clusterrole.rbac.authorization.k8s.io/portcullis-agent",
+        "clusterrolebinding.rbac.authorization.k8s.io/portcullis-agent",
+        "daemonset.apps/portcullis-agent",
+    ] {
+        if !out.contains(expected) {
+            return Err(format!("dry run output lacks {expected}:\n{out}").into());
+        }
+    }
+    Ok(())
+}
