@@ -76,6 +76,45 @@ pub enum Error {
     },
 }
 
+/// Runs one controller until `shutdown`, with what every controller shares: reconciles
+/// wait until all caches are synced (a partial view would act on a missing policy or rule),
+/// and failures go through [`error_policy`].
+async fn drive<K, R, F>(
+    name: &'static str,
+    controller: kube::runtime::Controller<K>,
+    reconcile: R,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    R: Fn(Arc<K>, Arc<Context>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<kube::runtime::controller::Action, Error>> + Send + 'static,
+{
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |object, ctx| {
+                let gated = ctx.synced().then(|| reconcile(object, ctx));
+                async move {
+                    match gated {
+                        Some(reconciled) => reconciled.await,
+                        None => Ok(until_synced()),
+                    }
+                }
+            },
+            move |object, error, ctx| error_policy(name, object.as_ref(), error, &ctx),
+            ctx,
+        )
+        .for_each(|_| std::future::ready(()))
+        .await;
+}
+
 /// How long a failed reconcile waits before it is retried.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// How long a reconcile that runs before the caches are synced waits before it retries.
@@ -189,9 +228,27 @@ pub async fn run(
         }
     };
     let controllers = futures::future::join3(
-        nsg::run(nsg_controller, ctx.clone(), shutdown.clone()),
-        policy::run(policy_controller, ctx.clone(), shutdown.clone()),
-        request::run(request_controller, ctx.clone(), shutdown.clone()),
+        drive(
+            nsg::NAME,
+            nsg_controller,
+            nsg::reconcile,
+            ctx.clone(),
+            shutdown.clone(),
+        ),
+        drive(
+            policy::NAME,
+            policy_controller,
+            policy::reconcile,
+            ctx.clone(),
+            shutdown.clone(),
+        ),
+        drive(
+            request::NAME,
+            request_controller,
+            request::reconcile,
+            ctx.clone(),
+            shutdown.clone(),
+        ),
     );
     tokio::select! {
         _ = controllers => {}

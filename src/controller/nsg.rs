@@ -7,7 +7,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -15,7 +14,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use super::context::{Context, expired, is_managed, object_rule};
-use super::{Config, Error, error_policy, name_and_namespace};
+use super::{Config, Error, name_and_namespace};
 use crate::access::validate::{model_protocol, policy_ports};
 use crate::api::conditions::{self, Decided, reason};
 use crate::api::convert::{self, ConvertError};
@@ -23,7 +22,7 @@ use crate::api::nsg::Exposure;
 use crate::api::{JitPolicy, NetworkSecurityGroup, NetworkSecurityGroupStatus, SecurityRule};
 use crate::rules::{self, AddressPrefix, Direction, Origin, Packet, Protocol, Scope};
 
-const NAME: &str = "nsg";
+pub const NAME: &str = "nsg";
 /// Management ports Defender checks on every machine, besides those policies name.
 const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 /// Coalesces a burst of rule changes (many grants at once) into one status write; the
@@ -67,27 +66,7 @@ pub fn controller(client: &Client, config: &Config) -> Controller<NetworkSecurit
         )
 }
 
-/// Runs the controller until `shutdown`.
-pub async fn run(
-    controller: Controller<NetworkSecurityGroup>,
-    ctx: Arc<Context>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(
-            reconcile,
-            |nsg, error, ctx| error_policy(NAME, nsg.as_ref(), error, &ctx),
-            ctx,
-        )
-        .for_each(|_| std::future::ready(()))
-        .await;
-}
-
-async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if !ctx.synced() {
-        return Ok(super::until_synced());
-    }
+pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = ctx.now();
     let (name, namespace) = name_and_namespace(nsg.as_ref(), "NetworkSecurityGroup")?;
     let mut invalid: Vec<ConvertError> = Vec::new();

@@ -7,7 +7,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -15,7 +14,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 
 use super::context::{Context, is_managed};
-use super::{Config, Error, error_policy, name_and_namespace};
+use super::{Config, Error, name_and_namespace};
 use crate::access::materialize::{self, LABEL_ROLE, ROLE_DENY};
 use crate::access::validate::{model_protocol, policy_ports};
 use crate::api::conditions::{self, Decided, reason};
@@ -26,7 +25,7 @@ use crate::api::jit_policy::{
 use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{PortRange, place};
 
-const NAME: &str = "policy";
+pub const NAME: &str = "policy";
 /// How many requests a policy remembers, newest first (Azure keeps a bounded list too).
 pub const HISTORY_LIMIT: usize = 50;
 /// A safety net: look again this often even without a change.
@@ -112,27 +111,7 @@ fn policies_on(
         .collect()
 }
 
-/// Runs the controller until `shutdown`.
-pub async fn run(
-    controller: Controller<JitPolicy>,
-    ctx: Arc<Context>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(
-            reconcile,
-            |policy, error, ctx| error_policy(NAME, policy.as_ref(), error, &ctx),
-            ctx,
-        )
-        .for_each(|_| std::future::ready(()))
-        .await;
-}
-
-async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if !ctx.synced() {
-        return Ok(super::until_synced());
-    }
+pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = ctx.now();
     let (name, namespace) = name_and_namespace(policy.as_ref(), "JitPolicy")?;
     let owner = policy

@@ -10,7 +10,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
@@ -22,7 +21,7 @@ use kube::{Api, Client, Resource};
 
 use super::context::Context;
 use super::metrics::GrantResult;
-use super::{Config, Error, error_policy, name_and_namespace};
+use super::{Config, Error, name_and_namespace};
 use crate::access::materialize;
 use crate::access::validate::{PortGrant, Violation, validate};
 use crate::api::conditions::{self, Decided, reason};
@@ -31,7 +30,7 @@ use crate::api::jit_request::{GrantStatus, JitRequestStatus, Phase};
 use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{PortRange, Protocol, place};
 
-const NAME: &str = "request";
+pub const NAME: &str = "request";
 /// Revokes a granted request's rules before the request object disappears.
 pub const FINALIZER: &str = "jit.portcullis.dev/revoke";
 
@@ -61,8 +60,11 @@ pub fn controller(client: &Client, config: &Config) -> Controller<JitRequest> {
             wc.clone(),
             move |nsg| {
                 let namespace = nsg.metadata.namespace.clone().unwrap_or_default();
+                // Only requests still waiting care that an NSG appeared or changed; every
+                // grant rewrites its NSG's status, and granted requests must not be woken
+                // by each of those writes.
                 live(&for_nsgs.state(), &namespace, |r| {
-                    phase(r) != Some(Phase::Granted)
+                    matches!(phase(r), None | Some(Phase::Pending))
                 })
             },
         )
@@ -104,27 +106,7 @@ fn live(
         .collect()
 }
 
-/// Runs the controller until `shutdown`.
-pub async fn run(
-    controller: Controller<JitRequest>,
-    ctx: Arc<Context>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(
-            reconcile,
-            |request, error, ctx| error_policy(NAME, request.as_ref(), error, &ctx),
-            ctx,
-        )
-        .for_each(|_| std::future::ready(()))
-        .await;
-}
-
-async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if !ctx.synced() {
-        return Ok(super::until_synced());
-    }
+pub async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
     let (_, namespace) = name_and_namespace(request.as_ref(), "JitRequest")?;
     let api: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &namespace);
     let action = finalizer(&api, FINALIZER, request, |event| async {
