@@ -12,7 +12,7 @@ build: ## Build the portcullis binary
 	$(CARGO) build --locked
 
 test: control-plane ## Unit and integration tests against a real local control plane
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked --lib --bins --tests
 
 run: build control-plane ## Run the operator: on the configured cluster, else on a local control plane
 	$(BIN) dev
