@@ -138,11 +138,25 @@ fn error_policy<K>(
 where
     K: kube::Resource,
 {
-    if let Error::Finalizer(inner) = error
-        && let kube::runtime::finalizer::Error::CleanupFailed(Error::Waiting(why)) = inner.as_ref()
-    {
-        tracing::debug!(controller, why, "waiting");
-        return kube::runtime::controller::Action::requeue(WAIT_AFTER);
+    use kube::runtime::finalizer::Error as Finalizer;
+    if let Error::Finalizer(inner) = error {
+        match inner.as_ref() {
+            Finalizer::CleanupFailed(Error::Waiting(why)) => {
+                tracing::debug!(controller, why, "waiting");
+                return kube::runtime::controller::Action::requeue(WAIT_AFTER);
+            }
+            // The finalizer patch tests the object's current finalizers; a reconcile that
+            // ran on a cache one write behind fails that test. Not an error: the cache is
+            // about to catch up, so look again soon.
+            Finalizer::AddFinalizer(kube::Error::Api(status))
+            | Finalizer::RemoveFinalizer(kube::Error::Api(status))
+                if status.code == 422 || status.code == 409 =>
+            {
+                tracing::debug!(controller, %error, "stale cache; retrying");
+                return kube::runtime::controller::Action::requeue(WAIT_AFTER);
+            }
+            _ => {}
+        }
     }
     ctx.metrics.reconcile_error(controller);
     tracing::warn!(

@@ -1,0 +1,829 @@
+//! `make bench`: the enforcement agent in a real kernel. Prints a table and writes it as JSON
+//! to `target/bench/agent.json`.
+//!
+//! - render + apply (full replace) of NSGs of 10, 1,000 and 10,000 rules;
+//! - the apply of one grant (an element add) beside 10 and beside 10,000 active grants, and
+//!   the ratio of the two (it must stay flat);
+//! - revoke precision with the kernel alone (no agent): grants whose element timeouts run
+//!   out, `expiresAt` → first dropped connect;
+//! - end to end through a control plane, the operator (in-process) and the agent binary:
+//!   JitRequest created → first successful TCP connect, and `expiresAt` → first dropped
+//!   connect with the agent running.
+//!
+//! Needs root, network namespaces and `nft`; without them it prints a loud SKIP line and
+//! succeeds. Everything runs in two network namespaces of its own ("vm" and "client", one
+//! veth pair, addresses from 198.18.0.0/15 only), removed on every path.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use portcullis::agent::apply::{Applied, Enforcer, Nft};
+use portcullis::agent::render::{self, Policy, Ruleset, Target};
+use portcullis::api::jit_request::Phase;
+use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup};
+use portcullis::rules::{
+    self, Access, AddressPrefix, Direction, Origin, PortRange, Protocol, Rule, Scope,
+};
+use portcullis::testenv::{ADMIN, ControlPlane};
+use serde_json::json;
+use tokio::net::TcpSocket;
+use tokio::sync::oneshot;
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The protected machine's address in the "vm" namespace.
+const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// The port the grants open; a plain TCP listener answers on it.
+const PORT: u16 = 22;
+/// The table of the direct (agent-less) measurements.
+const TABLE: &str = "portcullis_bench";
+/// NSG sizes of the render + apply measurement, with how many times each is applied.
+const SIZES: [(usize, usize); 3] = [(10, 5), (1_000, 5), (10_000, 3)];
+/// Active grants beside which one more grant is applied.
+const ACTIVE: [usize; 2] = [10, 10_000];
+/// One-grant applies measured per size of the active set.
+const GRANT_APPLIES: usize = 30;
+/// Grants left to expire in the kernel, and the client addresses they open (198.18.2.x).
+const KERNEL_REVOKES: usize = 20;
+/// JitRequests of the end-to-end measurement, and their client addresses (198.18.1.x).
+const E2E_REQUESTS: usize = 30;
+/// The duration of the end-to-end requests: long enough to outlast the grant phase of the
+/// later ones being measured beside them, short enough to keep the bench brief.
+const E2E_DURATION: &str = "PT10S";
+/// How often a probe starts a connect attempt, and how long an attempt waits for the
+/// handshake before it counts as dropped (a veth answers an accepted SYN in microseconds).
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+const DROP_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long any single wait of the bench may last.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(serde::Serialize)]
+struct Row {
+    name: &'static str,
+    value: String,
+    target: String,
+    met: Option<bool>,
+}
+
+fn main() -> std::process::ExitCode {
+    if let Some(why) = unsupported() {
+        println!("\n*** SKIP agent benchmark: {why} ***\n");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("benchmark failed: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why the benchmark cannot run here, if it cannot.
+fn unsupported() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root (needs root, network namespaces and nft)".into());
+    }
+    if !std::path::Path::new("/usr/sbin/nft").exists() {
+        return Some("/usr/sbin/nft is missing (apt-get install nftables)".into());
+    }
+    let probe = format!("pcbprobe{}", std::process::id());
+    if ip(&["netns", "add", &probe]).is_err() {
+        return Some("network namespaces are not permitted".into());
+    }
+    let _ = ip(&["netns", "del", &probe]);
+    None
+}
+
+async fn run() -> BenchResult<()> {
+    let kernel_sources: Vec<Ipv4Addr> = (0..KERNEL_REVOKES)
+        .map(|i| Ipv4Addr::new(198, 18, 2, i as u8 + 1))
+        .collect();
+    let e2e_sources: Vec<Ipv4Addr> = (0..E2E_REQUESTS)
+        .map(|i| Ipv4Addr::new(198, 18, 1, i as u8 + 1))
+        .collect();
+    let mut lab = Lab::new(&[kernel_sources.as_slice(), &e2e_sources].concat())?;
+    let listener = lab.listen(PORT)?;
+    let mut rows = Vec::new();
+
+    let mut enforcer = Enforcer::new(Nft::in_netns(&lab.vm)?);
+    for (size, repeats) in SIZES {
+        rows.push(render_and_apply(&lab, size, repeats).await?);
+    }
+    let mut p50s = Vec::new();
+    for active in ACTIVE {
+        let samples = grant_applies(&mut enforcer, active).await?;
+        p50s.push(percentile(&samples, 0.5));
+        rows.push(percentiles(
+            if active == ACTIVE[0] {
+                "one grant apply, 10 active grants"
+            } else {
+                "one grant apply, 10,000 active grants"
+            },
+            &samples,
+            None,
+        ));
+    }
+    let ratio = p50s[1] / p50s[0];
+    rows.push(Row {
+        name: "grant apply ratio (10,000 / 10 active, p50)",
+        value: format!("{ratio:.2}"),
+        target: "≤ 1.5".into(),
+        met: Some(ratio <= 1.5),
+    });
+
+    let lateness = kernel_revokes(&mut enforcer, &lab, &kernel_sources).await?;
+    rows.push(Row {
+        met: Some(percentile(&lateness, 0.99) <= 1.0),
+        ..percentiles(
+            "revoke precision, kernel timeout alone",
+            &lateness,
+            Some("p99 ≤ 1 s".into()),
+        )
+    });
+    enforcer.cleanup(TABLE).await?;
+
+    let (grants, revokes) = end_to_end(&mut lab, &e2e_sources).await?;
+    rows.push(percentiles(
+        "JitRequest created → first TCP connect",
+        &grants,
+        None,
+    ));
+    rows.push(Row {
+        met: Some(percentile(&revokes, 0.99) <= 1.0),
+        ..percentiles(
+            "revoke precision, agent running",
+            &revokes,
+            Some("p99 ≤ 1 s".into()),
+        )
+    });
+    listener.abort();
+    drop(lab);
+
+    print_table(&rows);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("agent.json"), serde_json::to_string_pretty(&rows)?)?;
+    println!("\nwritten to {}", dir.join("agent.json").display());
+    Ok(())
+}
+
+/// Runs `ip ARGS`, failing with its standard error.
+fn ip(args: &[&str]) -> BenchResult<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into())
+    }
+}
+
+/// Network namespaces this benchmark added, deleted on drop whatever path it took.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn add(&mut self, name: String) -> BenchResult<()> {
+        ip(&["netns", "add", &name])?;
+        self.0.push(name);
+        Ok(())
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The "vm" and "client" namespaces, the agent started for them and its log directory.
+/// Dropping it ends the agent, then removes the namespaces.
+struct Lab {
+    vm: String,
+    dir: tempfile::TempDir,
+    agent: Option<Child>,
+    probe: Probe,
+    /// Held for its `Drop`, which runs after `Lab`'s own (the agent is gone by then).
+    _namespaces: Namespaces,
+}
+
+impl Lab {
+    /// "vm" (address [`VM`]) and "client" (addresses `sources`) joined by a veth pair.
+    fn new(sources: &[Ipv4Addr]) -> BenchResult<Self> {
+        let id = std::process::id();
+        let (vm, client) = (format!("pcbvm{id}"), format!("pcbcl{id}"));
+        let mut namespaces = Namespaces(Vec::new());
+        namespaces.add(vm.clone())?;
+        namespaces.add(client.clone())?;
+        let (vm_ns, client_ns) = (vm.as_str(), client.as_str());
+        ip(&[
+            "-n", vm_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+            client_ns,
+        ])?;
+        for ns in [vm_ns, client_ns] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        ip(&[
+            "-n",
+            vm_ns,
+            "addr",
+            "add",
+            &format!("{VM}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", vm_ns, "route", "add", "198.18.0.0/15", "dev", "eth0"])?;
+        for source in sources {
+            let address = format!("{source}/32");
+            ip(&["-n", client_ns, "addr", "add", &address, "dev", "eth0"])?;
+        }
+        let route = format!("{VM}/32");
+        ip(&["-n", client_ns, "route", "add", &route, "dev", "eth0"])?;
+        Ok(Lab {
+            probe: Probe::new(&client)?,
+            vm,
+            dir: tempfile::tempdir()?,
+            agent: None,
+            _namespaces: namespaces,
+        })
+    }
+
+    /// A listener on the vm's `port`, accepting and dropping connections until aborted.
+    fn listen(&self, port: u16) -> BenchResult<tokio::task::JoinHandle<()>> {
+        let listener = in_netns(&self.vm, move || {
+            let listener = std::net::TcpListener::bind(SocketAddr::from((VM, port)))?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        Ok(tokio::spawn(async move {
+            while listener.accept().await.is_ok() {}
+        }))
+    }
+
+    /// Ends the agent, if one runs, and waits for it.
+    fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Reaped before the namespaces go (`_namespaces` drops after this).
+        self.stop_agent();
+    }
+}
+
+/// Runs `make` on a short-lived thread that entered network namespace `netns`: sockets
+/// belong to the namespace they were created in, wherever they are used afterwards.
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    make: impl FnOnce() -> BenchResult<T> + Send + 'static,
+) -> BenchResult<T> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        enter(&path)?;
+        make()
+    })
+    .join()
+    .map_err(|_| "namespace thread panicked")?
+}
+
+/// Moves the calling thread into the network namespace at `path` (and only that thread).
+fn enter(path: &str) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: setns on a valid namespace fd; it changes only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+type SocketRequest = (Ipv4Addr, oneshot::Sender<std::io::Result<TcpSocket>>);
+
+/// Connect attempts from the client namespace to the vm's [`PORT`]. Sockets come from a
+/// thread that stays in the client namespace (no thread per attempt); the thread ends when
+/// the last clone of the probe is dropped.
+#[derive(Clone)]
+struct Probe(mpsc::Sender<SocketRequest>);
+
+impl Probe {
+    fn new(netns: &str) -> BenchResult<Self> {
+        let (sender, requests) = mpsc::channel::<SocketRequest>();
+        let path = format!("/var/run/netns/{netns}");
+        let (ready, entered) = mpsc::channel();
+        std::thread::spawn(move || {
+            let entered = enter(&path);
+            let failed = entered.is_err();
+            let _ = ready.send(entered);
+            if failed {
+                return;
+            }
+            while let Ok((source, reply)) = requests.recv() {
+                let socket = TcpSocket::new_v4().and_then(|socket| {
+                    socket.bind(SocketAddr::from((source, 0)))?;
+                    Ok(socket)
+                });
+                let _ = reply.send(socket);
+            }
+        });
+        entered.recv()??;
+        Ok(Self(sender))
+    }
+
+    /// One connect attempt from `source`: true if the SYN passed the firewall.
+    async fn passes(&self, source: Ipv4Addr) -> BenchResult<bool> {
+        let (reply, socket) = oneshot::channel();
+        self.0
+            .send((source, reply))
+            .map_err(|_| "the socket thread is gone")?;
+        let socket = socket.await??;
+        match tokio::time::timeout(DROP_TIMEOUT, socket.connect(SocketAddr::from((VM, PORT)))).await
+        {
+            Err(_) => Ok(false),
+            Ok(Ok(_)) => Ok(true),
+            // A RST: the SYN passed the firewall.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(true),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+
+    /// Waits for the first attempt from `source` that passes, starting one every
+    /// [`PROBE_EVERY`] without waiting for earlier ones; returns when it completed.
+    async fn first_pass(&self, source: Ipv4Addr) -> BenchResult<Instant> {
+        let deadline = Instant::now() + DEADLINE;
+        let mut attempts = futures::stream::FuturesUnordered::new();
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => attempts.push(self.passes(source)),
+                Some(passed) = attempts.next() => {
+                    if passed? {
+                        return Ok(Instant::now());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no connect from {source} passed within {DEADLINE:?}").into());
+            }
+        }
+    }
+
+    /// Probes from `source` until an attempt is dropped; returns when that attempt started
+    /// (the state of the firewall at that moment refused its SYN).
+    async fn first_drop(&self, source: Ipv4Addr) -> BenchResult<Timestamp> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let started = Timestamp::now();
+            if !self.passes(source).await? {
+                return Ok(started);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("connects from {source} still pass after {DEADLINE:?}").into());
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+}
+
+/// A small deterministic generator (SplitMix64): every run benchmarks the same NSGs.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn target() -> Target {
+    Target {
+        table: TABLE.into(),
+        addresses: vec![IpAddr::V4(VM)],
+    }
+}
+
+/// The vm's /28 is the virtual network: the clients are "Internet".
+fn scope() -> Scope {
+    Scope {
+        virtual_network: vec!["198.18.0.0/28".parse().expect("valid net")],
+        load_balancer: Vec::new(),
+    }
+}
+
+/// `count` random-ish inbound rules at distinct priorities (from 100 up: past 4,096, Azure's
+/// bound for one NSG, when there are that many), sources inside 198.18.0.0/15.
+fn random_rules(count: usize) -> Vec<Rule> {
+    let mut random = Random(count as u64);
+    (0..count)
+        .map(|i| {
+            let source = match random.below(4) {
+                0 => AddressPrefix::VirtualNetwork,
+                1 => AddressPrefix::Internet,
+                _ => format!(
+                    "198.{}.{}.0/{}",
+                    18 + random.below(2),
+                    random.below(256),
+                    24 + random.below(9)
+                )
+                .parse()
+                .expect("valid prefix"),
+            };
+            let start = 1 + random.below(60_000) as u16;
+            let ports = if random.below(2) == 0 {
+                PortRange::single(start)
+            } else {
+                format!("{start}-{}", start + random.below(1_000) as u16)
+                    .parse()
+                    .expect("valid ports")
+            };
+            Rule {
+                name: format!("rule-{i}"),
+                priority: 100 + i as u32,
+                direction: Direction::Inbound,
+                access: if random.below(2) == 0 {
+                    Access::Allow
+                } else {
+                    Access::Deny
+                },
+                protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][random.below(3) as usize],
+                source_prefixes: vec![source],
+                source_ports: vec![PortRange::Any],
+                destination_prefixes: vec![if random.below(2) == 0 {
+                    AddressPrefix::Any
+                } else {
+                    AddressPrefix::Net(IpAddr::V4(VM).into())
+                }],
+                destination_ports: vec![ports],
+                origin: Origin::Inline,
+                jit: false,
+            }
+        })
+        .collect()
+}
+
+/// Renders and applies (a full replace, as a fresh agent does) an NSG of `size` rules
+/// `repeats` times; the row gives the medians.
+async fn render_and_apply(lab: &Lab, size: usize, repeats: usize) -> BenchResult<Row> {
+    let policy = Policy {
+        rules: rules::effective(random_rules(size)),
+        scope: scope(),
+        ..Policy::default()
+    };
+    let (mut renders, mut applies) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let now = Timestamp::now();
+        let started = Instant::now();
+        let ruleset = render::render(&policy, &target(), now);
+        renders.push(started.elapsed().as_secs_f64());
+        let mut enforcer = Enforcer::new(Nft::in_netns(&lab.vm)?);
+        let (how, took) = enforcer.timed_apply(ruleset, now).await?;
+        if how != Applied::Full {
+            return Err(format!("a fresh enforcer applied {how:?}, not a full replace").into());
+        }
+        applies.push(took.as_secs_f64());
+    }
+    Ok(Row {
+        name: match size {
+            10 => "render + apply, 10 rules",
+            1_000 => "render + apply, 1,000 rules",
+            _ => "render + apply, 10,000 rules",
+        },
+        value: format!(
+            "render {:.2} ms + apply {:.1} ms (median of {repeats})",
+            percentile(&renders, 0.5) * 1e3,
+            percentile(&applies, 0.5) * 1e3
+        ),
+        target: "-".into(),
+        met: None,
+    })
+}
+
+/// A grant as the operator writes it: a `SecurityRule` allowing one source on [`PORT`].
+fn grant(index: usize) -> Rule {
+    Rule {
+        name: format!("grant-{index}"),
+        priority: 100 + index as u32,
+        direction: Direction::Inbound,
+        access: Access::Allow,
+        protocol: Protocol::Tcp,
+        source_prefixes: vec![AddressPrefix::Net(
+            IpAddr::V4(Ipv4Addr::new(
+                198,
+                19,
+                (index / 250) as u8,
+                (index % 250) as u8 + 1,
+            ))
+            .into(),
+        )],
+        source_ports: vec![PortRange::Any],
+        destination_prefixes: vec![AddressPrefix::Net(IpAddr::V4(VM).into())],
+        destination_ports: vec![PortRange::single(PORT)],
+        origin: Origin::SecurityRule {
+            name: format!("grant-{index}"),
+        },
+        jit: true,
+    }
+}
+
+/// The ruleset of `grants` (each expiring at its own instant) above a few user rules.
+fn granted(grants: &[(Rule, Timestamp)], now: Timestamp) -> Ruleset {
+    let mut model: Vec<Rule> = grants.iter().map(|(rule, _)| rule.clone()).collect();
+    model.extend(random_rules(10).into_iter().map(|mut rule| {
+        rule.priority += 20_000;
+        rule
+    }));
+    let policy = Policy {
+        rules: rules::effective(model),
+        scope: scope(),
+        expiries: grants
+            .iter()
+            .map(|(rule, expires)| (rule.name.clone(), *expires))
+            .collect(),
+    };
+    render::render(&policy, &target(), now)
+}
+
+/// Applies `active` grants, then one more grant at a time; returns how long each of those
+/// one-grant applies took (the render is not included: it is the caller's work).
+async fn grant_applies(enforcer: &mut Enforcer, active: usize) -> BenchResult<Vec<f64>> {
+    let now = Timestamp::now();
+    let expires = now + SignedDuration::from_hours(1);
+    let mut grants: Vec<(Rule, Timestamp)> = (0..active).map(|i| (grant(i), expires)).collect();
+    enforcer.invalidate();
+    enforcer.apply(granted(&grants, now), now).await?;
+    let mut samples = Vec::new();
+    for extra in 0..GRANT_APPLIES {
+        grants.push((grant(active + extra), expires));
+        let now = Timestamp::now();
+        let ruleset = granted(&grants, now);
+        let (how, took) = enforcer.timed_apply(ruleset, now).await?;
+        if how != Applied::Grants {
+            return Err(
+                format!("one more grant was applied as {how:?}, not an element add").into(),
+            );
+        }
+        samples.push(took.as_secs_f64());
+    }
+    Ok(samples)
+}
+
+/// Grants for `sources` whose `expiresAt` are a few seconds away and staggered over one
+/// second (so that the round-up of element timeouts to whole seconds is sampled evenly), then
+/// nothing but the kernel: how late after `expiresAt` is each source's first dropped connect?
+async fn kernel_revokes(
+    enforcer: &mut Enforcer,
+    lab: &Lab,
+    sources: &[Ipv4Addr],
+) -> BenchResult<Vec<f64>> {
+    let now = Timestamp::now();
+    let step = 1_000 / sources.len() as i64;
+    let grants: Vec<(Rule, Timestamp)> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, source)| {
+            let mut rule = grant(i);
+            rule.source_prefixes = vec![AddressPrefix::Net(IpAddr::V4(*source).into())];
+            let expires = now + SignedDuration::from_millis(3_000 + step * i as i64);
+            (rule, expires)
+        })
+        .collect();
+    enforcer.invalidate();
+    enforcer.apply(granted(&grants, now), now).await?;
+    let probes = grants.iter().zip(sources).map(|((_, expires), source)| {
+        let expires = *expires;
+        async move {
+            // Open now, dropped after the expiry.
+            lab.probe.first_pass(*source).await?;
+            let dropped = lab.probe.first_drop(*source).await?;
+            BenchResult::Ok(lateness(dropped, expires))
+        }
+    });
+    futures::future::try_join_all(probes).await
+}
+
+/// Seconds from `expires` to `closed`, never negative (closing early would be a bug the
+/// integration tests catch, not a precision figure).
+fn lateness(closed: Timestamp, expires: Timestamp) -> f64 {
+    closed.duration_since(expires).as_secs_f64().max(0.0)
+}
+
+/// The whole path: a control plane, the operator in-process and the agent binary enforcing
+/// into the vm namespace. Requests are created one after the other, each by its own source;
+/// returns the created → first connect latencies and the `expiresAt` → first dropped connect
+/// lateness of every request.
+async fn end_to_end(lab: &mut Lab, sources: &[Ipv4Addr]) -> BenchResult<(Vec<f64>, Vec<f64>)> {
+    let plane = ControlPlane::start().await?;
+    let client = plane.client(ADMIN).await?;
+    portcullis::testenv::crds::install(&client).await?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = portcullis::controller::Config {
+        http_addr: std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
+        ..Default::default()
+    };
+    let operator = tokio::spawn(portcullis::controller::run(client.clone(), config, async {
+        let _ = stopped.await;
+    }));
+    let result = measure_end_to_end(lab, &plane, &client, sources).await;
+    let _ = stop.send(());
+    let _ = operator.await;
+    lab.stop_agent();
+    let _ =
+        portcullis::agent::cleanup(Nft::in_netns(&lab.vm)?, portcullis::agent::DEFAULT_TABLE).await;
+    drop(plane);
+    result.map_err(|e| format!("{e}\nagent log:\n{}", lab.agent_log()).into())
+}
+
+async fn measure_end_to_end(
+    lab: &mut Lab,
+    plane: &ControlPlane,
+    client: &Client,
+    sources: &[Ipv4Addr],
+) -> BenchResult<(Vec<f64>, Vec<f64>)> {
+    let ns = "bench-agent";
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), ns);
+    nsgs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "nsg"},
+            "spec": {"virtualNetworkPrefixes": ["198.18.0.0/28"]}
+        }))?,
+    )
+    .await?;
+    Api::<JitPolicy>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "web"},
+                "spec": {"virtualMachines": [{
+                    "name": "vm-0",
+                    "address": VM.to_string(),
+                    "networkSecurityGroupName": "nsg",
+                    "ports": [{
+                        "number": PORT,
+                        "protocol": "TCP",
+                        "allowedSourceAddressPrefix": "198.18.1.0/24",
+                        "maxRequestAccessDuration": "PT1H"
+                    }]
+                }]}
+            }))?,
+        )
+        .await?;
+
+    let log = std::fs::File::create(lab.dir.path().join("agent.log"))?;
+    lab.agent = Some(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["agent", "--nsg", &format!("{ns}/nsg")])
+            .args(["--address", &VM.to_string(), "--agent-name", "bench"])
+            .args(["--netns", &lab.vm])
+            .env("KUBECONFIG", plane.kubeconfig(ADMIN.name))
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()?,
+    );
+    // Enforcing once it reported, and the port closed.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reported = nsgs.get("nsg").await?.status.is_some_and(|s| {
+            s.enforcement
+                .iter()
+                .any(|r| r.agent == "bench" && r.error.is_none() && r.rules_hash != "none")
+        });
+        if reported && !lab.probe.passes(sources[0]).await? {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the agent did not enforce the NSG".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let requests: Api<JitRequest> = Api::namespaced(client.clone(), ns);
+    let mut latencies = Vec::new();
+    let mut revokes = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        let request: JitRequest = serde_json::from_value(json!({
+            "metadata": {"name": format!("e2e-{i}")},
+            "spec": {
+                "policyName": "web",
+                "requestor": {"username": format!("user-{i}")},
+                "virtualMachines": [{"name": "vm-0", "ports": [{
+                    "number": PORT,
+                    "duration": E2E_DURATION,
+                    "allowedSourceAddressPrefix": source.to_string()
+                }]}]
+            }
+        }))?;
+        let started = Instant::now();
+        requests.create(&PostParams::default(), &request).await?;
+        let open = lab.probe.first_pass(*source).await?;
+        latencies.push(open.duration_since(started).as_secs_f64());
+        // The expiry the operator recorded, then watched in the background.
+        let name = format!("e2e-{i}");
+        let expires = loop {
+            let status = requests.get(&name).await?.status;
+            let granted = status
+                .as_ref()
+                .filter(|s| s.phase == Some(Phase::Granted))
+                .and_then(|s| s.grants.first())
+                .map(|g| g.end_time.0);
+            if let Some(expires) = granted {
+                break expires;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Watched from now on, beside the next requests' grants.
+        let (probe, source) = (lab.probe.clone(), *source);
+        revokes.push(tokio::spawn(async move {
+            let dropped = probe.first_drop(source).await?;
+            BenchResult::Ok(lateness(dropped, expires))
+        }));
+    }
+    let mut lateness = Vec::new();
+    for revoke in revokes {
+        lateness.push(revoke.await??);
+    }
+    Ok((latencies, lateness))
+}
+
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn percentiles(name: &'static str, samples: &[f64], target: Option<String>) -> Row {
+    Row {
+        name,
+        value: format!(
+            "p50 {:.1} ms, p99 {:.1} ms (n={})",
+            percentile(samples, 0.5) * 1e3,
+            percentile(samples, 0.99) * 1e3,
+            samples.len()
+        ),
+        target: target.unwrap_or_else(|| "-".into()),
+        met: None,
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    println!(
+        "\n{:width$}  {:52}  {:34}  met",
+        "benchmark", "result", "target"
+    );
+    for row in rows {
+        let met = match row.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        println!(
+            "{:width$}  {:52}  {:34}  {met}",
+            row.name, row.value, row.target
+        );
+    }
+}
