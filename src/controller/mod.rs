@@ -76,6 +76,32 @@ pub enum Error {
     },
 }
 
+/// A controller whose cache keeps objects without `managedFields`: server-side apply makes
+/// them the bulk of every object the operator writes, no reconciler reads them, and with
+/// thousands of grants they would dominate the operator's memory.
+fn lean_controller<K>(api: Api<K>) -> kube::runtime::Controller<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let objects = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip_managed_fields)
+        .reflect(writer)
+        .applied_objects();
+    kube::runtime::Controller::for_stream(objects, reader)
+}
+
+fn strip_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// Runs one controller until `shutdown`, with what every controller shares: reconciles
 /// wait until all caches are synced (a partial view would act on a missing policy or rule),
 /// and failures go through [`error_policy`].
@@ -209,7 +235,9 @@ pub async fn run(
     let (rules, rules_writer) = reflector::store();
     let rules_reflector = reflector(
         rules_writer,
-        watcher(Api::all(client.clone()), watcher::Config::default()).default_backoff(),
+        watcher(Api::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(strip_managed_fields),
     )
     .for_each(|_| std::future::ready(()));
 

@@ -41,7 +41,7 @@ const INTERNET_PROBES: [Ipv4Addr; 3] = [
 /// Builds the controller: NSGs, re-triggered by the rules and policies that name them.
 pub fn controller(client: &Client, config: &Config) -> Controller<NetworkSecurityGroup> {
     let wc = watcher::Config::default();
-    Controller::new(Api::<NetworkSecurityGroup>::all(client.clone()), wc.clone())
+    super::lean_controller(Api::<NetworkSecurityGroup>::all(client.clone()))
         .watches(
             Api::<SecurityRule>::all(client.clone()),
             wc.clone(),

@@ -37,7 +37,7 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 /// and their requests (for the history).
 pub fn controller(client: &Client, config: &Config) -> Controller<JitPolicy> {
     let wc = watcher::Config::default();
-    let controller = Controller::new(Api::<JitPolicy>::all(client.clone()), wc.clone());
+    let controller = super::lean_controller(Api::<JitPolicy>::all(client.clone()));
     let by_nsg = controller.store();
     let by_rule = controller.store();
     controller

@@ -38,7 +38,7 @@ pub const FINALIZER: &str = "jit.portcullis.dev/revoke";
 /// newer requests of the same requestor (which may supersede them).
 pub fn controller(client: &Client, config: &Config) -> Controller<JitRequest> {
     let wc = watcher::Config::default();
-    let controller = Controller::new(Api::<JitRequest>::all(client.clone()), wc.clone());
+    let controller = super::lean_controller(Api::<JitRequest>::all(client.clone()));
     let for_policies = controller.store();
     let for_nsgs = controller.store();
     let for_peers = controller.store();
