@@ -14,6 +14,10 @@
 //! succeeds. Everything runs in two network namespaces of its own ("vm" and "client", one
 //! veth pair, addresses from 198.18.0.0/15 only), removed on every path.
 
+mod report;
+
+use report::{BenchResult, Row, percentile, percentiles, print_table};
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
@@ -36,8 +40,6 @@ use portcullis::testenv::{ADMIN, ControlPlane};
 use serde_json::json;
 use tokio::net::TcpSocket;
 use tokio::sync::oneshot;
-
-type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The protected machine's address in the "vm" namespace.
 const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -64,14 +66,6 @@ const PROBE_EVERY: Duration = Duration::from_millis(10);
 const DROP_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long any single wait of the bench may last.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-#[derive(serde::Serialize)]
-struct Row {
-    name: &'static str,
-    value: String,
-    target: String,
-    met: Option<bool>,
-}
 
 fn main() -> std::process::ExitCode {
     if let Some(why) = unsupported() {
@@ -787,43 +781,4 @@ async fn measure_end_to_end(
         lateness.push(revoke.await??);
     }
     Ok((latencies, lateness))
-}
-
-fn percentile(samples: &[f64], q: f64) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-}
-
-fn percentiles(name: &'static str, samples: &[f64], target: Option<String>) -> Row {
-    Row {
-        name,
-        value: format!(
-            "p50 {:.1} ms, p99 {:.1} ms (n={})",
-            percentile(samples, 0.5) * 1e3,
-            percentile(samples, 0.99) * 1e3,
-            samples.len()
-        ),
-        target: target.unwrap_or_else(|| "-".into()),
-        met: None,
-    }
-}
-
-fn print_table(rows: &[Row]) {
-    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
-    println!(
-        "\n{:width$}  {:52}  {:34}  met",
-        "benchmark", "result", "target"
-    );
-    for row in rows {
-        let met = match row.met {
-            Some(true) => "yes",
-            Some(false) => "NO",
-            None => "",
-        };
-        println!(
-            "{:width$}  {:52}  {:34}  {met}",
-            row.name, row.value, row.target
-        );
-    }
 }

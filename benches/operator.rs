@@ -9,6 +9,10 @@
 //! - API writes per grant, from the apiserver's own request counters;
 //! - the operator's peak RSS with 10,000 active grants.
 
+mod report;
+
+use report::{BenchResult, Row, percentile, percentiles, print_table};
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -24,8 +28,6 @@ use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule}
 use portcullis::testenv::{ADMIN, ControlPlane};
 use serde_json::json;
 
-type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
 const GRANTS: usize = 200;
 const REVOKES: usize = 100;
 const BURST: usize = 1_000;
@@ -35,14 +37,6 @@ const RSS_GRANTS: usize = 10_000;
 const RSS_POLICIES: usize = 200;
 /// Requests in flight at once when creating many.
 const PARALLEL: usize = 32;
-
-#[derive(serde::Serialize)]
-struct Row {
-    name: &'static str,
-    value: String,
-    target: String,
-    met: Option<bool>,
-}
 
 fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -511,43 +505,4 @@ async fn api_writes(client: &Client) -> BenchResult<f64> {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
-}
-
-fn percentile(samples: &[f64], q: f64) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-}
-
-fn percentiles(name: &'static str, samples: &[f64], target: Option<String>) -> Row {
-    Row {
-        name,
-        value: format!(
-            "p50 {:.1} ms, p99 {:.1} ms (n={})",
-            percentile(samples, 0.5) * 1e3,
-            percentile(samples, 0.99) * 1e3,
-            samples.len()
-        ),
-        target: target.unwrap_or_else(|| "-".into()),
-        met: None,
-    }
-}
-
-fn print_table(rows: &[Row]) {
-    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
-    println!(
-        "\n{:width$}  {:52}  {:34}  met",
-        "benchmark", "result", "target"
-    );
-    for row in rows {
-        let met = match row.met {
-            Some(true) => "yes",
-            Some(false) => "NO",
-            None => "",
-        };
-        println!(
-            "{:width$}  {:52}  {:34}  {met}",
-            row.name, row.value, row.target
-        );
-    }
 }

@@ -14,6 +14,10 @@
 //! Every measurement follows a warm-up of the same shape, so connections (client →
 //! apiserver → webhook) are open and TLS handshakes are not counted.
 
+mod report;
+
+use report::{BenchResult, Row, percentile, percentiles, print_table};
+
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -28,8 +32,6 @@ use tokio::sync::oneshot;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 
-type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
 /// Reviews in flight at once, as the issue asks.
 const CONCURRENT: usize = 200;
 /// Sequential reviews: the latency of one review when nothing queues beside it.
@@ -37,14 +39,6 @@ const SEQUENTIAL: usize = 200;
 const NAMESPACE: &str = "bench-webhook";
 /// The target for the p99 of a review, SubjectAccessReview included.
 const TARGET_P99: f64 = 0.020;
-
-#[derive(serde::Serialize)]
-struct Row {
-    name: &'static str,
-    value: String,
-    target: String,
-    met: Option<bool>,
-}
 
 fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -384,26 +378,6 @@ async fn direct(webhook: &Client, path: &'static str, shape: Shape) -> BenchResu
     measure(shape, post).await
 }
 
-fn percentile(samples: &[f64], q: f64) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-}
-
-fn percentiles(name: &'static str, samples: &[f64], target: Option<String>) -> Row {
-    Row {
-        name,
-        value: format!(
-            "p50 {:.1} ms, p99 {:.1} ms (n={})",
-            percentile(samples, 0.5) * 1e3,
-            percentile(samples, 0.99) * 1e3,
-            samples.len()
-        ),
-        target: target.unwrap_or_else(|| "-".into()),
-        met: None,
-    }
-}
-
 /// A percentiles row held to [`TARGET_P99`].
 fn judged(name: &'static str, samples: &[f64]) -> Row {
     Row {
@@ -413,24 +387,5 @@ fn judged(name: &'static str, samples: &[f64]) -> Row {
             samples,
             Some(format!("p99 ≤ {:.0} ms", TARGET_P99 * 1e3)),
         )
-    }
-}
-
-fn print_table(rows: &[Row]) {
-    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
-    println!(
-        "\n{:width$}  {:52}  {:34}  met",
-        "benchmark", "result", "target"
-    );
-    for row in rows {
-        let met = match row.met {
-            Some(true) => "yes",
-            Some(false) => "NO",
-            None => "",
-        };
-        println!(
-            "{:width$}  {:52}  {:34}  {met}",
-            row.name, row.value, row.target
-        );
     }
 }
