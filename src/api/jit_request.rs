@@ -12,6 +12,11 @@ use super::validation::{
     exactly_one,
 };
 
+/// The finalizer that revokes a granted request's rules before the request object goes.
+/// Admission adds it at creation (saving the operator a write per grant); the operator adds
+/// it itself where no webhook runs.
+pub const REVOKE_FINALIZER: &str = "jit.portcullis.dev/revoke";
+
 /// What is asked: which machines of which policy, which ports, from where, for how long.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(

@@ -32,7 +32,7 @@ use crate::rules::{PortRange, Protocol, place};
 
 pub const NAME: &str = "request";
 /// Revokes a granted request's rules before the request object disappears.
-pub const FINALIZER: &str = "jit.portcullis.dev/revoke";
+pub const FINALIZER: &str = crate::api::jit_request::REVOKE_FINALIZER;
 
 /// Builds the controller: requests, re-triggered by their rules, policies, NSGs, and by
 /// newer requests of the same requestor (which may supersede them).

@@ -5,6 +5,7 @@
 //! The request-versus-policy check is [`access::validate`], the very function the controller
 //! runs: admission refuses early what the controller would deny, with the same words.
 
+use crate::api::jit_request::REVOKE_FINALIZER;
 use std::collections::HashSet;
 
 use k8s_openapi::api::authentication::v1::UserInfo;
@@ -76,12 +77,20 @@ impl Admission {
         Self { client, config }
     }
 
-    /// `/mutate`: on JitRequest CREATE, `spec.requestor` becomes the authenticated caller.
+    /// `/mutate`: on JitRequest CREATE, `spec.requestor` becomes the authenticated caller,
+    /// and the revoke finalizer is added so the operator need not write it before granting.
     pub fn mutate(&self, request: &AdmissionRequest<DynamicObject>) -> Result<Decision, Error> {
         if !is(request, "jitrequests") || request.operation != Operation::Create {
             return Ok(Decision::Allow);
         }
-        Ok(Decision::Patch(stamp(requestor(&request.user_info))))
+        let finalizers = request
+            .object
+            .as_ref()
+            .and_then(|o| o.metadata.finalizers.as_deref());
+        Ok(Decision::Patch(stamp(
+            requestor(&request.user_info),
+            finalizers,
+        )))
     }
 
     /// `/validate`: dispatches on the resource and operation the configurations route here.
@@ -259,14 +268,26 @@ pub fn requestor(user: &UserInfo) -> Requestor {
     }
 }
 
-/// The patch that sets `spec.requestor`. JSON Patch `add` on an existing member replaces
-/// it, so a forged value is overwritten and an absent one created by the same operation.
-pub fn stamp(requestor: Requestor) -> json_patch::Patch {
+/// The patch that sets `spec.requestor` and adds the revoke finalizer. JSON Patch `add` on
+/// an existing member replaces it, so a forged requestor is overwritten and an absent one
+/// created by the same operation; the finalizer is appended unless already there.
+pub fn stamp(requestor: Requestor, finalizers: Option<&[String]>) -> json_patch::Patch {
     let value = serde_json::to_value(requestor).unwrap_or_default();
-    serde_json::from_value(serde_json::json!([
-        { "op": "add", "path": "/spec/requestor", "value": value }
-    ]))
-    .unwrap_or_else(|_| json_patch::Patch(Vec::new()))
+    let mut ops =
+        vec![serde_json::json!({ "op": "add", "path": "/spec/requestor", "value": value })];
+    match finalizers {
+        None => ops.push(serde_json::json!(
+            { "op": "add", "path": "/metadata/finalizers", "value": [REVOKE_FINALIZER] }
+        )),
+        Some(present) if !present.iter().any(|f| f == REVOKE_FINALIZER) => {
+            ops.push(serde_json::json!(
+                { "op": "add", "path": "/metadata/finalizers/-", "value": REVOKE_FINALIZER }
+            ))
+        }
+        Some(_) => {}
+    }
+    serde_json::from_value(serde_json::Value::Array(ops))
+        .unwrap_or_else(|_| json_patch::Patch(Vec::new()))
 }
 
 /// Why writing this SecurityRule is the operator's business alone, if it is: it carries
@@ -363,15 +384,28 @@ mod tests {
             groups: Some(vec!["team-web".into()]),
             extra: None,
         };
-        let mut object = json!({ "spec": { "requestor": { "username": "mallory" } } });
-        json_patch::patch(&mut object, &stamp(requestor(&user))).unwrap();
+        let mut object =
+            json!({ "metadata": {}, "spec": { "requestor": { "username": "mallory" } } });
+        json_patch::patch(&mut object, &stamp(requestor(&user), None)).unwrap();
         assert_eq!(
             object["spec"]["requestor"],
             json!({ "username": "alice", "uid": "u-1", "groups": ["team-web"] })
         );
-        let mut object = json!({ "spec": {} });
-        json_patch::patch(&mut object, &stamp(requestor(&user))).unwrap();
+        assert_eq!(object["metadata"]["finalizers"], json!([REVOKE_FINALIZER]));
+        let mut object = json!({ "metadata": { "finalizers": ["other"] }, "spec": {} });
+        let present = vec!["other".to_owned()];
+        json_patch::patch(&mut object, &stamp(requestor(&user), Some(&present))).unwrap();
         assert_eq!(object["spec"]["requestor"]["username"], "alice");
+        assert_eq!(
+            object["metadata"]["finalizers"],
+            json!(["other", REVOKE_FINALIZER])
+        );
+        let ours = vec![REVOKE_FINALIZER.to_owned()];
+        assert_eq!(
+            stamp(requestor(&user), Some(&ours)).0.len(),
+            1,
+            "the finalizer is added once"
+        );
     }
 
     #[test]

@@ -278,6 +278,23 @@ async fn forged_requestor_is_overwritten(_: Ctx) -> TestResult {
     {
         return Err(format!("the forged requestor survived: {requestor:?}").into());
     }
+    // Admission also adds the revoke finalizer, so the operator need not write it: a server
+    // dry run passes admission but never reaches the operator.
+    let dry = succeeded(&ctx.kubectl_as(
+        ALICE,
+        &[
+            "create",
+            "--dry-run=server",
+            "-f",
+            "-",
+            "-o",
+            "jsonpath={.metadata.finalizers}",
+        ],
+        Some(&web_request("dry", &[])),
+    ))?;
+    if !dry.contains(portcullis::api::jit_request::REVOKE_FINALIZER) {
+        return Err(format!("admission did not add the revoke finalizer: {dry:?}").into());
+    }
     Ok(())
 }
 
