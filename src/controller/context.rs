@@ -16,6 +16,38 @@ use crate::api::convert::{self, ConvertError};
 use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self, Origin, Scope};
 
+/// Policies seen changing lately. A request woken by a policy event may read the policy
+/// cache before that cache holds the change (they are fed by separate watches); requests
+/// of a recently changed policy look again shortly, so a revoke is never missed.
+#[derive(Clone, Default)]
+pub struct PolicyChanges(
+    Arc<std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>>,
+);
+
+impl PolicyChanges {
+    /// How long after a change requests of that policy keep re-checking.
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Notes that the policy `namespace/name` changed (or was deleted) just now.
+    pub fn record(&self, namespace: &str, name: &str) {
+        let mut seen = self.0.lock().expect("policy changes lock");
+        seen.retain(|_, at| at.elapsed() < Self::WINDOW);
+        seen.insert(
+            (namespace.to_owned(), name.to_owned()),
+            std::time::Instant::now(),
+        );
+    }
+
+    /// Whether the policy changed within the last few seconds.
+    pub fn recent(&self, namespace: &str, name: &str) -> bool {
+        self.0
+            .lock()
+            .expect("policy changes lock")
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .is_some_and(|at| at.elapsed() < Self::WINDOW)
+    }
+}
+
 /// The reflector caches, read instead of the API on every hot path.
 #[derive(Clone)]
 pub struct Stores {
@@ -32,6 +64,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
     pub require_requestor: bool,
+    pub policy_changes: PolicyChanges,
     synced: std::sync::atomic::AtomicBool,
 }
 
@@ -52,6 +85,7 @@ impl Context {
         metrics: Arc<Metrics>,
         stores: Stores,
         require_requestor: bool,
+        policy_changes: PolicyChanges,
     ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -59,6 +93,7 @@ impl Context {
             metrics,
             stores,
             require_requestor,
+            policy_changes,
             synced: std::sync::atomic::AtomicBool::new(false),
         }
     }

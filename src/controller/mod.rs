@@ -243,7 +243,8 @@ pub async fn run(
 
     let nsg_controller = nsg::controller(&client, &config);
     let policy_controller = policy::controller(&client, &config);
-    let request_controller = request::controller(&client, &config);
+    let policy_changes = context::PolicyChanges::default();
+    let request_controller = request::controller(&client, &config, policy_changes.clone());
     let ctx = Arc::new(Context::new(
         client.clone(),
         Reporter {
@@ -258,6 +259,7 @@ pub async fn run(
             rules,
         },
         config.require_requestor,
+        policy_changes,
     ));
 
     let readiness = {

@@ -31,12 +31,19 @@ use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{PortRange, Protocol, place};
 
 pub const NAME: &str = "request";
+/// How soon a granted request of a just-changed policy looks at the policy again.
+const POLICY_RECHECK: Duration = Duration::from_secs(1);
+
 /// Revokes a granted request's rules before the request object disappears.
 pub const FINALIZER: &str = crate::api::jit_request::REVOKE_FINALIZER;
 
 /// Builds the controller: requests, re-triggered by their rules, policies, NSGs, and by
 /// newer requests of the same requestor (which may supersede them).
-pub fn controller(client: &Client, config: &Config) -> Controller<JitRequest> {
+pub fn controller(
+    client: &Client,
+    config: &Config,
+    policy_changes: super::context::PolicyChanges,
+) -> Controller<JitRequest> {
     let wc = watcher::Config::default();
     let controller = super::lean_controller(Api::<JitRequest>::all(client.clone()));
     let for_policies = controller.store();
@@ -50,6 +57,7 @@ pub fn controller(client: &Client, config: &Config) -> Controller<JitRequest> {
             move |policy| {
                 let namespace = policy.metadata.namespace.clone().unwrap_or_default();
                 let name = policy.metadata.name.clone().unwrap_or_default();
+                policy_changes.record(&namespace, &name);
                 live(&for_policies.state(), &namespace, |r| {
                     r.spec.policy_name == name
                 })
@@ -381,6 +389,17 @@ async fn review(
         }
     }
     let mut outcome = settle(previous, grants, previous.start_time.clone(), now);
+    if outcome.status.phase == Some(Phase::Granted)
+        && ctx
+            .policy_changes
+            .recent(namespace, &request.spec.policy_name)
+    {
+        outcome.requeue = Some(
+            outcome
+                .requeue
+                .map_or(POLICY_RECHECK, |r| r.min(POLICY_RECHECK)),
+        );
+    }
     if let Some(Phase::Expired | Phase::Revoked) = outcome.status.phase {
         let who = requestor(request).unwrap_or("unknown requestor");
         let what = describe(&previous.grants);
