@@ -84,6 +84,7 @@ fn main() -> ExitCode {
     let on_interrupt = plane.clone();
     runtime.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
+            webhook::stop_shared();
             on_interrupt.stop();
             std::process::exit(130);
         }
@@ -104,6 +105,7 @@ fn main() -> ExitCode {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
+    webhook::stop_shared();
     plane.stop();
     conclusion.exit_code()
 }

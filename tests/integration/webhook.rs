@@ -89,7 +89,18 @@ impl Env {
     async fn shared() -> Result<&'static Self, String> {
         SHARED.get_or_try_init(Self::start).await
     }
+}
 
+/// Stops the shared webhook control plane, if a test started it. A static is never
+/// dropped, so the harness calls this after the last test: no process or directory of it
+/// outlives the run.
+pub fn stop_shared() {
+    if let Some(env) = SHARED.get() {
+        env.plane.stop();
+    }
+}
+
+impl Env {
     /// A fresh namespace on this plane with `web` and `db` policies and alice's and bob's
     /// bindings in it.
     async fn ctx(&self, test: &str) -> Result<Ctx, Box<dyn std::error::Error + Send + Sync>> {
