@@ -16,35 +16,55 @@ use crate::api::convert::{self, ConvertError};
 use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self, Origin, Scope};
 
-/// Policies seen changing lately. A request woken by a policy event may read the policy
-/// cache before that cache holds the change (they are fed by separate watches); requests
-/// of a recently changed policy look again shortly, so a revoke is never missed.
+/// Objects whose related objects changed lately, by kind and `namespace/name`.
+///
+/// A controller is woken by its own watch on a related kind (a policy, a rule) but reads
+/// that kind from a cache fed by another watch, which may not hold the change yet. An object
+/// woken that way looks again shortly for a few seconds, so a late cache never leaves a
+/// revoke, a restore or a status behind.
 #[derive(Clone, Default)]
-pub struct PolicyChanges(
-    Arc<std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>>,
+pub struct RecentChanges(
+    Arc<std::sync::Mutex<std::collections::HashMap<ChangeKey, std::time::Instant>>>,
 );
 
-impl PolicyChanges {
-    /// How long after a change requests of that policy keep re-checking.
-    const WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+/// A controller's name and an object's namespace and name.
+type ChangeKey = (&'static str, String, String);
 
-    /// Notes that the policy `namespace/name` changed (or was deleted) just now.
-    pub fn record(&self, namespace: &str, name: &str) {
-        let mut seen = self.0.lock().expect("policy changes lock");
+impl RecentChanges {
+    /// How long after a change the object keeps re-checking.
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+    /// How soon a re-check comes.
+    pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Notes that something `kind/namespace/name` depends on changed just now.
+    pub fn record(&self, kind: &'static str, namespace: &str, name: &str) {
+        let mut seen = self.0.lock().expect("recent changes lock");
         seen.retain(|_, at| at.elapsed() < Self::WINDOW);
         seen.insert(
-            (namespace.to_owned(), name.to_owned()),
+            (kind, namespace.to_owned(), name.to_owned()),
             std::time::Instant::now(),
         );
     }
 
-    /// Whether the policy changed within the last few seconds.
-    pub fn recent(&self, namespace: &str, name: &str) -> bool {
-        self.0
+    /// `wait`, shortened to [`RecentChanges::RECHECK`] if the object was noted lately.
+    pub fn recheck(
+        &self,
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+        wait: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        let recent = self
+            .0
             .lock()
-            .expect("policy changes lock")
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .is_some_and(|at| at.elapsed() < Self::WINDOW)
+            .expect("recent changes lock")
+            .get(&(kind, namespace.to_owned(), name.to_owned()))
+            .is_some_and(|at| at.elapsed() < Self::WINDOW);
+        if recent {
+            Some(wait.map_or(Self::RECHECK, |w| w.min(Self::RECHECK)))
+        } else {
+            wait
+        }
     }
 }
 
@@ -64,7 +84,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
     pub require_requestor: bool,
-    pub policy_changes: PolicyChanges,
+    pub changes: RecentChanges,
     synced: std::sync::atomic::AtomicBool,
 }
 
@@ -85,7 +105,7 @@ impl Context {
         metrics: Arc<Metrics>,
         stores: Stores,
         require_requestor: bool,
-        policy_changes: PolicyChanges,
+        changes: RecentChanges,
     ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -93,7 +113,7 @@ impl Context {
             metrics,
             stores,
             require_requestor,
-            policy_changes,
+            changes,
             synced: std::sync::atomic::AtomicBool::new(false),
         }
     }

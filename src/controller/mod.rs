@@ -241,10 +241,10 @@ pub async fn run(
     )
     .for_each(|_| std::future::ready(()));
 
-    let nsg_controller = nsg::controller(&client, &config);
-    let policy_controller = policy::controller(&client, &config);
-    let policy_changes = context::PolicyChanges::default();
-    let request_controller = request::controller(&client, &config, policy_changes.clone());
+    let changes = context::RecentChanges::default();
+    let nsg_controller = nsg::controller(&client, &config, changes.clone());
+    let policy_controller = policy::controller(&client, &config, changes.clone());
+    let request_controller = request::controller(&client, &config, changes.clone());
     let ctx = Arc::new(Context::new(
         client.clone(),
         Reporter {
@@ -259,7 +259,7 @@ pub async fn run(
             rules,
         },
         config.require_requestor,
-        policy_changes,
+        changes,
     ));
 
     let readiness = {

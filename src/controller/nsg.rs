@@ -39,14 +39,19 @@ const INTERNET_PROBES: [Ipv4Addr; 3] = [
 ];
 
 /// Builds the controller: NSGs, re-triggered by the rules and policies that name them.
-pub fn controller(client: &Client, config: &Config) -> Controller<NetworkSecurityGroup> {
+pub fn controller(
+    client: &Client,
+    config: &Config,
+    changes: super::context::RecentChanges,
+) -> Controller<NetworkSecurityGroup> {
     let wc = watcher::Config::default();
     super::lean_controller(Api::<NetworkSecurityGroup>::all(client.clone()))
         .watches(
             Api::<SecurityRule>::all(client.clone()),
             wc.clone(),
-            |rule| {
+            move |rule| {
                 let namespace = rule.metadata.namespace.clone()?;
+                changes.record(NAME, &namespace, &rule.spec.network_security_group_name);
                 Some(ObjectRef::new(&rule.spec.network_security_group_name).within(&namespace))
             },
         )
@@ -194,6 +199,10 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
     let wait = next_expiry
         .and_then(|at| at.duration_since(now).try_into().ok())
         .map_or(RESYNC, |d: Duration| d.min(RESYNC));
+    let wait = ctx
+        .changes
+        .recheck(NAME, &namespace, &name, Some(wait))
+        .unwrap_or(wait);
     Ok(Action::requeue(wait))
 }
 

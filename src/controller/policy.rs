@@ -35,7 +35,11 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 
 /// Builds the controller: policies, re-triggered by their NSGs, the rules of those NSGs,
 /// and their requests (for the history).
-pub fn controller(client: &Client, config: &Config) -> Controller<JitPolicy> {
+pub fn controller(
+    client: &Client,
+    config: &Config,
+    changes: super::context::RecentChanges,
+) -> Controller<JitPolicy> {
     let wc = watcher::Config::default();
     let controller = super::lean_controller(Api::<JitPolicy>::all(client.clone()));
     let by_nsg = controller.store();
@@ -55,31 +59,11 @@ pub fn controller(client: &Client, config: &Config) -> Controller<JitPolicy> {
             wc.clone(),
             move |rule| {
                 let namespace = rule.metadata.namespace.clone().unwrap_or_default();
-                if is_managed(&rule) {
-                    // A deny rule changed or vanished: its policy restores it. Grants don't matter.
-                    let role = rule
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(LABEL_ROLE));
-                    if role.map(String::as_str) != Some(ROLE_DENY) {
-                        return Vec::new();
-                    }
-                    rule.metadata
-                        .owner_references
-                        .iter()
-                        .flatten()
-                        .filter(|o| o.kind == JitPolicy::kind(&()) && o.controller == Some(true))
-                        .map(|o| ObjectRef::new(&o.name).within(&namespace))
-                        .collect()
-                } else {
-                    // A user rule can move where the denies must go.
-                    policies_on(
-                        &by_rule.state(),
-                        &namespace,
-                        &rule.spec.network_security_group_name,
-                    )
+                let woken = policies_for_rule(&by_rule.state(), &namespace, &rule);
+                for policy in &woken {
+                    changes.record(NAME, &namespace, &policy.name);
                 }
+                woken
             },
         )
         .watches(Api::<JitRequest>::all(client.clone()), wc, |request| {
@@ -91,6 +75,37 @@ pub fn controller(client: &Client, config: &Config) -> Controller<JitPolicy> {
                 .concurrency(config.concurrency)
                 .debounce(DEBOUNCE),
         )
+}
+
+/// The policies a rule event concerns: a managed deny rule's owner (to restore it), or for
+/// a user rule every policy on its NSG (a user rule can move where the denies go). Grants
+/// concern no policy.
+fn policies_for_rule(
+    policies: &[Arc<JitPolicy>],
+    namespace: &str,
+    rule: &SecurityRule,
+) -> Vec<ObjectRef<JitPolicy>> {
+    if is_managed(rule) {
+        // A deny rule changed or vanished: its policy restores it. Grants don't matter.
+        let role = rule
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_ROLE));
+        if role.map(String::as_str) != Some(ROLE_DENY) {
+            return Vec::new();
+        }
+        rule.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|o| o.kind == JitPolicy::kind(&()) && o.controller == Some(true))
+            .map(|o| ObjectRef::new(&o.name).within(namespace))
+            .collect()
+    } else {
+        // A user rule can move where the denies must go.
+        policies_on(policies, namespace, &rule.spec.network_security_group_name)
+    }
 }
 
 fn policies_on(

@@ -31,9 +31,6 @@ use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{PortRange, Protocol, place};
 
 pub const NAME: &str = "request";
-/// How soon a granted request of a just-changed policy looks at the policy again.
-const POLICY_RECHECK: Duration = Duration::from_secs(1);
-
 /// Revokes a granted request's rules before the request object disappears.
 pub const FINALIZER: &str = crate::api::jit_request::REVOKE_FINALIZER;
 
@@ -42,7 +39,7 @@ pub const FINALIZER: &str = crate::api::jit_request::REVOKE_FINALIZER;
 pub fn controller(
     client: &Client,
     config: &Config,
-    policy_changes: super::context::PolicyChanges,
+    changes: super::context::RecentChanges,
 ) -> Controller<JitRequest> {
     let wc = watcher::Config::default();
     let controller = super::lean_controller(Api::<JitRequest>::all(client.clone()));
@@ -57,10 +54,13 @@ pub fn controller(
             move |policy| {
                 let namespace = policy.metadata.namespace.clone().unwrap_or_default();
                 let name = policy.metadata.name.clone().unwrap_or_default();
-                policy_changes.record(&namespace, &name);
-                live(&for_policies.state(), &namespace, |r| {
+                let woken = live(&for_policies.state(), &namespace, |r| {
                     r.spec.policy_name == name
-                })
+                });
+                for request in &woken {
+                    changes.record(NAME, &namespace, &request.name);
+                }
+                woken
             },
         )
         .watches(
@@ -389,16 +389,8 @@ async fn review(
         }
     }
     let mut outcome = settle(previous, grants, previous.start_time.clone(), now);
-    if outcome.status.phase == Some(Phase::Granted)
-        && ctx
-            .policy_changes
-            .recent(namespace, &request.spec.policy_name)
-    {
-        outcome.requeue = Some(
-            outcome
-                .requeue
-                .map_or(POLICY_RECHECK, |r| r.min(POLICY_RECHECK)),
-        );
+    if outcome.status.phase == Some(Phase::Granted) {
+        outcome.requeue = ctx.changes.recheck(NAME, namespace, name, outcome.requeue);
     }
     if let Some(Phase::Expired | Phase::Revoked) = outcome.status.phase {
         let who = requestor(request).unwrap_or("unknown requestor");
