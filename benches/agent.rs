@@ -72,17 +72,7 @@ fn main() -> std::process::ExitCode {
         println!("\n*** SKIP agent benchmark: {why} ***\n");
         return std::process::ExitCode::SUCCESS;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("benchmark failed: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    report::execute(run())
 }
 
 /// Why the benchmark cannot run here, if it cannot.

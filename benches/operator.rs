@@ -39,17 +39,7 @@ const RSS_POLICIES: usize = 200;
 const PARALLEL: usize = 32;
 
 fn main() -> std::process::ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("benchmark failed: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    report::execute(run())
 }
 
 async fn run() -> BenchResult<()> {

@@ -41,17 +41,7 @@ const NAMESPACE: &str = "bench-webhook";
 const TARGET_P99: f64 = 0.020;
 
 fn main() -> std::process::ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("benchmark failed: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    report::execute(run())
 }
 
 async fn run() -> BenchResult<()> {

@@ -4,6 +4,22 @@
 /// Any benchmark step may fail with any error; the message is what matters.
 pub type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Runs a benchmark's body on a multi-threaded runtime and turns its outcome into the exit
+/// code, printing the error of a failed run.
+pub fn execute(body: impl Future<Output = BenchResult<()>>) -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match runtime.block_on(body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("benchmark failed: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// One line of a benchmark's table (and of its JSON file).
 #[derive(serde::Serialize)]
 pub struct Row {

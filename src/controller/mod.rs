@@ -141,6 +141,9 @@ async fn drive<K, R, F>(
         .await;
 }
 
+/// How often the active-grants gauge is recounted.
+const ACTIVE_GRANTS_EVERY: Duration = Duration::from_secs(2);
+
 /// How long a failed reconcile waits before it is retried.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// How long a reconcile that runs before the caches are synced waits before it retries.
@@ -262,13 +265,29 @@ pub async fn run(
         changes,
     ));
 
-    let readiness = {
+    let readiness_and_gauges = {
         let ctx = ctx.clone();
         async move {
             ctx.wait_synced().await;
             let _ = ready_tx.send(true);
             tracing::info!("caches synced; reconciling");
-            std::future::pending::<()>().await;
+            // The active-grants gauge is a count over the request cache: recounted here on a
+            // timer, not on every reconcile, where it would be a scan on the hot path.
+            let mut tick = tokio::time::interval(ACTIVE_GRANTS_EVERY);
+            loop {
+                tick.tick().await;
+                let active = ctx
+                    .stores
+                    .requests
+                    .state()
+                    .iter()
+                    .filter(|r| {
+                        r.status.as_ref().and_then(|s| s.phase)
+                            == Some(crate::api::jit_request::Phase::Granted)
+                    })
+                    .count();
+                ctx.metrics.set_active_grants(active as i64);
+            }
         }
     };
     let controllers = futures::future::join3(
@@ -297,7 +316,7 @@ pub async fn run(
     tokio::select! {
         _ = controllers => {}
         _ = rules_reflector => {}
-        _ = readiness => {}
+        _ = readiness_and_gauges => {}
         _ = shutdown.clone() => {}
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;

@@ -117,23 +117,14 @@ fn live(
 pub async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
     let (_, namespace) = name_and_namespace(request.as_ref(), "JitRequest")?;
     let api: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &namespace);
-    let action = finalizer(&api, FINALIZER, request, |event| async {
+    finalizer(&api, FINALIZER, request, |event| async {
         match event {
             Finalizer::Apply(request) => apply(&request, &ctx).await,
             Finalizer::Cleanup(request) => cleanup(&request, &ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.set_active_grants(
-        ctx.stores
-            .requests
-            .state()
-            .iter()
-            .filter(|r| phase(r) == Some(Phase::Granted))
-            .count() as i64,
-    );
-    action
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 /// What one reconcile of a request decides, before it is written.

@@ -675,6 +675,23 @@ async fn metrics_count_grants(ctx: Ctx) -> TestResult {
             "missing {needle} in /metrics:\n{body}"
         );
     }
+    // The gauge is recounted on a timer: it must come to count this grant (tests share the
+    // operator, so other grants may be open too).
+    let operator = ctx.operator;
+    eventually(
+        "the active-grants gauge to count the grant",
+        || async move {
+            let body = http_get(operator, "/metrics").await.ok()?;
+            let value: f64 = body
+                .lines()
+                .find_map(|l| l.strip_prefix("portcullis_active_grants "))?
+                .trim()
+                .parse()
+                .ok()?;
+            (value >= 1.0).then_some(())
+        },
+    )
+    .await?;
     assert!(http_get(ctx.operator, "/readyz").await?.contains("ok"));
     Ok(())
 }
