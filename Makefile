@@ -34,7 +34,7 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 bench: control-plane ## Benchmarks against the local control plane; tables in target/bench/
-	$(CARGO) bench --locked --bench operator --bench agent --bench webhook
+	$(CARGO) bench --locked --bench operator --bench agent
 
 control-plane: ## Build (once) and cache kube-apiserver, etcd, kube-controller-manager, kubectl
 	@hack/control-plane-bins.sh >/dev/null

@@ -635,16 +635,21 @@ fn lateness(closed: Timestamp, expires: Timestamp) -> f64 {
 /// lateness of every request.
 async fn end_to_end(lab: &mut Lab, sources: &[Ipv4Addr]) -> BenchResult<(Vec<f64>, Vec<f64>)> {
     let plane = ControlPlane::start().await?;
+    portcullis::testenv::install::product(&plane).await?;
     let client = plane.client(ADMIN).await?;
-    portcullis::testenv::crds::install(&client).await?;
+    let operator_client = plane.client(portcullis::testenv::OPERATOR).await?;
     let (stop, stopped) = oneshot::channel::<()>();
     let config = portcullis::controller::Config {
         http_addr: std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
         ..Default::default()
     };
-    let operator = tokio::spawn(portcullis::controller::run(client.clone(), config, async {
-        let _ = stopped.await;
-    }));
+    let operator = tokio::spawn(portcullis::controller::run(
+        operator_client,
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let result = measure_end_to_end(lab, &plane, &client, sources).await;
     let _ = stop.send(());
     let _ = operator.await;
@@ -725,15 +730,17 @@ async fn measure_end_to_end(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let requests: Api<JitRequest> = Api::namespaced(client.clone(), ns);
     let mut latencies = Vec::new();
     let mut revokes = Vec::new();
     for (i, source) in sources.iter().enumerate() {
+        // Each request by its own requester, so that none supersedes another.
+        let team = portcullis::testenv::ALICE.groups[0];
+        let requester = plane.impersonating(&format!("user-{i}"), &[team]).await?;
+        let requests: Api<JitRequest> = Api::namespaced(requester, ns);
         let request: JitRequest = serde_json::from_value(json!({
             "metadata": {"name": format!("e2e-{i}")},
             "spec": {
                 "policyName": "web",
-                "requestor": {"username": format!("user-{i}")},
                 "virtualMachines": [{"name": "vm-0", "ports": [{
                     "number": PORT,
                     "duration": E2E_DURATION,

@@ -2,6 +2,8 @@
 //! it as JSON to `target/bench/operator.json`.
 //!
 //! - floor: one plain write observed through a watch (the physical limit of one write here);
+//! - admission: a JitRequest create (requestor stamped, `initiate` authorized, by the
+//!   admission policies `deploy/` ships) beside a ConfigMap create, as the same requester;
 //! - grant latency: JitRequest created → allow rules exist and status `Granted`;
 //! - revoke lateness: `expiresAt` → allow rules deleted and status `Expired`;
 //! - burst: 1,000 requests over 50 policies at once, beside a plain client making the same
@@ -25,7 +27,7 @@ use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use portcullis::api::jit_request::Phase;
 use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
-use portcullis::testenv::{ADMIN, ControlPlane};
+use portcullis::testenv::{ADMIN, ControlPlane, OPERATOR};
 use serde_json::json;
 
 const GRANTS: usize = 200;
@@ -44,17 +46,38 @@ fn main() -> std::process::ExitCode {
 
 async fn run() -> BenchResult<()> {
     let plane = ControlPlane::start().await?;
-    let client = plane.client(ADMIN).await?;
-    portcullis::testenv::crds::install(&client).await?;
+    portcullis::testenv::install::product(&plane).await?;
+    let admin = plane.client(ADMIN).await?;
+    // Requests come from a requester as on a cluster: admission stamps and authorizes them.
+    let client = requester(&plane).await?;
     let mut operator = Operator::start(&plane)?;
     let mut rows = Vec::new();
 
-    let floor = floor(&client).await?;
+    let floor = floor(&admin).await?;
     rows.push(percentiles("floor: write → watch event", &floor, None));
 
-    let writes_before = api_writes(&client).await?;
-    let grant = grant_latency(&client).await?;
-    let writes = api_writes(&client).await? - writes_before;
+    let (configmaps, requests) = admission(&admin, &client).await?;
+    let configmap_p50 = percentile(&configmaps, 0.5);
+    rows.push(percentiles(
+        "floor: dry-run ConfigMap create (requester)",
+        &configmaps,
+        None,
+    ));
+    rows.push(Row {
+        met: Some(percentile(&requests, 0.5) <= 1.5 * configmap_p50),
+        ..percentiles(
+            "dry-run JitRequest create through admission",
+            &requests,
+            Some(format!(
+                "p50 ≤ 1.5 × ConfigMap p50 = {:.2} ms",
+                1.5 * configmap_p50 * 1e3
+            )),
+        )
+    });
+
+    let writes_before = api_writes(&admin).await?;
+    let grant = grant_latency(&admin, &client).await?;
+    let writes = api_writes(&admin).await? - writes_before;
     let floor_p99 = percentile(&floor, 0.99);
     let grant_p99 = percentile(&grant, 0.99);
     rows.push(Row {
@@ -77,7 +100,7 @@ async fn run() -> BenchResult<()> {
         met: Some(per_grant <= 3.0),
     });
 
-    let lateness = revoke_lateness(&client).await?;
+    let lateness = revoke_lateness(&admin, &client).await?;
     rows.push(Row {
         met: Some(percentile(&lateness, 0.99) <= 0.5),
         ..percentiles(
@@ -87,7 +110,7 @@ async fn run() -> BenchResult<()> {
         )
     });
 
-    let (burst_seconds, plain_seconds) = burst(&client, per_grant).await?;
+    let (burst_seconds, plain_seconds) = burst(&admin, &client, per_grant).await?;
     rows.push(Row {
         name: "burst: 1,000 requests / 50 policies",
         value: format!("{burst_seconds:.2} s (plain client, same writes: {plain_seconds:.2} s)"),
@@ -96,7 +119,7 @@ async fn run() -> BenchResult<()> {
     });
 
     let fill_start = Instant::now();
-    let active = fill(&client, RSS_GRANTS).await?;
+    let active = fill(&admin, &client, RSS_GRANTS).await?;
     let fill_seconds = fill_start.elapsed().as_secs_f64();
     let rss = operator.peak_rss_mib()?;
     rows.push(Row {
@@ -125,7 +148,15 @@ async fn run() -> BenchResult<()> {
     Ok(())
 }
 
-/// The operator binary (built with the benchmark's optimizations) in its own process.
+/// A client acting as `bench-requester` in group `team-web`, which the harness binds to the
+/// shipped `portcullis-requester` role.
+async fn requester(plane: &ControlPlane) -> BenchResult<Client> {
+    let team = portcullis::testenv::ALICE.groups[0];
+    Ok(plane.impersonating("bench-requester", &[team]).await?)
+}
+
+/// The operator binary (built with the benchmark's optimizations) in its own process, as
+/// its own service account.
 struct Operator(Child);
 
 impl Operator {
@@ -135,7 +166,7 @@ impl Operator {
             .port();
         let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["controller", "--http-addr", &format!("127.0.0.1:{port}")])
-            .env("KUBECONFIG", plane.kubeconfig(ADMIN.name))
+            .env("KUBECONFIG", plane.kubeconfig(OPERATOR.name))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -272,38 +303,85 @@ async fn policy(client: &Client, ns: &str, machines: usize) -> BenchResult<()> {
     Ok(())
 }
 
-/// A request by a distinct requestor (so none supersedes another) for vm-`machine`.
-fn request(name: &str, who: usize, machine: usize, duration: &str) -> BenchResult<JitRequest> {
+/// A request for vm-`machine` from source number `source`. One requester asks for every
+/// machine, so requests for distinct machines never supersede one another.
+fn request(name: &str, source: usize, machine: usize, duration: &str) -> BenchResult<JitRequest> {
     Ok(serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
             "policyName": "web",
-            "requestor": {"username": format!("user-{who}")},
             "virtualMachines": [{"name": format!("vm-{machine}"), "ports": [{
                 "number": 22,
                 "duration": duration,
-                "allowedSourceAddressPrefix": format!("198.19.{}.{}", who / 250 % 250, who % 250 + 1)
+                "allowedSourceAddressPrefix":
+                    format!("198.19.{}.{}", source / 250 % 250, source % 250 + 1)
             }]}]
         }
     }))?)
+}
+
+/// Dry-run creates (admission runs in full, nothing is stored) of ConfigMaps and of
+/// JitRequests by the requester, alternating so both see the same machine load.
+async fn admission(admin: &Client, requester: &Client) -> BenchResult<(Vec<f64>, Vec<f64>)> {
+    let ns = "bench-admission";
+    namespace(admin, ns).await?;
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "configmaps"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}],
+    }))?;
+    Api::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await?;
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "configmaps"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmaps"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bench-requester"}],
+    }))?;
+    Api::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let maps: Api<ConfigMap> = Api::namespaced(requester.clone(), ns);
+    let requests: Api<JitRequest> = Api::namespaced(requester.clone(), ns);
+    let (mut configmaps, mut jit) = (Vec::new(), Vec::new());
+    for i in 0..GRANTS {
+        let map: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("m-{i}")}}))?;
+        let start = Instant::now();
+        maps.create(&dry_run, &map).await?;
+        configmaps.push(start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        requests
+            .create(&dry_run, &request(&format!("r-{i}"), i, 0, "PT1H")?)
+            .await?;
+        jit.push(start.elapsed().as_secs_f64());
+    }
+    Ok((configmaps, jit))
 }
 
 fn phase_is(request: &JitRequest, phase: Phase) -> bool {
     request.status.as_ref().and_then(|s| s.phase) == Some(phase)
 }
 
-async fn grant_latency(client: &Client) -> BenchResult<Vec<f64>> {
-    namespace(client, "bench-grant").await?;
-    policy(client, "bench-grant", 1).await?;
-    let requests: Api<JitRequest> = Api::namespaced(client.clone(), "bench-grant");
-    let granted = observe(requests.clone(), |r| phase_is(r, Phase::Granted));
+async fn grant_latency(admin: &Client, requester: &Client) -> BenchResult<Vec<f64>> {
+    namespace(admin, "bench-grant").await?;
+    policy(admin, "bench-grant", GRANTS).await?;
+    let requests: Api<JitRequest> = Api::namespaced(requester.clone(), "bench-grant");
+    let granted = observe(
+        Api::<JitRequest>::namespaced(admin.clone(), "bench-grant"),
+        |r| phase_is(r, Phase::Granted),
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut samples = Vec::new();
     for i in 0..GRANTS {
         let name = format!("grant-{i}");
         let start = Instant::now();
         requests
-            .create(&PostParams::default(), &request(&name, i, 0, "PT24H")?)
+            .create(&PostParams::default(), &request(&name, i, i, "PT24H")?)
             .await?;
         samples.push(
             wait_for(&granted, &name)
@@ -315,12 +393,15 @@ async fn grant_latency(client: &Client) -> BenchResult<Vec<f64>> {
     Ok(samples)
 }
 
-async fn revoke_lateness(client: &Client) -> BenchResult<Vec<f64>> {
-    namespace(client, "bench-revoke").await?;
-    policy(client, "bench-revoke", 1).await?;
-    let requests: Api<JitRequest> = Api::namespaced(client.clone(), "bench-revoke");
-    let rules: Api<SecurityRule> = Api::namespaced(client.clone(), "bench-revoke");
-    let expired = observe(requests.clone(), |r| phase_is(r, Phase::Expired));
+async fn revoke_lateness(admin: &Client, requester: &Client) -> BenchResult<Vec<f64>> {
+    namespace(admin, "bench-revoke").await?;
+    policy(admin, "bench-revoke", REVOKES).await?;
+    let requests: Api<JitRequest> = Api::namespaced(requester.clone(), "bench-revoke");
+    let rules: Api<SecurityRule> = Api::namespaced(admin.clone(), "bench-revoke");
+    let expired = observe(
+        Api::<JitRequest>::namespaced(admin.clone(), "bench-revoke"),
+        |r| phase_is(r, Phase::Expired),
+    );
     // Rule deletions, observed as the rule disappearing from a watch.
     let deleted = Arc::new(Mutex::new(HashMap::<String, Instant>::new()));
     {
@@ -342,7 +423,7 @@ async fn revoke_lateness(client: &Client) -> BenchResult<Vec<f64>> {
     for i in 0..REVOKES {
         let name = format!("revoke-{i}");
         requests
-            .create(&PostParams::default(), &request(&name, i, 0, "PT3S")?)
+            .create(&PostParams::default(), &request(&name, i, i, "PT3S")?)
             .await?;
         expiring.push(name);
         tokio::time::sleep(Duration::from_millis(37)).await;
@@ -368,13 +449,17 @@ async fn revoke_lateness(client: &Client) -> BenchResult<Vec<f64>> {
     Ok(samples)
 }
 
-async fn burst(client: &Client, writes_per_grant: f64) -> BenchResult<(f64, f64)> {
+async fn burst(
+    admin: &Client,
+    requester: &Client,
+    writes_per_grant: f64,
+) -> BenchResult<(f64, f64)> {
     for p in 0..BURST_POLICIES {
         let ns = format!("bench-burst-{p}");
-        namespace(client, &ns).await?;
-        policy(client, &ns, 1).await?;
+        namespace(admin, &ns).await?;
+        policy(admin, &ns, BURST / BURST_POLICIES).await?;
     }
-    let granted = observe(Api::<JitRequest>::all(client.clone()), |r| {
+    let granted = observe(Api::<JitRequest>::all(admin.clone()), |r| {
         phase_is(r, Phase::Granted)
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -382,13 +467,13 @@ async fn burst(client: &Client, writes_per_grant: f64) -> BenchResult<(f64, f64)
     futures::stream::iter(0..BURST)
         .map(|i| {
             let api: Api<JitRequest> = Api::namespaced(
-                client.clone(),
+                requester.clone(),
                 &format!("bench-burst-{}", i % BURST_POLICIES),
             );
             async move {
                 api.create(
                     &PostParams::default(),
-                    &request(&format!("burst-{i}"), i, 0, "PT24H")?,
+                    &request(&format!("burst-{i}"), i, i / BURST_POLICIES, "PT24H")?,
                 )
                 .await
                 .map_err(Into::into)
@@ -406,7 +491,7 @@ async fn burst(client: &Client, writes_per_grant: f64) -> BenchResult<(f64, f64)
     // A plain client making as many writes as the burst cost (the creates plus the
     // operator's writes), with the same parallelism.
     let writes = (BURST as f64 * (1.0 + writes_per_grant)).round() as usize;
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "bench-floor");
+    let maps: Api<ConfigMap> = Api::namespaced(admin.clone(), "bench-floor");
     let start = Instant::now();
     futures::stream::iter(0..writes)
         .map(|i| {
@@ -428,23 +513,25 @@ async fn burst(client: &Client, writes_per_grant: f64) -> BenchResult<(f64, f64)
 
 /// Adds `count` long grants over [`RSS_POLICIES`] fresh policies; returns how many grants
 /// are active in the cluster then (the earlier phases' included).
-async fn fill(client: &Client, count: usize) -> BenchResult<usize> {
+async fn fill(admin: &Client, requester: &Client, count: usize) -> BenchResult<usize> {
     for p in 0..RSS_POLICIES {
         let ns = format!("bench-rss-{p}");
-        namespace(client, &ns).await?;
-        policy(client, &ns, 1).await?;
+        namespace(admin, &ns).await?;
+        policy(admin, &ns, count.div_ceil(RSS_POLICIES)).await?;
     }
-    let granted = observe(Api::<JitRequest>::all(client.clone()), |r| {
+    let granted = observe(Api::<JitRequest>::all(admin.clone()), |r| {
         phase_is(r, Phase::Granted)
     });
     futures::stream::iter(0..count)
         .map(|i| {
-            let api: Api<JitRequest> =
-                Api::namespaced(client.clone(), &format!("bench-rss-{}", i % RSS_POLICIES));
+            let api: Api<JitRequest> = Api::namespaced(
+                requester.clone(),
+                &format!("bench-rss-{}", i % RSS_POLICIES),
+            );
             async move {
                 api.create(
                     &PostParams::default(),
-                    &request(&format!("rss-{i}"), BURST + i, 0, "PT24H")?,
+                    &request(&format!("rss-{i}"), BURST + i, i / RSS_POLICIES, "PT24H")?,
                 )
                 .await
                 .map_err(Into::into)
@@ -470,7 +557,7 @@ async fn fill(client: &Client, count: usize) -> BenchResult<usize> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let requests: Api<JitRequest> = Api::all(client.clone());
+    let requests: Api<JitRequest> = Api::all(admin.clone());
     let list = requests.list(&Default::default()).await?.items;
     Ok(list.iter().filter(|r| phase_is(r, Phase::Granted)).count())
 }

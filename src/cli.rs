@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
-use crate::{agent, controller, webhook};
+use crate::{agent, controller};
 
 /// The log filter when `RUST_LOG` is unset: our own progress, but only kube's warnings
 /// (its request-level logs drown everything else at `info`).
@@ -41,15 +41,10 @@ pub enum Command {
     ///
     /// Needs NET_ADMIN. It connects like kubectl does, or with the pod's service account.
     Agent(AgentArgs),
-    /// Serve the admission webhook over HTTPS until SIGINT or SIGTERM.
-    ///
-    /// It connects like kubectl does, or with the pod's service account, to read policies
-    /// and review access.
-    Webhook(WebhookArgs),
     /// Run the operator for development (what `make run` runs).
     ///
     /// On the configured cluster if there is one; otherwise on a local control plane that it
-    /// starts, sets up (CRDs, user roles) and removes again on Ctrl-C.
+    /// starts, sets up (CRDs, roles, admission policies) and removes again on Ctrl-C.
     Dev,
 }
 
@@ -71,10 +66,6 @@ pub struct ControllerArgs {
     /// Reconciles in flight per controller.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
-    /// Refuse requests without an authenticated `spec.requestor` (set where the admission
-    /// webhook stamps requestors).
-    #[arg(long)]
-    pub require_requestor: bool,
 }
 
 impl From<&ControllerArgs> for controller::Config {
@@ -82,53 +73,8 @@ impl From<&ControllerArgs> for controller::Config {
         Self {
             http_addr: args.http_addr,
             concurrency: args.concurrency,
-            require_requestor: args.require_requestor,
         }
     }
-}
-
-/// Flags of `portcullis webhook`.
-#[derive(Debug, Args)]
-pub struct WebhookArgs {
-    /// Where the HTTPS server listens (`/mutate`, `/validate`, `/healthz`).
-    #[arg(long, default_value = "0.0.0.0:8443")]
-    pub addr: SocketAddr,
-    /// The serving certificate chain, PEM (cert-manager's `tls.crt`).
-    #[arg(long)]
-    pub tls_cert: std::path::PathBuf,
-    /// The serving key, PEM (cert-manager's `tls.key`).
-    #[arg(long)]
-    pub tls_key: std::path::PathBuf,
-    /// Who the operator runs as: only they may write SecurityRules labelled as the
-    /// operator's (repeat or comma-separate for several).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = webhook::DEFAULT_OPERATOR_USERNAME
-    )]
-    pub operator_username: Vec<String>,
-}
-
-/// Runs `portcullis webhook`.
-async fn run_webhook(
-    args: WebhookArgs,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
-    let tls =
-        webhook::tls_config_from_files(&args.tls_cert, &args.tls_key).map_err(|e| e.to_string())?;
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("cannot connect to a cluster: {e}"))?;
-    let config = webhook::Config {
-        operator_usernames: args.operator_username,
-    };
-    let server = webhook::serve(args.addr, tls, client, config, shutdown)
-        .await
-        .map_err(|e| e.to_string())?;
-    server
-        .task
-        .await
-        .map_err(|e| format!("the webhook server failed: {e}"))
 }
 
 /// Flags of `portcullis agent`; they map onto [`agent::Config`].
@@ -219,10 +165,6 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Agent(args) => block_on(async move {
             let shutdown = shutdown_signal()?;
             run_agent(args, shutdown).await
-        }),
-        Command::Webhook(args) => block_on(async move {
-            let shutdown = shutdown_signal()?;
-            run_webhook(args, shutdown).await
         }),
         Command::Dev => block_on(async {
             let shutdown = shutdown_signal()?;

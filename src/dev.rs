@@ -2,18 +2,17 @@
 //!
 //! With a cluster configured (a non-empty `KUBECONFIG`, or `~/.kube/config` with a current
 //! context) the operator runs against it, after saying which one. Otherwise a local control
-//! plane is started and set up as a small but complete cluster: CRDs, the shipped user roles
-//! bound to the harness identities (alice requests, bob views), the admission webhook served
-//! with a certificate from the plane's CA and registered with its apiserver, and the operator
-//! running in the foreground (refusing requests without a requestor, as it does behind the
-//! webhook on a cluster). Once the operator is ready the kubeconfig to use from a second terminal
-//! is printed; on SIGINT or SIGTERM the operator stops, then the control plane, and its
-//! directory is removed.
+//! plane is started and set up exactly as `kubectl apply -k deploy/` sets up a cluster (see
+//! [`testenv::install`]: CRDs, the operator's least-privilege role, the user roles, the
+//! admission policies), with the shipped roles bound to the harness identities (alice
+//! requests, bob views), and the operator runs in the foreground as its own service account.
+//! Once the operator is ready the kubeconfig to use from a second terminal is printed; on
+//! SIGINT or SIGTERM the operator stops, then the control plane, and its directory is
+//! removed.
 
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -24,12 +23,7 @@ use tracing::instrument::WithSubscriber;
 use tracing::subscriber::NoSubscriber;
 
 use crate::controller;
-use crate::testenv::{self, ADMIN, ALICE, BOB, ControlPlane};
-use crate::webhook::{self, registration};
-
-/// The ClusterRoles users get on a real cluster; the dev setup binds them like an admin
-/// would, so RBAC behaves as it will in production.
-const USER_ROLES: &str = include_str!("../deploy/user-roles.yaml");
+use crate::testenv::{self, ADMIN, ALICE, BOB, ControlPlane, OPERATOR};
 
 /// The port the operator's HTTP server prefers; any free one does when it is taken.
 const PREFERRED_HTTP_PORT: u16 = 8080;
@@ -48,8 +42,6 @@ pub enum Error {
     ControlPlane(#[from] testenv::Error),
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("cannot apply the user roles with kubectl ({status}): {stderr}")]
-    Roles { status: String, stderr: String },
     #[error("{context}: {source}")]
     Io {
         context: &'static str,
@@ -57,8 +49,6 @@ pub enum Error {
     },
     #[error("the operator failed: {0}")]
     Operator(#[from] controller::Error),
-    #[error("the admission webhook: {0}")]
-    Webhook(#[from] webhook::Error),
 }
 
 /// Runs the operator until `shutdown` resolves, on the configured cluster or a local one.
@@ -116,7 +106,7 @@ async fn run_on_cluster(kubeconfig: Kubeconfig, shutdown: Shutdown) -> Result<()
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     let client = Client::try_from(config)?;
     let http_addr = http_addr()?;
-    run_operator(client, http_addr, false, shutdown, || {
+    run_operator(client, http_addr, shutdown, || {
         say(&format!(
             "Portcullis is running (metrics on http://{http_addr}/metrics). Ctrl-C stops it.\n"
         ))
@@ -142,17 +132,16 @@ async fn run_on_local_plane(shutdown: Shutdown) -> Result<(), Error> {
 
 /// Everything between starting the plane and stopping it; the caller stops it either way.
 async fn serve_on(plane: &ControlPlane, shutdown: Shutdown) -> Result<(), Error> {
-    let client = plane.client(ADMIN).await?;
     let version = tokio::select! {
-        version = set_up(plane, &client) => version?,
+        version = set_up(plane) => version?,
         () = shutdown.clone() => return Ok(()),
     };
-    let webhook = serve_webhook(plane, &client, shutdown.clone()).await?;
+    let client = plane.client(OPERATOR).await?;
     let http_addr = http_addr()?;
     let admin = plane.kubeconfig(ADMIN.name);
     let alice = plane.kubeconfig(ALICE.name);
     let bob = plane.kubeconfig(BOB.name);
-    run_operator(client, http_addr, true, shutdown, || {
+    run_operator(client, http_addr, shutdown, || {
         say(&format!(
             "Portcullis is running on a local control plane (Kubernetes {version}).
 In another terminal:
@@ -163,131 +152,34 @@ kubectl get portcullis
 
 Other identities: {alice} (alice, group team-web, may request access)
 and {bob} (bob, group viewers, read-only).
-Metrics: http://{http_addr}/metrics. Admission webhook: https://{webhook}.
+Metrics: http://{http_addr}/metrics. Admission: the policies in deploy/admission/.
 Ctrl-C stops the operator and removes the control plane.
 ",
             admin = admin.display(),
             alice = alice.display(),
             bob = bob.display(),
-            webhook = webhook.addr,
         ))
     })
     .await
 }
 
-/// Installs the CRDs and the user roles with their bindings; returns the server's version.
-async fn set_up(plane: &ControlPlane, client: &Client) -> Result<String, Error> {
-    testenv::crds::install(client).await?;
-    apply(plane, &format!("{USER_ROLES}\n---\n{}", dev_bindings())).await?;
+/// Installs what `deploy/` installs (the operator aside) and returns the server's version.
+async fn set_up(plane: &ControlPlane) -> Result<String, Error> {
+    testenv::install::product(plane).await?;
+    let client = plane.client(ADMIN).await?;
     Ok(client.apiserver_version().await?.git_version)
-}
-
-/// Serves the admission webhook on a free loopback port with a certificate signed by the
-/// plane's CA, and registers it with the plane's apiserver (trusting that CA), so admission
-/// behaves as `deploy/webhook/` makes it behave on a cluster. The operator runs as the admin
-/// here, so the admin is the identity allowed to write the operator's SecurityRules.
-pub async fn serve_webhook(
-    plane: &ControlPlane,
-    client: &Client,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<webhook::Server, Error> {
-    let cert = plane.pki().serving_cert(&["127.0.0.1"])?;
-    let tls = webhook::tls_config(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())?;
-    let config = webhook::Config {
-        operator_usernames: vec![ADMIN.name.to_owned()],
-    };
-    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let server = webhook::serve(listen, tls, client.clone(), config, shutdown).await?;
-    let base = format!("https://{}", server.addr);
-    let (mutating, validating) =
-        registration::configurations(registration::by_url(&base, &plane.pki().ca_pem))?;
-    registration::register(client, &mutating, &validating).await?;
-    Ok(server)
-}
-
-/// Cluster-wide bindings of the shipped roles to the harness identities. A real cluster
-/// would bind per namespace; for a throwaway dev cluster one binding each is clearer.
-fn dev_bindings() -> String {
-    let binding = |name: &str, role: &str, subjects: &[(&str, &str)]| {
-        let subjects: String = subjects
-            .iter()
-            .map(|(kind, name)| {
-                format!("- kind: {kind}\n  apiGroup: rbac.authorization.k8s.io\n  name: {name}\n")
-            })
-            .collect();
-        format!(
-            "apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata:
-  name: {name}
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: {role}
-subjects:
-{subjects}"
-        )
-    };
-    [
-        binding(
-            "portcullis-dev-requesters",
-            "portcullis-requester",
-            &[("User", ALICE.name), ("Group", ALICE.groups[0])],
-        ),
-        binding(
-            "portcullis-dev-viewers",
-            "portcullis-viewer",
-            &[("Group", BOB.groups[0])],
-        ),
-    ]
-    .join("---\n")
-}
-
-/// `kubectl apply -f` as the admin, with the plane's own kubectl. The manifest is written
-/// into the plane's directory, so it goes away with the plane.
-async fn apply(plane: &ControlPlane, yaml: &str) -> Result<(), Error> {
-    let manifest = plane.dir().join("dev-rbac.yaml");
-    std::fs::write(&manifest, yaml).map_err(|source| Error::Io {
-        context: "cannot write the RBAC manifest",
-        source,
-    })?;
-    let output = tokio::process::Command::new(plane.kubectl())
-        .arg("--kubeconfig")
-        .arg(plane.kubeconfig(ADMIN.name))
-        .arg("apply")
-        .arg("-f")
-        .arg(&manifest)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| Error::Io {
-            context: "cannot run kubectl",
-            source,
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Roles {
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        })
-    }
 }
 
 /// Runs the operator until `shutdown`, calling `announce` once it reports ready (so that
 /// whatever is announced is true by then). Returns early if the operator fails.
-/// `require_requestor` where the webhook stamps requestors (see [`controller::Config`]).
 async fn run_operator(
     client: Client,
     http_addr: SocketAddr,
-    require_requestor: bool,
     shutdown: Shutdown,
     announce: impl FnOnce() -> Result<(), Error>,
 ) -> Result<(), Error> {
     let config = controller::Config {
         http_addr,
-        require_requestor,
         ..controller::Config::default()
     };
     let operator = controller::run(client, config, shutdown);

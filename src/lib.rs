@@ -2,7 +2,7 @@
 //!
 //! The arrows point one way: [`rules`] is the pure NSG model (no Kubernetes in it), [`api`]
 //! holds the custom resources and their conversion into that model, and the kube-facing
-//! pieces (controllers, agent, webhook) build on both.
+//! pieces (controllers, agent) build on both.
 
 pub mod access;
 pub mod agent;
@@ -12,4 +12,3 @@ pub mod controller;
 pub mod dev;
 pub mod rules;
 pub mod testenv;
-pub mod webhook;

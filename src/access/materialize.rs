@@ -54,24 +54,52 @@ pub struct Materialized {
     pub spec: SecurityRuleSpec,
 }
 
-/// The name of a policy's deny rule for one machine: `jit-deny-{policy}-{machine}`, made
-/// valid by [`object_name`] when too long.
-pub fn deny_rule_name(policy: &str, machine: &str) -> String {
-    object_name(&format!("jit-deny-{policy}-{machine}"))
+/// The object that owns a rule: its name makes the rule's name readable, its UID makes it
+/// unique. Names are joined with `-`, which object names may contain, so two owners' names
+/// could join to the same text (request `db` on machine `prod-api` and request `db-prod` on
+/// machine `api`); the short hash of the owner's UID at the end keeps their rules apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner<'a> {
+    /// The owner's object name.
+    pub name: &'a str,
+    /// The owner's `metadata.uid`.
+    pub uid: &'a str,
+}
+
+/// 8 hex digits of a hash of an owner's UID: short enough to keep names readable, and a
+/// name clash between two owners is still caught, because the operator never writes over a
+/// rule another object controls.
+fn short_hash(text: &str) -> String {
+    let hash = fnv1a(text);
+    format!("{:08x}", (hash ^ (hash >> 32)) as u32)
+}
+
+/// The name of a policy's deny rule for one machine: `jit-deny-{policy}-{machine}-{hash}`,
+/// made valid by [`object_name`] when too long.
+pub fn deny_rule_name(policy: Owner<'_>, machine: &str) -> String {
+    object_name(&format!(
+        "jit-deny-{}-{machine}-{}",
+        policy.name,
+        short_hash(policy.uid)
+    ))
 }
 
 /// The name of a request's allow rule for one port:
-/// `jit-allow-{request}-{machine}-{port}-{tcp|udp|any}`, made valid by [`object_name`] when
-/// too long. The protocol is part of the name because a request may open one port over TCP
-/// and UDP separately.
-pub fn allow_rule_name(request: &str, machine: &str, port: u16, protocol: Protocol) -> String {
+/// `jit-allow-{request}-{machine}-{port}-{tcp|udp|any}-{hash}`, made valid by
+/// [`object_name`] when too long. The protocol is part of the name because a request may
+/// open one port over TCP and UDP separately.
+pub fn allow_rule_name(request: Owner<'_>, machine: &str, port: u16, protocol: Protocol) -> String {
     let protocol = match protocol {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
         Protocol::Icmp => "icmp",
         Protocol::Any => "any",
     };
-    object_name(&format!("jit-allow-{request}-{machine}-{port}-{protocol}"))
+    object_name(&format!(
+        "jit-allow-{}-{machine}-{port}-{protocol}-{}",
+        request.name,
+        short_hash(request.uid)
+    ))
 }
 
 /// `name` lowercased when that is a valid object name. Otherwise (too long, or characters a
@@ -121,8 +149,7 @@ pub fn label_value(value: &str) -> String {
 /// `max`, dropping non-alphanumerics at both ends so the result starts and ends with an
 /// alphanumeric.
 fn shorten(cleaned: &str, original: &str, max: usize) -> String {
-    let hash = fnv1a(original);
-    let hash = format!("{:08x}", (hash ^ (hash >> 32)) as u32);
+    let hash = short_hash(original);
     let keep = &cleaned[..cleaned.len().min(max - hash.len() - 1)];
     let keep = keep.trim_matches(|c: char| !c.is_ascii_alphanumeric());
     if keep.is_empty() {
@@ -172,7 +199,7 @@ fn is_label_value(s: &str) -> bool {
 ///
 /// The protocol is `*` when the ports mix protocols or one is `*`: one rule must close them
 /// all, and denying a little more (the other protocol on a JIT port) is the safe side.
-pub fn deny_rule(policy: &str, machine: &PolicyVirtualMachine, priority: u32) -> Materialized {
+pub fn deny_rule(policy: Owner<'_>, machine: &PolicyVirtualMachine, priority: u32) -> Materialized {
     let ports = policy_ports(machine);
     let mut protocols = ports.iter().map(|p| model_protocol(p.protocol));
     let first = protocols.next().unwrap_or(Protocol::Any);
@@ -185,7 +212,11 @@ pub fn deny_rule(policy: &str, machine: &PolicyVirtualMachine, priority: u32) ->
     numbers.sort_unstable();
     numbers.dedup();
 
-    let mut labels = common_labels(&machine.network_security_group_name, policy, &machine.name);
+    let mut labels = common_labels(
+        &machine.network_security_group_name,
+        policy.name,
+        &machine.name,
+    );
     labels.insert(LABEL_ROLE.to_owned(), ROLE_DENY.to_owned());
 
     Materialized {
@@ -221,7 +252,7 @@ pub fn deny_rule(policy: &str, machine: &PolicyVirtualMachine, priority: u32) ->
 /// the machine's address and port, until `expires_at` (after which it is never effective,
 /// even if nobody deleted it yet).
 pub fn allow_rule(
-    request: &str,
+    request: Owner<'_>,
     policy: &str,
     grant: &PortGrant,
     priority: u32,
@@ -239,7 +270,7 @@ pub fn allow_rule(
     };
 
     let mut labels = common_labels(&grant.network_security_group, policy, &grant.machine);
-    labels.insert(LABEL_REQUEST.to_owned(), label_value(request));
+    labels.insert(LABEL_REQUEST.to_owned(), label_value(request.name));
     labels.insert(LABEL_ROLE.to_owned(), ROLE_ALLOW.to_owned());
 
     Materialized {
@@ -261,8 +292,8 @@ pub fn allow_rule(
                 destination_port_range: None,
                 destination_port_ranges: Some(vec![grant.number.to_string()]),
                 description: Some(description(format!(
-                    "JIT access to machine {} port {} granted by JitRequest {request}",
-                    grant.machine, grant.number
+                    "JIT access to machine {} port {} granted by JitRequest {}",
+                    grant.machine, grant.number, request.name
                 ))),
             },
             expires_at: Some(Time(expires_at)),
@@ -318,6 +349,14 @@ mod tests {
         serde_json::from_value(vm).unwrap()
     }
 
+    /// An owner with a fixed UID, so expected names are stable.
+    fn owner(name: &str) -> Owner<'_> {
+        Owner {
+            name,
+            uid: "0d6f7a8e-1b2c-4d5e-8f90-123456789abc",
+        }
+    }
+
     fn valid_name(name: &str) -> bool {
         name.len() <= MAX_NAME && is_dns_subdomain(name)
     }
@@ -328,23 +367,68 @@ mod tests {
 
     #[test]
     fn short_names_are_kept_readable() {
-        assert_eq!(deny_rule_name("ssh", "web-1"), "jit-deny-ssh-web-1");
+        let h = short_hash(owner("").uid);
         assert_eq!(
-            allow_rule_name("alice-1", "web-1", 22, Protocol::Tcp),
-            "jit-allow-alice-1-web-1-22-tcp"
+            deny_rule_name(owner("ssh"), "web-1"),
+            format!("jit-deny-ssh-web-1-{h}")
         );
         assert_eq!(
-            allow_rule_name("r.v2", "db", 53, Protocol::Udp),
-            "jit-allow-r.v2-db-53-udp"
+            allow_rule_name(owner("alice-1"), "web-1", 22, Protocol::Tcp),
+            format!("jit-allow-alice-1-web-1-22-tcp-{h}")
         );
         assert_eq!(
-            allow_rule_name("r", "db", 53, Protocol::Any),
-            "jit-allow-r-db-53-any"
+            allow_rule_name(owner("r.v2"), "db", 53, Protocol::Udp),
+            format!("jit-allow-r.v2-db-53-udp-{h}")
         );
-        assert_eq!(deny_rule_name("Mixed", "M"), "jit-deny-mixed-m");
+        assert_eq!(
+            allow_rule_name(owner("r"), "db", 53, Protocol::Any),
+            format!("jit-allow-r-db-53-any-{h}")
+        );
+        assert_eq!(
+            deny_rule_name(owner("Mixed"), "M"),
+            format!("jit-deny-mixed-m-{h}")
+        );
         assert_eq!(label_value("web-1"), "web-1");
         assert_eq!(label_value("a.b_C-9"), "a.b_C-9");
         assert_eq!(label_value(""), "");
+    }
+
+    #[test]
+    fn names_joined_alike_from_different_owners_differ() {
+        // Request `db` on machine `prod-api` and request `db-prod` on machine `api` join to
+        // the same text; their owners' UIDs keep the rules apart.
+        let db = Owner {
+            name: "db",
+            uid: "uid-1",
+        };
+        let db_prod = Owner {
+            name: "db-prod",
+            uid: "uid-2",
+        };
+        assert_ne!(
+            allow_rule_name(db, "prod-api", 22, Protocol::Tcp),
+            allow_rule_name(db_prod, "api", 22, Protocol::Tcp)
+        );
+        let x_y = Owner {
+            name: "x-y",
+            uid: "uid-3",
+        };
+        let x = Owner {
+            name: "x",
+            uid: "uid-4",
+        };
+        assert_ne!(deny_rule_name(x_y, "z"), deny_rule_name(x, "y-z"));
+        // The same owner always gets the same name: a restarted operator finds its rules.
+        assert_eq!(
+            deny_rule_name(x, "y-z"),
+            deny_rule_name(
+                Owner {
+                    name: "x",
+                    uid: "uid-4"
+                },
+                "y-z"
+            )
+        );
     }
 
     #[test]
@@ -352,13 +436,13 @@ mod tests {
         let long_a = format!("{}a", "x".repeat(252));
         let long_b = format!("{}b", "x".repeat(252));
         let names = [
-            allow_rule_name(&long_a, "web-1", 22, Protocol::Tcp),
-            allow_rule_name(&long_b, "web-1", 22, Protocol::Tcp),
-            allow_rule_name(&long_a, "web-1", 22, Protocol::Udp),
-            deny_rule_name(&long_a, "web-1"),
-            deny_rule_name(&long_b, "web-1"),
-            deny_rule_name("a..b", "-x-"),
-            deny_rule_name("a", "b_c"),
+            allow_rule_name(owner(&long_a), "web-1", 22, Protocol::Tcp),
+            allow_rule_name(owner(&long_b), "web-1", 22, Protocol::Tcp),
+            allow_rule_name(owner(&long_a), "web-1", 22, Protocol::Udp),
+            deny_rule_name(owner(&long_a), "web-1"),
+            deny_rule_name(owner(&long_b), "web-1"),
+            deny_rule_name(owner("a..b"), "-x-"),
+            deny_rule_name(owner("a"), "b_c"),
         ];
         for name in &names {
             assert!(valid_name(name), "{name:?} ({} chars)", name.len());
@@ -369,7 +453,7 @@ mod tests {
         assert_eq!(distinct.len(), names.len(), "{names:?}");
         assert_eq!(
             names[0],
-            allow_rule_name(&long_a, "web-1", 22, Protocol::Tcp)
+            allow_rule_name(owner(&long_a), "web-1", 22, Protocol::Tcp)
         );
         assert_eq!(names[0].len(), MAX_NAME);
         assert!(names[0].starts_with("jit-allow-xxx"));
@@ -395,7 +479,12 @@ mod tests {
 
     #[test]
     fn deny_closes_all_policy_ports_with_one_protocol() {
-        let protocol_of = |ports| deny_rule("p", &machine(ports), 150).spec.fields.protocol;
+        let protocol_of = |ports| {
+            deny_rule(owner("p"), &machine(ports), 150)
+                .spec
+                .fields
+                .protocol
+        };
         assert_eq!(protocol_of(serde_json::Value::Null), RuleProtocol::Tcp);
         assert_eq!(
             protocol_of(
@@ -415,7 +504,7 @@ mod tests {
         );
 
         let deny = deny_rule(
-            "ssh-policy",
+            owner("ssh-policy"),
             &machine(json!([
                 {"number": 5986, "protocol": "TCP"},
                 {"number": 22, "protocol": "TCP"},
@@ -424,7 +513,11 @@ mod tests {
             ])),
             150,
         );
-        assert_eq!(deny.name, "jit-deny-ssh-policy-web-1");
+        assert_eq!(
+            deny.name,
+            deny_rule_name(owner("ssh-policy"), "web-1"),
+            "the rule is named after its owner"
+        );
         assert_eq!(
             deny.labels,
             BTreeMap::from([
@@ -449,7 +542,7 @@ mod tests {
         assert_eq!(f.destination_port_range, None);
         assert!(f.description.as_deref().unwrap().contains("web-1"));
 
-        let defaults = deny_rule("p", &machine(serde_json::Value::Null), 150);
+        let defaults = deny_rule(owner("p"), &machine(serde_json::Value::Null), 150);
         assert_eq!(
             defaults.spec.fields.destination_ports(),
             ["22", "3389", "5985", "5986"]
@@ -475,8 +568,17 @@ mod tests {
     #[test]
     fn allow_opens_exactly_the_grant_until_it_expires() {
         let expires: jiff::Timestamp = "2030-01-02T03:04:05Z".parse().unwrap();
-        let allow = allow_rule("alice-1", "rdp", &grant(&["203.0.113.5/32"]), 100, expires);
-        assert_eq!(allow.name, "jit-allow-alice-1-web-1-3389-tcp");
+        let allow = allow_rule(
+            owner("alice-1"),
+            "rdp",
+            &grant(&["203.0.113.5/32"]),
+            100,
+            expires,
+        );
+        assert_eq!(
+            allow.name,
+            allow_rule_name(owner("alice-1"), "web-1", 3389, Protocol::Tcp)
+        );
         assert_eq!(
             allow.labels,
             BTreeMap::from([
@@ -503,8 +605,11 @@ mod tests {
 
         let mut many = grant(&["0.0.0.0/0", "::/0"]);
         many.protocol = Protocol::Any;
-        let allow = allow_rule("alice-1", "rdp", &many, 101, expires);
-        assert_eq!(allow.name, "jit-allow-alice-1-web-1-3389-any");
+        let allow = allow_rule(owner("alice-1"), "rdp", &many, 101, expires);
+        assert_eq!(
+            allow.name,
+            allow_rule_name(owner("alice-1"), "web-1", 3389, Protocol::Any)
+        );
         let f = &allow.spec.fields;
         assert_eq!(f.protocol, RuleProtocol::Any);
         assert_eq!(f.source_address_prefix, None);
@@ -517,13 +622,8 @@ mod tests {
     #[test]
     fn descriptions_fit_the_schema_for_long_names() {
         let expires = jiff::Timestamp::UNIX_EPOCH;
-        let allow = allow_rule(
-            &"r".repeat(253),
-            "p",
-            &grant(&["192.0.2.1/32"]),
-            100,
-            expires,
-        );
+        let long = "r".repeat(253);
+        let allow = allow_rule(owner(&long), "p", &grant(&["192.0.2.1/32"]), 100, expires);
         let text = allow.spec.fields.description.unwrap();
         assert_eq!(text.chars().count(), MAX_DESCRIPTION);
         assert!(text.ends_with('…'));
@@ -532,7 +632,7 @@ mod tests {
     #[test]
     fn materialized_rules_serialize_with_the_api_field_names() {
         let expires: jiff::Timestamp = "2030-01-02T03:04:05Z".parse().unwrap();
-        let allow = allow_rule("a", "p", &grant(&["192.0.2.1/32"]), 100, expires);
+        let allow = allow_rule(owner("a"), "p", &grant(&["192.0.2.1/32"]), 100, expires);
         let value = serde_json::to_value(&allow.spec).unwrap();
         assert_eq!(value["sourceAddressPrefix"], "192.0.2.1");
         assert_eq!(value["destinationPortRanges"], json!(["3389"]));

@@ -17,6 +17,6 @@ pub mod materialize;
 pub mod validate;
 
 pub use materialize::{
-    Materialized, allow_rule, allow_rule_name, deny_rule, deny_rule_name, label_value,
+    Materialized, Owner, allow_rule, allow_rule_name, deny_rule, deny_rule_name, label_value,
 };
 pub use validate::{AllowedPort, PortGrant, Violation, model_protocol, policy_ports, validate};

@@ -179,6 +179,22 @@ pub enum Violation {
     /// pure layer cannot check, while what was asked is.
     #[error("no authenticated requestor is recorded on the request")]
     RequestorMissing,
+    /// The apiserver's authorizer says the requestor may not use the policy (checked when
+    /// the operator is about to grant: a request may wait long after admission, and
+    /// permissions may have been withdrawn meanwhile).
+    #[error("{requestor} may not {verb} jitpolicies/{policy} in namespace {namespace}: {why}")]
+    NotAuthorized {
+        /// The recorded requestor's username.
+        requestor: String,
+        /// The verb that was refused (`initiate`).
+        verb: String,
+        /// The policy the request names.
+        policy: String,
+        /// The request's namespace.
+        namespace: String,
+        /// The authorizer's reason, or what role would grant the verb.
+        why: String,
+    },
 }
 
 /// One JIT port of a policy machine with the policy defaults applied, so that validation and
@@ -650,7 +666,7 @@ mod tests {
             | InvalidSource { machine, port, .. }
             | SourceMissing { machine, port }
             | DuplicatePort { machine, port } => (Some(machine), Some(*port)),
-            JustificationRequired | RequestorMissing => (None, None),
+            JustificationRequired | RequestorMissing | NotAuthorized { .. } => (None, None),
         }
     }
 

@@ -18,8 +18,13 @@ pub mod reason {
     pub const INVALID_RULE: &str = "InvalidRule";
     pub const NSG_NOT_FOUND: &str = "NetworkSecurityGroupNotFound";
     pub const NO_PRIORITY_AVAILABLE: &str = "NoPriorityAvailable";
+    /// A user rule above a JIT deny lets a protected port in from a source the policy does
+    /// not allow: the machine is not fully protected.
+    pub const EXPOSED: &str = "Exposed";
     pub const POLICY_NOT_FOUND: &str = "PolicyNotFound";
     pub const REQUESTOR_MISSING: &str = "RequestorMissing";
+    pub const NOT_AUTHORIZED: &str = "NotAuthorized";
+    pub const RULE_CONFLICT: &str = "RuleConflict";
     pub const POLICY_VIOLATION: &str = "PolicyViolation";
     pub const ACCESS_GRANTED: &str = "AccessGranted";
     pub const EXPIRED: &str = "Expired";

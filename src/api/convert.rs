@@ -22,8 +22,10 @@ pub struct ConvertError {
     pub value: String,
 }
 
-/// What the NSG's tags stand for. Values that are not CIDRs are reported, not dropped
-/// silently, because a wrong `VirtualNetwork` changes every verdict.
+/// What the NSG's tags stand for. Values that are not addresses or CIDRs (`*`, a tag) are
+/// reported, not dropped silently, because a wrong `VirtualNetwork` changes every verdict.
+/// The schema refuses them too ([`super::validation::ADDRESS_SPACE_RULE`]); this check
+/// remains for objects stored before it did.
 pub fn scope(spec: &NetworkSecurityGroupSpec) -> Result<Scope, ConvertError> {
     let nets = |field: &'static str, values: &[String]| -> Result<Vec<IpNet>, ConvertError> {
         values
@@ -217,10 +219,36 @@ mod tests {
 
     #[test]
     fn scope_rejects_tags_as_address_space() {
+        for field in ["virtualNetworkPrefixes", "loadBalancerPrefixes"] {
+            for tag in ["*", "VirtualNetwork", "Internet", "AzureLoadBalancer"] {
+                let spec: NetworkSecurityGroupSpec = serde_json::from_value(serde_json::json!({
+                    field: ["198.18.0.0/24", tag]
+                }))
+                .unwrap();
+                let error = scope(&spec).unwrap_err();
+                assert_eq!((error.field, error.value.as_str()), (field, tag));
+            }
+        }
+    }
+
+    #[test]
+    fn scope_reads_addresses_and_cidrs_as_the_schema_does() {
         let spec: NetworkSecurityGroupSpec = serde_json::from_value(serde_json::json!({
-            "virtualNetworkPrefixes": ["198.18.0.0/24", "Internet"]
+            "virtualNetworkPrefixes": ["198.18.0.0/24", "2001:DB8::/32", "198.19.0.7"],
+            "loadBalancerPrefixes": ["198.18.1.0/28"]
         }))
         .unwrap();
-        assert_eq!(scope(&spec).unwrap_err().value, "Internet");
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            scope(&spec),
+            Ok(Scope {
+                virtual_network: vec![
+                    net("198.18.0.0/24"),
+                    net("2001:db8::/32"),
+                    net("198.19.0.7/32")
+                ],
+                load_balancer: vec![net("198.18.1.0/28")],
+            })
+        );
     }
 }

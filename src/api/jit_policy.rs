@@ -173,6 +173,13 @@ pub enum MachineState {
     NetworkSecurityGroupNotFound,
     /// No free priority below the user rules that match its ports.
     NoPriorityAvailable,
+    /// Its deny rule is in place, but a user rule above it lets a protected port in from a
+    /// source the policy does not allow; the message names the rule and the port.
+    Exposed,
+    /// A rule of the deny rule's name exists and is not this policy's (a user's rule, or
+    /// another owner's): it is left alone and named in the message, so the machine is not
+    /// protected until it is renamed or removed.
+    RuleConflict,
 }
 
 /// One machine's state.

@@ -1,6 +1,8 @@
 //! `JitRequest` (`jitr`): one person's ask for access, the analogue of Azure's `initiate`.
 //! The spec is immutable once created; the lifecycle lives in status.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -14,7 +16,7 @@ use super::validation::{
 
 /// The finalizer that revokes a granted request's rules before the request object goes.
 /// Admission adds it at creation (saving the operator a write per grant); the operator adds
-/// it itself where no webhook runs.
+/// it itself where admission did not.
 pub const REVOKE_FINALIZER: &str = "jit.portcullis.dev/revoke";
 
 /// What is asked: which machines of which policy, which ports, from where, for how long.
@@ -62,8 +64,8 @@ pub struct JitRequestSpec {
     #[schemars(length(min = 1, max = 16))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub virtual_machines: Vec<RequestVirtualMachine>,
-    /// Who asked. Stamped by admission from the authenticated caller; a value a user writes
-    /// is overwritten, never trusted.
+    /// Who asked. Stamped by admission (`deploy/admission/requestor.yaml`) from the
+    /// authenticated caller; a value a user writes is overwritten, never trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requestor: Option<Requestor>,
 }
@@ -114,6 +116,11 @@ pub struct Requestor {
     pub uid: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// The authenticator's extra attributes (e.g. scopes), which authorizers may consult:
+    /// the operator's SubjectAccessReview passes them on, so it decides for the same identity
+    /// the apiserver admitted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 /// Where a request is in its life.

@@ -29,6 +29,9 @@ use kube::CustomResourceExt;
 pub const GROUP: &str = "jit.portcullis.dev";
 /// The one served and stored version.
 pub const VERSION: &str = "v1alpha1";
+/// The custom verb on `jitpolicies` that lets a user request access under a policy: the
+/// analogue of Azure's `jitNetworkAccessPolicies/initiate/action`.
+pub const INITIATE: &str = "initiate";
 
 /// All CRDs in a stable order: what `portcullis crds` prints and `crds/` holds.
 pub fn crds() -> Vec<CustomResourceDefinition> {

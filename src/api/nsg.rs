@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::rule_fields::{Access, Direction, RuleFields, RuleProtocol};
-use super::validation::{PREFIX_MESSAGE, PREFIXES_RULE};
+use super::validation::{ADDRESS_SPACE_MESSAGE, ADDRESS_SPACE_RULE};
 
 /// The desired firewall: user-owned inline rules plus the address space that gives the
 /// `VirtualNetwork` and `Internet` tags their meaning.
@@ -49,14 +49,16 @@ use super::validation::{PREFIX_MESSAGE, PREFIXES_RULE};
 ).message("securityRules: priority must be unique per direction").field_path(".securityRules"))]
 pub struct NetworkSecurityGroupSpec {
     /// The prefixes the `VirtualNetwork` tag stands for; `Internet` is everything else.
+    /// Addresses and CIDRs only: a tag here would define a tag by itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(max = 64)))]
-    #[x_kube(validation = Rule::new(PREFIXES_RULE).message(PREFIX_MESSAGE))]
+    #[x_kube(validation = Rule::new(ADDRESS_SPACE_RULE).message(ADDRESS_SPACE_MESSAGE))]
     pub virtual_network_prefixes: Vec<String>,
     /// The prefixes the `AzureLoadBalancer` tag stands for (health probes); empty by default.
+    /// Addresses and CIDRs only, like `virtualNetworkPrefixes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(max = 64)))]
-    #[x_kube(validation = Rule::new(PREFIXES_RULE).message(PREFIX_MESSAGE))]
+    #[x_kube(validation = Rule::new(ADDRESS_SPACE_RULE).message(ADDRESS_SPACE_MESSAGE))]
     pub load_balancer_prefixes: Vec<String>,
     /// The user's rules. The operator never edits them; what it adds lives in `SecurityRule`
     /// objects.

@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::rule_fields::RuleFields;
+use super::validation::TIMESTAMP_PATTERN;
 
 /// A rule attached to the NSG named in `networkSecurityGroupName`.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -54,5 +55,19 @@ pub struct SecurityRuleSpec {
     pub fields: RuleFields,
     /// After this instant the rule is never effective, deleted yet or not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "expires_at_schema")]
     pub expires_at: Option<Time>,
+}
+
+/// `expiresAt` as an RFC 3339 timestamp the operator and the agents can read. The plain
+/// `date-time` format is not enough: the apiserver's check for it accepts strings (a stray
+/// character where the fraction's dot goes, more than nine fraction digits) that no client
+/// can parse, and one such object would stop every cache that lists SecurityRules.
+fn expires_at_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "format": "date-time",
+        "pattern": TIMESTAMP_PATTERN,
+        "nullable": true,
+    })
 }

@@ -10,10 +10,16 @@ use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+
 use super::metrics::Metrics;
+use crate::access::Violation;
 use crate::access::materialize::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::api::convert::{self, ConvertError};
-use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::jit_request::Requestor;
+use crate::api::{GROUP, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self, Origin, Scope};
 
 /// Objects whose related objects changed lately, by kind and `namespace/name`.
@@ -83,8 +89,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
-    pub require_requestor: bool,
     pub changes: RecentChanges,
+    /// Deleted requests' last records, for their policies' history.
+    pub departed: super::policy::Departed,
     synced: std::sync::atomic::AtomicBool,
 }
 
@@ -104,16 +111,16 @@ impl Context {
         reporter: Reporter,
         metrics: Arc<Metrics>,
         stores: Stores,
-        require_requestor: bool,
         changes: RecentChanges,
+        departed: super::policy::Departed,
     ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
             stores,
-            require_requestor,
             changes,
+            departed,
             synced: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -240,6 +247,91 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Asks the apiserver whether `requestor` (user, uid, groups and extra, exactly as
+    /// admission recorded them) may `verb` the policy `policy` in `namespace`; returns the
+    /// refusal, if any. RBAC, `resourceNames` included, and every other authorizer decide,
+    /// as of now: permissions withdrawn after admission are seen.
+    pub async fn may(
+        &self,
+        requestor: &Requestor,
+        verb: &str,
+        namespace: &str,
+        policy: &str,
+    ) -> Result<Option<Violation>, super::Error> {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(requestor.username.clone()),
+                uid: requestor.uid.clone().filter(|u| !u.is_empty()),
+                groups: Some(requestor.groups.clone()),
+                extra: (!requestor.extra.is_empty()).then(|| requestor.extra.clone()),
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(namespace.to_owned()),
+                    verb: Some(verb.to_owned()),
+                    group: Some(GROUP.to_owned()),
+                    resource: Some(JitPolicy::plural(&()).into_owned()),
+                    name: Some(policy.to_owned()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        let reviewed = kube::Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&kube::api::PostParams::default(), &review)
+            .await?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.allowed {
+            return Ok(None);
+        }
+        let why = status
+            .reason
+            .filter(|r| !r.is_empty())
+            .or(status.evaluation_error.filter(|e| !e.is_empty()))
+            .unwrap_or_else(|| {
+                format!(
+                    "no role grants the verb {verb} on it (see ClusterRole portcullis-requester)"
+                )
+            });
+        Ok(Some(Violation::NotAuthorized {
+            requestor: requestor.username.clone(),
+            verb: verb.to_owned(),
+            policy: policy.to_owned(),
+            namespace: namespace.to_owned(),
+            why,
+        }))
+    }
+}
+
+/// Whose an existing rule is, as far as writing it goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ownership {
+    /// The operator's, controlled by the owner about to write it.
+    Ours,
+    /// Not to be written: someone else's, with who holds it, for the conflict report.
+    Foreign(String),
+}
+
+/// Whether the operator may write `rule` on behalf of the owner with UID `owner_uid`: only a
+/// managed rule that owner controls. A managed rule another object controls (two owners'
+/// names clashing) or a user's rule of the same name is someone else's.
+pub fn ownership(rule: &SecurityRule, owner_uid: &str) -> Ownership {
+    let controller = rule
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    match controller {
+        Some(o) if o.uid == owner_uid && is_managed(rule) => Ownership::Ours,
+        Some(o) => Ownership::Foreign(format!("it is controlled by {} {}", o.kind, o.name)),
+        None if is_managed(rule) => Ownership::Foreign("it has no controlling owner".to_owned()),
+        None => Ownership::Foreign(format!(
+            "it is a user's rule (no {LABEL_MANAGED_BY}={MANAGED_BY} label)"
+        )),
+    }
+}
+
 /// Whether the operator created this rule (and so may change or delete it).
 pub fn is_managed(rule: &SecurityRule) -> bool {
     rule.metadata
@@ -300,32 +392,22 @@ impl Context {
     /// Ensures the operator's `SecurityRule` exists exactly as `desired`, owned by `owner`.
     ///
     /// Reads the cache first and writes only on a difference, so a steady state costs no API
-    /// calls; a deleted or hand-edited rule is restored by server-side apply with force (the
-    /// operator's fields win, anything else a user added is left alone).
+    /// calls. A rule of that name that another object controls, or that the operator did not
+    /// create, is never written over: that is [`super::Error::RuleConflict`]. A new rule is
+    /// created with a plain create, which fails rather than takes over an object the cache
+    /// has not seen yet; a deleted or hand-edited rule of ours is restored by server-side
+    /// apply with force (the operator's fields win, anything else a user added stays).
     pub async fn ensure_rule(
         &self,
         namespace: &str,
         desired: &crate::access::materialize::Materialized,
         owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
     ) -> Result<bool, super::Error> {
-        let current = self
+        let api = kube::Api::<SecurityRule>::namespaced(self.client.clone(), namespace);
+        let mut current = self
             .stores
             .rules
             .get(&ObjectRef::new(&desired.name).within(namespace));
-        let in_place = current.as_ref().is_some_and(|rule| {
-            rule.spec == desired.spec
-                && rule.metadata.owner_references.as_ref().is_some_and(|refs| {
-                    refs.iter()
-                        .any(|r| r.uid == owner.uid && r.controller == Some(true))
-                })
-                && desired
-                    .labels
-                    .iter()
-                    .all(|(k, v)| rule.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
-        });
-        if in_place {
-            return Ok(false);
-        }
         let object = serde_json::json!({
             "apiVersion": SecurityRule::api_version(&()),
             "kind": SecurityRule::kind(&()),
@@ -337,13 +419,47 @@ impl Context {
             },
             "spec": desired.spec,
         });
-        kube::Api::<SecurityRule>::namespaced(self.client.clone(), namespace)
-            .patch(
-                &desired.name,
-                &kube::api::PatchParams::apply(super::MANAGER).force(),
-                &kube::api::Patch::Apply(&object),
-            )
-            .await?;
+        if current.is_none() {
+            let new: SecurityRule =
+                serde_json::from_value(object.clone()).expect("a materialized rule deserializes");
+            let params = kube::api::PostParams {
+                field_manager: Some(super::MANAGER.to_owned()),
+                ..kube::api::PostParams::default()
+            };
+            match api.create(&params, &new).await {
+                Ok(_) => return Ok(true),
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    current = api.get_opt(&desired.name).await?.map(Arc::new);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if let Some(rule) = &current {
+            match ownership(rule, &owner.uid) {
+                Ownership::Ours => {}
+                Ownership::Foreign(holder) => {
+                    return Err(super::Error::RuleConflict {
+                        rule: desired.name.clone(),
+                        owner: format!("{} {}", owner.kind, owner.name),
+                        holder,
+                    });
+                }
+            }
+            let in_place = rule.spec == desired.spec
+                && desired
+                    .labels
+                    .iter()
+                    .all(|(k, v)| rule.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v));
+            if in_place {
+                return Ok(false);
+            }
+        }
+        api.patch(
+            &desired.name,
+            &kube::api::PatchParams::apply(super::MANAGER).force(),
+            &kube::api::Patch::Apply(&object),
+        )
+        .await?;
         Ok(true)
     }
 
@@ -375,5 +491,56 @@ impl Context {
                     })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn rule(labels: serde_json::Value, owners: serde_json::Value) -> SecurityRule {
+        serde_json::from_value(json!({
+            "apiVersion": "jit.portcullis.dev/v1alpha1",
+            "kind": "SecurityRule",
+            "metadata": { "name": "jit-deny-x-y-z-1234abcd", "labels": labels, "ownerReferences": owners },
+            "spec": {
+                "networkSecurityGroupName": "nsg", "priority": 100,
+                "direction": "Inbound", "access": "Deny", "protocol": "Tcp",
+                "sourceAddressPrefix": "*", "sourcePortRange": "*",
+                "destinationAddressPrefix": "*", "destinationPortRange": "22",
+            },
+        }))
+        .unwrap()
+    }
+
+    fn owner(uid: &str, controller: bool) -> serde_json::Value {
+        json!([{ "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "JitPolicy",
+                 "name": "x", "uid": uid, "controller": controller }])
+    }
+
+    #[test]
+    fn only_the_controlling_owners_managed_rule_is_ours() {
+        let managed = json!({ LABEL_MANAGED_BY: MANAGED_BY });
+        assert_eq!(
+            ownership(&rule(managed.clone(), owner("u-1", true)), "u-1"),
+            Ownership::Ours
+        );
+        // Another owner's rule of the same name (two owners' names clashing) is not ours.
+        let Ownership::Foreign(why) = ownership(&rule(managed.clone(), owner("u-2", true)), "u-1")
+        else {
+            panic!("another owner's rule was taken for ours");
+        };
+        assert!(why.contains("JitPolicy x"), "{why}");
+        // Neither is a rule without a controller, nor a user's rule with that name.
+        assert!(matches!(
+            ownership(&rule(managed, owner("u-1", false)), "u-1"),
+            Ownership::Foreign(_)
+        ));
+        let Ownership::Foreign(why) = ownership(&rule(json!({}), json!(null)), "u-1") else {
+            panic!("a user's rule was taken for ours");
+        };
+        assert!(why.contains("user's rule"), "{why}");
     }
 }

@@ -39,9 +39,6 @@ pub struct Config {
     /// Reconciles in flight per controller: bounded so a burst cannot exhaust the API
     /// server's or the operator's resources.
     pub concurrency: u16,
-    /// Refuse requests that carry no authenticated `spec.requestor`. Turned on where the
-    /// admission webhook stamps requestors; without it nothing would ever be granted.
-    pub require_requestor: bool,
 }
 
 impl Default for Config {
@@ -49,7 +46,6 @@ impl Default for Config {
         Self {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             concurrency: 16,
-            require_requestor: false,
         }
     }
 }
@@ -69,6 +65,14 @@ pub enum Error {
     /// Not a failure: the reconcile must wait for another controller (retried soon, quietly).
     #[error("waiting: {0}")]
     Waiting(String),
+    /// The rule the operator would write exists and belongs to someone else: it is reported,
+    /// never taken over.
+    #[error("SecurityRule {rule} already exists and is not {owner}'s: {holder}")]
+    RuleConflict {
+        rule: String,
+        owner: String,
+        holder: String,
+    },
     #[error("{kind} without {field}")]
     MissingField {
         kind: &'static str,
@@ -246,7 +250,8 @@ pub async fn run(
 
     let changes = context::RecentChanges::default();
     let nsg_controller = nsg::controller(&client, &config, changes.clone());
-    let policy_controller = policy::controller(&client, &config, changes.clone());
+    let departed = policy::Departed::default();
+    let policy_controller = policy::controller(&client, &config, changes.clone(), departed.clone());
     let request_controller = request::controller(&client, &config, changes.clone());
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -261,8 +266,8 @@ pub async fn run(
             requests: request_controller.store(),
             rules,
         },
-        config.require_requestor,
         changes,
+        departed,
     ));
 
     let readiness_and_gauges = {

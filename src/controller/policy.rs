@@ -1,10 +1,12 @@
 //! The JitPolicy controller: one deny `SecurityRule` per protected machine, placed per the
 //! NSG's user rules, restored when deleted or edited, cleaned up when stale; per-machine
-//! state and the request history in status.
+//! state (including user rules above the deny that expose a JIT port) and the request
+//! history in status.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -19,11 +21,11 @@ use crate::access::materialize::{self, LABEL_ROLE, ROLE_DENY};
 use crate::access::validate::{model_protocol, policy_ports};
 use crate::api::conditions::{self, Decided, reason};
 use crate::api::jit_policy::{
-    GrantState, GrantStateReason, JitPolicyStatus, MachineState, MachineStatus, RequestRecord,
-    RequestRecordMachine, RequestRecordPort,
+    GrantState, GrantStateReason, JitPolicyStatus, MachineState, MachineStatus,
+    PolicyVirtualMachine, RequestRecord, RequestRecordMachine, RequestRecordPort,
 };
 use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
-use crate::rules::{PortRange, place};
+use crate::rules::{AddressPrefix, PortRange, ProtectedPort, exposures, place};
 
 pub const NAME: &str = "policy";
 /// How many requests a policy remembers, newest first (Azure keeps a bounded list too).
@@ -39,6 +41,7 @@ pub fn controller(
     client: &Client,
     config: &Config,
     changes: super::context::RecentChanges,
+    departed: Departed,
 ) -> Controller<JitPolicy> {
     let wc = watcher::Config::default();
     let controller = super::lean_controller(Api::<JitPolicy>::all(client.clone()));
@@ -66,7 +69,8 @@ pub fn controller(
                 woken
             },
         )
-        .watches(Api::<JitRequest>::all(client.clone()), wc, |request| {
+        .watches(Api::<JitRequest>::all(client.clone()), wc, move |request| {
+            departed.note(&request);
             let namespace = request.metadata.namespace.clone()?;
             Some(ObjectRef::new(&request.spec.policy_name).within(&namespace))
         })
@@ -167,14 +171,40 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
             .collect();
         match place(&view.user_rules, address, &ports, &view.scope) {
             Ok(placement) => {
-                let rule = materialize::deny_rule(&name, machine, placement.deny);
+                let rule = materialize::deny_rule(
+                    materialize::Owner {
+                        name: &name,
+                        uid: &owner.uid,
+                    },
+                    machine,
+                    placement.deny,
+                );
+                let denied = format!(
+                    "inbound to {} denied at priority {} unless granted",
+                    machine.address, placement.deny
+                );
+                // The deny is still materialized: it protects the machine from everyone
+                // the exposing rules do not let in.
+                let exposed = exposures(
+                    &view.user_rules,
+                    &view.scope,
+                    address,
+                    placement.deny,
+                    &protected_ports(machine),
+                );
+                let (state, message) = if exposed.is_empty() {
+                    (MachineState::Configured, denied)
+                } else {
+                    let exposed: Vec<String> = exposed.iter().map(ToString::to_string).collect();
+                    (
+                        MachineState::Exposed,
+                        format!("{denied}, but {}", exposed.join("; ")),
+                    )
+                };
                 machines.push(machine_status(
                     &machine.name,
-                    MachineState::Configured,
-                    format!(
-                        "inbound to {} denied at priority {} unless granted",
-                        machine.address, placement.deny
-                    ),
+                    state,
+                    message,
                     Some((rule.name.clone(), placement.deny)),
                 ));
                 desired.push(rule);
@@ -189,7 +219,20 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
     }
 
     for rule in &desired {
-        ctx.ensure_rule(&namespace, rule, owner.clone()).await?;
+        match ctx.ensure_rule(&namespace, rule, owner.clone()).await {
+            Ok(_) => {}
+            // Someone else's rule holds the name: reported on the machine, never taken over.
+            Err(conflict @ Error::RuleConflict { .. }) => {
+                if let Some(machine) = machines
+                    .iter_mut()
+                    .find(|m| m.deny_rule.as_deref() == Some(rule.name.as_str()))
+                {
+                    machine.state = MachineState::RuleConflict;
+                    machine.message = conflict.to_string();
+                }
+            }
+            Err(error) => return Err(error),
+        }
     }
     let keep: BTreeSet<&str> = desired.iter().map(|r| r.name.as_str()).collect();
     let uid = owner.uid.as_str();
@@ -229,6 +272,8 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
             status: false,
             reason: match m.state {
                 MachineState::NetworkSecurityGroupNotFound => reason::NSG_NOT_FOUND,
+                MachineState::Exposed => reason::EXPOSED,
+                MachineState::RuleConflict => reason::RULE_CONFLICT,
                 _ => reason::NO_PRIORITY_AVAILABLE,
             },
             message: format!("{}: {}", m.name, m.message),
@@ -241,6 +286,7 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
         virtual_machines: machines,
         requests: history(
             &previous.requests,
+            ctx.departed.take(&namespace, &name),
             &ctx.stores.requests.state(),
             &namespace,
             &name,
@@ -255,6 +301,25 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
         .await?;
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// The machine's JIT ports as exposure reads them. A source that is not `*`, an address or
+/// a CIDR allows nothing, as validation refuses it for requests, so an entry the schema
+/// should have refused can only make a machine look more exposed, never less.
+fn protected_ports(machine: &PolicyVirtualMachine) -> Vec<ProtectedPort> {
+    policy_ports(machine)
+        .into_iter()
+        .map(|p| ProtectedPort {
+            number: p.number,
+            protocol: model_protocol(p.protocol),
+            allowed_sources: p
+                .allowed_sources
+                .iter()
+                .filter_map(|s| s.parse::<AddressPrefix>().ok())
+                .filter(|s| matches!(s, AddressPrefix::Any | AddressPrefix::Net(_)))
+                .collect(),
+        })
+        .collect()
 }
 
 fn machine_status(
@@ -273,14 +338,59 @@ fn machine_status(
     }
 }
 
-/// The request history: the records the current requests give, plus earlier records of
-/// requests since deleted, newest first, at most [`HISTORY_LIMIT`].
+/// The last records of requests that were just deleted, by namespace and policy, from the
+/// request watch's delete events, until the policy's next reconcile folds them into its
+/// history.
+///
+/// A request deleted right after it was granted is gone from the cache before its policy
+/// looks, and deleting a request waits for nothing (its finalizer only revokes), so without
+/// these its end would be missing from the history. What is kept is drained on every
+/// reconcile of the policy, so it stays small.
+#[derive(Clone, Default)]
+pub struct Departed(Arc<Mutex<HashMap<PolicyKey, Vec<RequestRecord>>>>);
+
+/// A policy's namespace and name.
+type PolicyKey = (String, String);
+
+impl Departed {
+    /// Keeps the record of `request` if it is being deleted. (The watch's delete event
+    /// carries the state before the finalizer went, so every state once deletion began is
+    /// kept; the latest wins, and a request still in the cache overrides them all.)
+    pub fn note(&self, request: &JitRequest) {
+        let (Some(namespace), Some(record)) = (request.metadata.namespace.clone(), record(request))
+        else {
+            return;
+        };
+        if request.metadata.deletion_timestamp.is_some() {
+            self.0
+                .lock()
+                .expect("departed lock")
+                .entry((namespace, request.spec.policy_name.clone()))
+                .or_default()
+                .push(record);
+        }
+    }
+
+    /// The records kept for `policy`, which are forgotten here.
+    pub fn take(&self, namespace: &str, policy: &str) -> Vec<RequestRecord> {
+        self.0
+            .lock()
+            .expect("departed lock")
+            .remove(&(namespace.to_owned(), policy.to_owned()))
+            .unwrap_or_default()
+    }
+}
+
+/// The request history: the records the current requests give, plus the last records of
+/// requests just deleted (`departed`) and earlier records of requests since deleted, newest
+/// first, at most [`HISTORY_LIMIT`].
 ///
 /// A request that disappeared while its ports were open was revoked by its deletion (or
 /// ran out, if its end time has passed): its record says so even when the operator missed
 /// the request's last status write.
 pub fn history(
     previous: &[RequestRecord],
+    departed: Vec<RequestRecord>,
     requests: &[Arc<JitRequest>],
     namespace: &str,
     policy: &str,
@@ -290,6 +400,9 @@ pub fn history(
         .iter()
         .map(|r| (r.request.clone(), closed_by_deletion(r.clone(), now)))
         .collect();
+    for record in departed {
+        by_request.insert(record.request.clone(), record);
+    }
     for request in requests {
         if request.metadata.namespace.as_deref() != Some(namespace)
             || request.spec.policy_name != policy
@@ -368,4 +481,119 @@ fn record(request: &JitRequest) -> Option<RequestRecord> {
         start_time,
         virtual_machines: machines,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A request `name` that was granted port 22 on web-1 at second `start`, its grant now in
+    /// `state` (with `reason`), deleted if `deleted`.
+    fn request(
+        name: &str,
+        start: i64,
+        state: &str,
+        reason: Option<&str>,
+        deleted: bool,
+    ) -> JitRequest {
+        let at = |s: i64| jiff::Timestamp::from_second(s).unwrap().to_string();
+        let mut grant = json!({
+            "virtualMachine": "web-1", "number": 22, "protocol": "TCP",
+            "allowedSourceAddressPrefixes": ["198.19.0.10"], "rule": "r",
+            "endTime": at(start + 60), "status": state,
+        });
+        if let Some(reason) = reason {
+            grant["statusReason"] = json!(reason);
+        }
+        let mut metadata = json!({ "name": name, "namespace": "ns" });
+        if deleted {
+            metadata["deletionTimestamp"] = json!(at(start + 1));
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "JitRequest",
+            "metadata": metadata,
+            "spec": {
+                "policyName": "web", "requestor": { "username": "alice" },
+                "virtualMachines": [{ "name": "web-1", "ports": [{
+                    "number": 22, "duration": "PT1M", "allowedSourceAddressPrefix": "198.19.0.10"
+                }] }],
+            },
+            "status": { "phase": "Revoked", "startTime": at(start), "grants": [grant] },
+        }))
+        .unwrap()
+    }
+
+    fn reason_of(records: &[RequestRecord], name: &str) -> Option<GrantStateReason> {
+        let record = records.iter().find(|r| r.request == name)?;
+        record.virtual_machines[0].ports[0].status_reason
+    }
+
+    #[test]
+    fn a_request_deleted_before_its_policy_looked_keeps_its_last_record() {
+        let now = jiff::Timestamp::from_second(1_000).unwrap();
+        let departed = Departed::default();
+        // Seen by the watch only in its last state: revoked because its user deleted it.
+        departed.note(&request(
+            "gone",
+            900,
+            "Revoked",
+            Some("UserRequested"),
+            true,
+        ));
+        // A request that is not being deleted is the cache's business.
+        departed.note(&request("live", 901, "Initiated", None, false));
+        let records = history(&[], departed.take("ns", "web"), &[], "ns", "web", now);
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(
+            reason_of(&records, "gone"),
+            Some(GrantStateReason::UserRequested)
+        );
+        assert!(
+            departed.take("ns", "web").is_empty(),
+            "taken records are forgotten"
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_newest_first_and_closes_what_vanished() {
+        let now = jiff::Timestamp::from_second(10_000).unwrap();
+        let live: Vec<Arc<JitRequest>> = (0..HISTORY_LIMIT as i64 + 5)
+            .map(|i| {
+                Arc::new(request(
+                    &format!("r-{i:03}"),
+                    100 + i,
+                    "Initiated",
+                    None,
+                    false,
+                ))
+            })
+            .collect();
+        let records = history(&[], Vec::new(), &live, "ns", "web", now);
+        assert_eq!(records.len(), HISTORY_LIMIT);
+        assert_eq!(records[0].request, format!("r-{:03}", HISTORY_LIMIT + 4));
+        assert!(
+            !records.iter().any(|r| r.request == "r-000"),
+            "the oldest falls out"
+        );
+        // A request that vanished with its port open: ended by its deletion, or by its end.
+        let early = history(
+            &records[..1],
+            Vec::new(),
+            &[],
+            "ns",
+            "web",
+            jiff::Timestamp::from_second(100).unwrap(),
+        );
+        assert_eq!(
+            reason_of(&early, &records[0].request),
+            Some(GrantStateReason::UserRequested)
+        );
+        let late = history(&records[..1], Vec::new(), &[], "ns", "web", now);
+        assert_eq!(
+            reason_of(&late, &records[0].request),
+            Some(GrantStateReason::Expired)
+        );
+    }
 }

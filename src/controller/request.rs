@@ -24,6 +24,7 @@ use super::metrics::GrantResult;
 use super::{Config, Error, name_and_namespace};
 use crate::access::materialize;
 use crate::access::validate::{PortGrant, Violation, validate};
+use crate::api::INITIATE;
 use crate::api::conditions::{self, Decided, reason};
 use crate::api::jit_policy::{GrantState, GrantStateReason, PolicyProtocol};
 use crate::api::jit_request::{GrantStatus, JitRequestStatus, Phase};
@@ -183,6 +184,9 @@ async fn finish(
         if status.phase == Some(Phase::Denied) && previous.phase != Some(Phase::Denied) {
             ctx.metrics.evaluated(GrantResult::Denied);
         }
+        if status.phase != previous.phase {
+            audit(request, &status);
+        }
         for (type_, reason, note) in outcome.events {
             ctx.event(request, type_, reason, reason, note).await;
         }
@@ -207,14 +211,14 @@ async fn evaluate(
     namespace: &str,
     name: &str,
 ) -> Result<Outcome, Error> {
-    if ctx.require_requestor && request.spec.requestor.is_none() {
+    let Some(recorded) = &request.spec.requestor else {
         return Ok(denied(
             previous,
             &[Violation::RequestorMissing],
             reason::REQUESTOR_MISSING,
             now,
         ));
-    }
+    };
     let Some(policy) = ctx.policy(namespace, &request.spec.policy_name) else {
         return Ok(pending(
             previous,
@@ -237,6 +241,14 @@ async fn evaluate(
             Err((why, message)) => return Ok(pending(previous, why, message, now)),
         }
     }
+    // Admission checked the caller when the request was created; the request may have
+    // waited since, so the requestor is authorized again now, just before anything opens.
+    if let Some(refusal) = ctx
+        .may(recorded, INITIATE, namespace, &request.spec.policy_name)
+        .await?
+    {
+        return Ok(denied(previous, &[refusal], reason::NOT_AUTHORIZED, now));
+    }
 
     // A lost status write leaves the rules as the only record of when the grant started.
     let owned = ctx.rules_owned_by(
@@ -246,7 +258,7 @@ async fn evaluate(
     let start = placed
         .iter()
         .filter_map(|(grant, _)| {
-            let rule_name = allow_name(name, grant);
+            let rule_name = allow_name(request, name, grant);
             let rule = owned
                 .iter()
                 .find(|r| r.metadata.name.as_deref() == Some(rule_name.as_str()))?;
@@ -262,12 +274,29 @@ async fn evaluate(
     let mut grant_status = Vec::with_capacity(placed.len());
     for (grant, priority) in &placed {
         let end = end_of(start, grant.duration);
-        let rule = materialize::allow_rule(name, &request.spec.policy_name, grant, *priority, end);
+        let rule = materialize::allow_rule(
+            rule_owner(request, name),
+            &request.spec.policy_name,
+            grant,
+            *priority,
+            end,
+        );
         let closed = end <= now;
         if closed {
             ctx.delete_rule(namespace, &rule.name).await?;
         } else {
-            ctx.ensure_rule(namespace, &rule, owner.clone()).await?;
+            match ctx.ensure_rule(namespace, &rule, owner.clone()).await {
+                Ok(_) => {}
+                Err(conflict @ Error::RuleConflict { .. }) => {
+                    return Ok(pending(
+                        previous,
+                        reason::RULE_CONFLICT,
+                        conflict.to_string(),
+                        now,
+                    ));
+                }
+                Err(error) => return Err(error),
+            }
         }
         grant_status.push(GrantStatus {
             virtual_machine: grant.machine.clone(),
@@ -368,7 +397,7 @@ async fn review(
                     Err(_) => continue,
                 };
                 let rule = materialize::allow_rule(
-                    name,
+                    rule_owner(request, name),
                     &request.spec.policy_name,
                     allowed,
                     priority,
@@ -401,11 +430,12 @@ async fn review(
     Ok(outcome)
 }
 
-/// Deletion: rules go before the object does; the record shows the user revoked it, and
-/// the object stays until its policy's history has recorded that.
+/// Deletion: rules go before the object does, and the revocation is recorded (status, Event,
+/// audit line). Nothing else is waited for: the policy's history is bounded and may never
+/// show this request, so the lasting record is the Event and the audit line.
 async fn cleanup(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {
     let now = ctx.now();
-    let (name, namespace) = name_and_namespace(request, "JitRequest")?;
+    let (_, namespace) = name_and_namespace(request, "JitRequest")?;
     for rule in ctx.rules_owned_by(
         &namespace,
         request.metadata.uid.as_deref().unwrap_or_default(),
@@ -438,24 +468,42 @@ async fn cleanup(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {
         ));
         finish(request, previous.clone(), outcome, ctx).await?;
     }
-    if !previous.grants.is_empty()
-        && let Some(policy) = ctx.policy(&namespace, &request.spec.policy_name)
-    {
-        let recorded = policy.status.iter().flat_map(|s| &s.requests).any(|r| {
-            r.request == name
-                && r.virtual_machines
-                    .iter()
-                    .flat_map(|m| &m.ports)
-                    .all(|p| p.status == GrantState::Revoked)
-        });
-        if !recorded {
-            return Err(Error::Waiting(format!(
-                "policy {} to record the end of {name}",
-                request.spec.policy_name
-            )));
-        }
-    }
     Ok(Action::await_change())
+}
+
+/// The log target of decision records: one line per decision and port, with everything an
+/// auditor asks (who, under which policy, what, from where, from when until when, why), for
+/// a log pipeline to keep after the request object and its Events are gone.
+pub const AUDIT_TARGET: &str = "portcullis::audit";
+
+/// Writes the decision records for a request that just reached `status.phase`.
+fn audit(request: &JitRequest, status: &JitRequestStatus) {
+    let Some(phase) = status.phase else { return };
+    let namespace = request.metadata.namespace.as_deref().unwrap_or_default();
+    let name = request.metadata.name.as_deref().unwrap_or_default();
+    let requestor = requestor(request).unwrap_or_default();
+    let policy = request.spec.policy_name.as_str();
+    let reason = status.reason.as_deref().unwrap_or_default();
+    let start = status.start_time.as_ref().map(|t| t.0.to_string());
+    if status.grants.is_empty() {
+        tracing::info!(
+            target: AUDIT_TARGET,
+            decision = ?phase, namespace, request = name, requestor, policy, reason,
+            violations = %status.violations.join("; "),
+            "access decision"
+        );
+    }
+    for grant in &status.grants {
+        tracing::info!(
+            target: AUDIT_TARGET,
+            decision = ?phase, namespace, request = name, requestor, policy,
+            machine = %grant.virtual_machine, port = grant.number, protocol = ?grant.protocol,
+            source = %grant.allowed_source_address_prefixes.join(","),
+            start = start.as_deref().unwrap_or_default(), end = %grant.end_time.0,
+            reason = grant.status_reason.map_or(reason.to_owned(), |r| format!("{r:?}")),
+            "access decision"
+        );
+    }
 }
 
 /// The phase, reason, condition and summary fields that follow from the grants.
@@ -657,8 +705,21 @@ fn allow_priority(
     .map_err(|e| (reason::NO_PRIORITY_AVAILABLE, e.to_string()))
 }
 
-fn allow_name(request: &str, grant: &PortGrant) -> String {
-    materialize::allow_rule_name(request, &grant.machine, grant.number, grant.protocol)
+fn allow_name(request: &JitRequest, name: &str, grant: &PortGrant) -> String {
+    materialize::allow_rule_name(
+        rule_owner(request, name),
+        &grant.machine,
+        grant.number,
+        grant.protocol,
+    )
+}
+
+/// The request as the owner of its allow rules (see [`materialize::Owner`]).
+fn rule_owner<'a>(request: &'a JitRequest, name: &'a str) -> materialize::Owner<'a> {
+    materialize::Owner {
+        name,
+        uid: request.metadata.uid.as_deref().unwrap_or_default(),
+    }
 }
 
 fn owner_ref(

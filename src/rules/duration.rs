@@ -69,10 +69,12 @@ pub enum DurationError {
 /// 24 hours (there is no time zone to make them anything else).
 pub fn parse(s: &str) -> Result<Duration, DurationError> {
     let value = || s.to_owned();
-    let span = PARSER.parse_span(s).map_err(|e| DurationError::Syntax {
-        value: value(),
-        reason: e.to_string(),
-    })?;
+    let span = PARSER
+        .parse_span(without_leading_zeros(s))
+        .map_err(|e| DurationError::Syntax {
+            value: value(),
+            reason: e.to_string(),
+        })?;
     if span.get_years() != 0 || span.get_months() != 0 {
         return Err(DurationError::CalendarUnits { value: value() });
     }
@@ -91,6 +93,29 @@ pub fn parse(s: &str) -> Result<Duration, DurationError> {
     // `total` is a positive whole number bounded by jiff's span limits, far
     // below 2^53, so the conversion is exact.
     Ok(Duration::from_secs(total as u64))
+}
+
+/// `s` with the redundant leading zeros of each whole number dropped (`PT0001S` → `PT1S`).
+///
+/// The schema counts `PT000000000000000000000000001S` as one second (CEL's `int()` reads
+/// leading zeros, and the field may be 32 characters long), while jiff reads at most 21
+/// digits per number, whatever their value; the meaning is not in doubt, so the code
+/// accepts it too. Digits after a decimal separator are a fraction, where zeros are
+/// significant, and stay as written.
+fn without_leading_zeros(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut previous = None;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        let starts_whole_number =
+            c == '0' && !previous.is_some_and(|p: char| p.is_ascii_digit() || p == '.' || p == ',');
+        if starts_whole_number && chars.peek().is_some_and(char::is_ascii_digit) {
+            continue;
+        }
+        out.push(c);
+        previous = Some(c);
+    }
+    out
 }
 
 /// Parses like [`parse`] and refuses anything longer than `max`, e.g. a
@@ -154,6 +179,16 @@ mod tests {
             ("PT0.5M", 30),
             ("PT24H", 24 * H),
             ("pt3h", 3 * H),
+            // Spellings the schema accepts, with the meaning its CEL total gives them.
+            ("P0DT0H0M1S", 1),
+            ("PT86400S", 24 * H),
+            ("PT0H1440M", 24 * H),
+            ("PT0001H", H),
+            ("P00001D", 24 * H),
+            ("PT000000000000000000000000001S", 1),
+            // Zeros after a decimal separator are significant.
+            ("PT1.05H", 3780),
+            ("PT1,05H", 3780),
         ];
         for (input, secs) in cases {
             assert_eq!(parse(input), Ok(Duration::from_secs(secs)), "{input}");

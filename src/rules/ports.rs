@@ -120,6 +120,10 @@ mod tests {
             ("1000-2000", range(1000, 2000)),
             ("0-65535", range(0, 65535)),
             ("80-80", range(80, 80)),
+            // The schema's pattern allows up to five digits and CEL's `int()` reads them as
+            // decimal: so does the parser.
+            ("00022", range(22, 22)),
+            ("00080-00443", range(80, 443)),
         ];
         for (input, want) in cases {
             let got: PortRange = input.parse().unwrap();

@@ -108,6 +108,14 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(b) || b.contains(a)
 }
 
+/// Accepts what the CRD schema accepts, with the same meaning: `*`, a tag (case-sensitive,
+/// as Azure spells it), an address (a host network, /32 or /128) or a CIDR, IPv6 hex in
+/// either case.
+///
+/// A CIDR with bits set after its prefix length (`198.18.0.5/24`) is read as the network it
+/// lies in. The schema refuses such values, because whoever writes one may have meant the
+/// single host; objects stored before it did keep the meaning every earlier version gave
+/// them rather than lose a rule (possibly a deny) on upgrade.
 impl FromStr for AddressPrefix {
     type Err = AddressPrefixError;
 
@@ -119,16 +127,39 @@ impl FromStr for AddressPrefix {
             "AzureLoadBalancer" => return Ok(AddressPrefix::AzureLoadBalancer),
             _ => {}
         }
-        if let Ok(net) = s.parse::<IpNet>() {
-            return Ok(AddressPrefix::Net(net.trunc()));
-        }
-        if let Ok(ip) = s.parse::<IpAddr>() {
-            return Ok(AddressPrefix::Net(IpNet::from(ip)));
-        }
-        Err(AddressPrefixError::Invalid {
-            value: s.to_owned(),
-        })
+        let net = match s.split_once('/') {
+            Some((address, length)) => parse_address(address)
+                .zip(parse_prefix_length(length))
+                .and_then(|(ip, length)| IpNet::new(ip, length).ok()),
+            None => parse_address(s).map(IpNet::from),
+        };
+        net.map(|n| AddressPrefix::Net(n.trunc()))
+            .ok_or_else(|| AddressPrefixError::Invalid {
+                value: s.to_owned(),
+            })
     }
+}
+
+/// An address as Kubernetes' CEL `isIP` reads it, so that the code accepts exactly what the
+/// schema does: no leading zeros in IPv4 octets (`010` reads as octal 8 to some tools, as
+/// decimal 10 to others) and no IPv4-mapped IPv6 (`::ffff:198.18.0.1`: whether it should
+/// match IPv4 packets is anyone's guess). `ipnet`'s own CIDR parser takes leading zeros,
+/// hence the address is parsed here with the standard library, which refuses them.
+fn parse_address(s: &str) -> Option<IpAddr> {
+    match s.parse::<IpAddr>().ok()? {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => None,
+        ip => Some(ip),
+    }
+}
+
+/// A prefix length in plain decimal, without the sign or leading zeros (`/024`) that Go's
+/// `netip.ParsePrefix`, and so CEL's `isCIDR`, refuses; the range is `IpNet::new`'s check.
+fn parse_prefix_length(s: &str) -> Option<u8> {
+    let plain = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !plain || (s.len() > 1 && s.starts_with('0')) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 impl fmt::Display for AddressPrefix {
@@ -215,6 +246,21 @@ mod tests {
                 AddressPrefix::Net(net("2001:db8::/48")),
                 "2001:db8::/48",
             ),
+            (
+                "2001:DB8::/32",
+                AddressPrefix::Net(net("2001:db8::/32")),
+                "2001:db8::/32",
+            ),
+            (
+                "2001:0db8:0001::/48",
+                AddressPrefix::Net(net("2001:db8:1::/48")),
+                "2001:db8:1::/48",
+            ),
+            (
+                "::198.18.0.1",
+                AddressPrefix::Net(net("::c612:1/128")),
+                "::c612:1",
+            ),
         ];
         for (input, want, shown) in cases {
             let got: AddressPrefix = input.parse().unwrap();
@@ -242,6 +288,15 @@ mod tests {
             " 10.0.0.1",
             "10.0.0.1 ",
             "host.example",
+            // What Kubernetes' CEL `isIP`/`isCIDR` refuse, so the schema does too.
+            "198.018.0.0/24",
+            "198.18.0.01",
+            "198.18.0.0/024",
+            "198.18.0.0/+24",
+            "::ffff:198.18.0.1",
+            "::ffff:198.18.0.0/120",
+            "fe80::1%eth0",
+            "fe80::/64%eth0",
         ] {
             let err = bad.parse::<AddressPrefix>().unwrap_err();
             assert_eq!(

@@ -1,5 +1,5 @@
 //! A real local control plane (etcd, kube-apiserver, and a kube-controller-manager running
-//! only the garbage-collector and namespace controllers) for the integration tests, the
+//! only the garbage-collector, namespace and admission-policy status controllers) for the integration tests, the
 //! benchmarks and `make run`.
 //!
 //! Binaries come from `hack/control-plane-bins.sh`, which follows the envtest convention
@@ -9,6 +9,7 @@
 //! killed outright is swept by the next start.
 
 pub mod crds;
+pub mod install;
 pub mod pki;
 pub mod process;
 
@@ -36,7 +37,7 @@ pub struct User {
     pub groups: &'static [&'static str],
 }
 
-/// The cluster administrator (`system:masters`): what the operator and the tests' setup use.
+/// The cluster administrator (`system:masters`): what the tests' setup uses.
 pub const ADMIN: User = User {
     name: "admin",
     groups: &["system:masters"],
@@ -51,8 +52,18 @@ pub const BOB: User = User {
     name: "bob",
     groups: &["viewers"],
 };
+/// The operator's service account as `deploy/` installs it: the operator runs as this
+/// identity, bound to `deploy/operator-rbac.yaml`, so the admission policies that reserve the
+/// operator's objects to it hold exactly as on a cluster.
+pub const OPERATOR: User = User {
+    name: "system:serviceaccount:portcullis-system:portcullis-operator",
+    groups: &[
+        "system:serviceaccounts",
+        "system:serviceaccounts:portcullis-system",
+    ],
+};
 /// Every identity the control plane serves.
-pub const USERS: [User; 3] = [ADMIN, ALICE, BOB];
+pub const USERS: [User; 4] = [ADMIN, ALICE, BOB, OPERATOR];
 
 /// Why the control plane could not be started or used.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +91,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Crds(String),
+    #[error("cannot install Portcullis: {0}")]
+    Install(String),
 }
 
 impl Error {
@@ -98,7 +111,6 @@ pub struct ControlPlane {
     bin_dir: PathBuf,
     server: String,
     components: Mutex<Vec<Component>>,
-    pki: pki::DevPki,
 }
 
 impl ControlPlane {
@@ -146,7 +158,6 @@ impl ControlPlane {
             bin_dir: bin_dir.clone(),
             server: server.clone(),
             components: Mutex::new(Vec::new()),
-            pki,
         };
         for (user, token) in &tokens {
             write(
@@ -199,7 +210,8 @@ impl ControlPlane {
             "kube-controller-manager",
             &[
                 format!("--kubeconfig={}", plane.kubeconfig(ADMIN.name).display()),
-                "--controllers=garbagecollector,namespace".into(),
+                "--controllers=garbagecollector,namespace,validatingadmissionpolicy-status-controller"
+                    .into(),
                 "--leader-elect=false".into(),
                 "--secure-port=0".into(),
                 "--use-service-account-credentials=false".into(),
@@ -258,14 +270,11 @@ impl ControlPlane {
         self.bin_dir.join("kubectl")
     }
 
-    /// The certificate authority that signed the apiserver's certificate.
-    pub fn pki(&self) -> &pki::DevPki {
-        &self.pki
-    }
-
-    /// The kubeconfig file that authenticates as `user` (one of [`USERS`]).
+    /// The kubeconfig file that authenticates as `user` (the name of one of [`USERS`]),
+    /// named after the last `:`-separated part of it (`portcullis-operator.kubeconfig`).
     pub fn kubeconfig(&self, user: &str) -> PathBuf {
-        self.dir.join(format!("{user}.kubeconfig"))
+        let short = user.rsplit(':').next().unwrap_or(user);
+        self.dir.join(format!("{short}.kubeconfig"))
     }
 
     /// A client authenticated as `user`.
@@ -273,6 +282,18 @@ impl ControlPlane {
         let kubeconfig = Kubeconfig::read_from(self.kubeconfig(user.name))?;
         let config =
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// A client of the admin's that acts as `user` in `groups` (impersonation), for load
+    /// generators that need many identities without a token each.
+    pub async fn impersonating(&self, user: &str, groups: &[&str]) -> Result<Client, Error> {
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig(ADMIN.name))?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        config.auth_info.impersonate = Some(user.to_owned());
+        config.auth_info.impersonate_groups =
+            Some(groups.iter().map(|g| (*g).to_owned()).collect());
         Ok(Client::try_from(config)?)
     }
 

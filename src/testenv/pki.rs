@@ -1,5 +1,5 @@
-//! A throw-away certificate authority for a local control plane (and, later, the admission
-//! webhook): the apiserver's serving certificate and the service-account signing key.
+//! A throw-away certificate authority for a local control plane: the apiserver's serving
+//! certificate and the service-account signing key.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -12,7 +12,7 @@ use super::Error;
 pub struct DevPki {
     /// The CA certificate clients trust.
     pub ca_pem: String,
-    /// The CA's key, kept so later servers (the webhook) can be signed by the same CA.
+    /// The CA's key, which signs the serving certificate.
     ca: CertifiedIssuer<'static, KeyPair>,
 }
 

@@ -3,22 +3,23 @@
 //! the operator materializes.
 
 use std::collections::BTreeMap;
+use std::process::Output;
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use portcullis::access::materialize::{LABEL_MANAGED_BY, LABEL_ROLE};
+use portcullis::access::materialize::{LABEL_MANAGED_BY, LABEL_ROLE, Owner, deny_rule_name};
 use portcullis::api::jit_policy::{GrantState, GrantStateReason, MachineState};
 use portcullis::api::jit_request::Phase;
 use portcullis::api::nsg::RuleOrigin;
 use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 
-use crate::support::{Ctx, TestResult, eventually, succeeded};
+use crate::support::{Ctx, TestResult, eventually, failed, succeeded};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
         request_before_policy_waits_then_is_granted,
         policy_before_nsg_reports_it_then_configures,
         deny_rule_deleted_by_hand_comes_back,
-        deny_rule_edited_by_hand_is_restored,
+        deny_rule_edited_by_hand_is_refused,
         deny_goes_below_user_rules_on_the_same_port,
         stale_deny_rules_are_removed_and_user_rules_kept,
         denied_request_lists_every_violation,
@@ -89,9 +90,9 @@ const WEB_1_PORTS: &str = r#"    - number: 22
       maxRequestAccessDuration: PT1H
 "#;
 
-/// A request by `who` (written in the manifest: no admission webhook stamps it in these
-/// tests) for port `port` of web-1 from `source` for `duration`.
-fn request(name: &str, who: &str, port: u16, source: &str, duration: &str) -> String {
+/// A request for port `port` of web-1 from `source` for `duration` (admission records who
+/// applies it as the requestor).
+fn request(name: &str, port: u16, source: &str, duration: &str) -> String {
     format!(
         r#"apiVersion: jit.portcullis.dev/v1alpha1
 kind: JitRequest
@@ -100,8 +101,6 @@ metadata:
 spec:
   policyName: web
   justification: testing
-  requestor:
-    username: {who}
   virtualMachines:
   - name: web-1
     ports:
@@ -110,6 +109,11 @@ spec:
       allowedSourceAddressPrefix: {source}
 "#
     )
+}
+
+/// [`request`] applied by `who`, a requester of team `team-web`, through impersonation.
+fn ask(ctx: &Ctx, name: &str, who: &str, port: u16, source: &str, duration: &str) -> Output {
+    ctx.apply_as(who, &["team-web"], &request(name, port, source, duration))
 }
 
 fn api<K>(ctx: &Ctx) -> Api<K>
@@ -161,15 +165,33 @@ async fn machine_state(ctx: &Ctx, machine: &str, wanted: MachineState) -> Result
     .await
 }
 
+/// The name of policy `web`'s deny rule for `machine`: readable names plus a hash of the
+/// policy's UID, computed the way the operator computes it.
+async fn deny_name(ctx: &Ctx, machine: &str) -> Result<String, String> {
+    let policies: Api<JitPolicy> = api(ctx);
+    let policy = eventually("policy web to exist", || async {
+        policies.get_opt("web").await.ok().flatten()
+    })
+    .await?;
+    let uid = policy.metadata.uid.unwrap_or_default();
+    Ok(deny_rule_name(
+        Owner {
+            name: "web",
+            uid: &uid,
+        },
+        machine,
+    ))
+}
+
 async fn setup(ctx: &Ctx) -> TestResult {
     succeeded(&ctx.apply(NSG))?;
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
-    rule_named(ctx, "jit-deny-web-web-1").await?;
+    rule_named(ctx, &deny_name(ctx, "web-1").await?).await?;
     Ok(())
 }
 
 async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
-    succeeded(&ctx.apply(&request("ask", "alice", 22, "198.19.0.10", "PT10M")))?;
+    succeeded(&ask(&ctx, "ask", "alice", 22, "198.19.0.10", "PT10M"))?;
     let pending = phase_of(&ctx, "ask", Phase::Pending).await?;
     assert_eq!(
         pending.status.unwrap().reason.as_deref(),
@@ -180,6 +202,7 @@ async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
     let granted = phase_of(&ctx, "ask", Phase::Granted).await?;
     let status = granted.status.unwrap();
     let grant = &status.grants[0];
+    let deny_1 = deny_name(&ctx, "web-1").await?;
     assert_eq!((grant.number, grant.status), (22, GrantState::Initiated));
     assert_eq!(status.source.as_deref(), Some("198.19.0.10"));
 
@@ -214,13 +237,13 @@ async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
             let nsg = nsgs.get("nsg").await.ok()?;
             let rules = nsg.status?.effective_rules;
             let has = |name: &str| rules.iter().any(|r| r.name == name);
-            (has(&grant.rule) && has("jit-deny-web-web-1")).then_some(rules)
+            (has(&grant.rule) && has(&deny_1)).then_some(rules)
         },
     )
     .await?;
     let position = |name: &str| view.iter().position(|r| r.name == name).unwrap();
-    assert!(position(&grant.rule) < position("jit-deny-web-web-1"));
-    assert!(position("jit-deny-web-web-1") < position("allow-http"));
+    assert!(position(&grant.rule) < position(&deny_1));
+    assert!(position(&deny_1) < position("allow-http"));
     assert!(
         view.iter()
             .any(|r| r.name == "DenyAllInBound" && r.origin == RuleOrigin::Default)
@@ -230,10 +253,11 @@ async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
 
 async fn policy_before_nsg_reports_it_then_configures(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
+    let deny_1 = deny_name(&ctx, "web-1").await?;
     machine_state(&ctx, "web-1", MachineState::NetworkSecurityGroupNotFound).await?;
     succeeded(&ctx.apply(NSG))?;
     machine_state(&ctx, "web-1", MachineState::Configured).await?;
-    let deny = rule_named(&ctx, "jit-deny-web-web-1").await?;
+    let deny = rule_named(&ctx, &deny_1).await?;
     assert_eq!(
         deny.spec.fields.destination_port_ranges.as_deref(),
         Some(&["22".to_owned(), "8080".to_owned()][..])
@@ -258,36 +282,38 @@ async fn policy_before_nsg_reports_it_then_configures(ctx: Ctx) -> TestResult {
 
 async fn deny_rule_deleted_by_hand_comes_back(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
+    let deny_1 = deny_name(&ctx, "web-1").await?;
     let rules: Api<SecurityRule> = api(&ctx);
-    let before = rules.get("jit-deny-web-web-1").await?;
-    rules
-        .delete("jit-deny-web-web-1", &DeleteParams::default())
-        .await?;
+    let before = rules.get(&deny_1).await?;
+    rules.delete(&deny_1, &DeleteParams::default()).await?;
     eventually("the deny rule to come back", || async {
-        let now = rules.get_opt("jit-deny-web-web-1").await.ok().flatten()?;
+        let now = rules.get_opt(&deny_1).await.ok().flatten()?;
         (now.metadata.uid != before.metadata.uid).then_some(())
     })
     .await?;
     Ok(())
 }
 
-async fn deny_rule_edited_by_hand_is_restored(ctx: Ctx) -> TestResult {
+async fn deny_rule_edited_by_hand_is_refused(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
+    let deny_1 = deny_name(&ctx, "web-1").await?;
     let rules: Api<SecurityRule> = api(&ctx);
-    let original = rules.get("jit-deny-web-web-1").await?;
-    succeeded(&ctx.kubectl(&[
+    let original = rules.get(&deny_1).await?;
+    // Even the cluster admin may not turn a JIT deny into an allow: only the operator
+    // writes its rules (deploy/admission/securityrules.yaml).
+    let refused = failed(&ctx.kubectl(&[
         "patch",
         "nsgrule",
-        "jit-deny-web-web-1",
+        deny_1.as_str(),
         "--type=merge",
         "-p",
         r#"{"spec":{"access":"Allow","priority":4000}}"#,
     ]))?;
-    eventually("the deny rule to be restored", || async {
-        let now = rules.get("jit-deny-web-web-1").await.ok()?;
-        (now.spec == original.spec).then_some(())
-    })
-    .await?;
+    assert!(
+        refused.contains("written only by the Portcullis operator"),
+        "{refused}"
+    );
+    assert_eq!(rules.get(&deny_1).await?.spec, original.spec);
     Ok(())
 }
 
@@ -306,7 +332,8 @@ async fn deny_goes_below_user_rules_on_the_same_port(ctx: Ctx) -> TestResult {
     );
     succeeded(&ctx.apply(&with_ssh))?;
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
-    let deny = rule_named(&ctx, "jit-deny-web-web-1").await?;
+    let deny_1 = deny_name(&ctx, "web-1").await?;
+    let deny = rule_named(&ctx, &deny_1).await?;
     assert_eq!(
         deny.spec.fields.priority, 401,
         "the deny goes just below the user's SSH rule"
@@ -315,15 +342,7 @@ async fn deny_goes_below_user_rules_on_the_same_port(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(NSG))?;
     let rules: Api<SecurityRule> = api(&ctx);
     eventually("the deny to move up to 101", || async {
-        (rules
-            .get("jit-deny-web-web-1")
-            .await
-            .ok()?
-            .spec
-            .fields
-            .priority
-            == 101)
-            .then_some(())
+        (rules.get(&deny_1).await.ok()?.spec.fields.priority == 101).then_some(())
     })
     .await?;
     Ok(())
@@ -331,14 +350,16 @@ async fn deny_goes_below_user_rules_on_the_same_port(ctx: Ctx) -> TestResult {
 
 async fn stale_deny_rules_are_removed_and_user_rules_kept(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    rule_named(&ctx, "jit-deny-web-web-2").await?;
-    // A rule the operator did not create, even one that looks like its own.
+    let deny_1 = deny_name(&ctx, "web-1").await?;
+    let deny_2 = deny_name(&ctx, "web-2").await?;
+    rule_named(&ctx, &deny_2).await?;
+    // A rule the operator did not create, even one named and labelled like its own (only
+    // the operator may add the managed-by label: admission refuses it to anyone else).
     let lookalike = r#"apiVersion: jit.portcullis.dev/v1alpha1
 kind: SecurityRule
 metadata:
   name: jit-deny-web-web-3
   labels:
-    app.kubernetes.io/managed-by: portcullis
     jit.portcullis.dev/policy: web
     jit.portcullis.dev/role: deny
 spec:
@@ -360,10 +381,10 @@ spec:
         .unwrap()
         .replace("198.18.0.10", "198.18.0.20");
     succeeded(&ctx.apply(&shrunk))?;
-    rule_gone(&ctx, "jit-deny-web-web-2").await?;
+    rule_gone(&ctx, &deny_2).await?;
     let rules: Api<SecurityRule> = api(&ctx);
     eventually("web-1's deny to follow its new address", || async {
-        let deny = rules.get("jit-deny-web-web-1").await.ok()?;
+        let deny = rules.get(&deny_1).await.ok()?;
         (deny.spec.fields.destination_address_prefix.as_deref() == Some("198.18.0.20"))
             .then_some(())
     })
@@ -383,11 +404,11 @@ spec:
 
 async fn denied_request_lists_every_violation(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    let bad = request("bad", "alice", 22, "203.0.113.9", "PT2H").replace(
+    let bad = request("bad", 22, "203.0.113.9", "PT2H").replace(
         "  - name: web-1\n    ports:\n",
         "  - name: web-9\n    ports:\n    - number: 22\n      duration: PT1M\n      allowedSourceAddressPrefix: 198.19.0.1\n  - name: web-1\n    ports:\n    - number: 3389\n      duration: PT1M\n      allowedSourceAddressPrefix: 198.19.0.1\n",
     );
-    succeeded(&ctx.apply(&bad))?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &bad))?;
     let denied = phase_of(&ctx, "bad", Phase::Denied).await?;
     let status = denied.status.unwrap();
     let all = status.violations.join("\n");
@@ -418,7 +439,7 @@ async fn denied_request_lists_every_violation(ctx: Ctx) -> TestResult {
 
 async fn short_grant_expires_on_time(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    succeeded(&ctx.apply(&request("short", "alice", 22, "198.19.0.10", "PT3S")))?;
+    succeeded(&ask(&ctx, "short", "alice", 22, "198.19.0.10", "PT3S"))?;
     let granted = phase_of(&ctx, "short", Phase::Granted).await?;
     let grant = granted.status.unwrap().grants[0].clone();
     let expired = phase_of(&ctx, "short", Phase::Expired).await?;
@@ -457,7 +478,7 @@ async fn short_grant_expires_on_time(ctx: Ctx) -> TestResult {
 
 async fn deleting_a_granted_request_revokes_it(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    succeeded(&ctx.apply(&request("early", "alice", 22, "198.19.0.10", "PT30M")))?;
+    succeeded(&ask(&ctx, "early", "alice", 22, "198.19.0.10", "PT30M"))?;
     let granted = phase_of(&ctx, "early", Phase::Granted).await?;
     let rule = granted.status.unwrap().grants[0].rule.clone();
     rule_named(&ctx, &rule).await?;
@@ -487,9 +508,9 @@ async fn deleting_a_granted_request_revokes_it(ctx: Ctx) -> TestResult {
 
 async fn newer_request_of_the_same_requestor_supersedes(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    succeeded(&ctx.apply(&request("first", "alice", 22, "198.19.0.10", "PT30M")))?;
+    succeeded(&ask(&ctx, "first", "alice", 22, "198.19.0.10", "PT30M"))?;
     let first = phase_of(&ctx, "first", Phase::Granted).await?;
-    succeeded(&ctx.apply(&request("second", "alice", 22, "198.19.0.11", "PT30M")))?;
+    succeeded(&ask(&ctx, "second", "alice", 22, "198.19.0.11", "PT30M"))?;
     phase_of(&ctx, "second", Phase::Granted).await?;
     let revoked = phase_of(&ctx, "first", Phase::Revoked).await?;
     assert_eq!(
@@ -502,9 +523,9 @@ async fn newer_request_of_the_same_requestor_supersedes(ctx: Ctx) -> TestResult 
 
 async fn different_requestors_coexist(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    succeeded(&ctx.apply(&request("alices", "alice", 22, "198.19.0.10", "PT30M")))?;
+    succeeded(&ask(&ctx, "alices", "alice", 22, "198.19.0.10", "PT30M"))?;
     phase_of(&ctx, "alices", Phase::Granted).await?;
-    succeeded(&ctx.apply(&request("carols", "carol", 22, "198.19.0.12", "PT30M")))?;
+    succeeded(&ask(&ctx, "carols", "carol", 22, "198.19.0.12", "PT30M"))?;
     phase_of(&ctx, "carols", Phase::Granted).await?;
     let requests: Api<JitRequest> = api(&ctx);
     let alices = requests.get("alices").await?;
@@ -514,7 +535,14 @@ async fn different_requestors_coexist(ctx: Ctx) -> TestResult {
 
 async fn policy_shrink_revokes_active_grants(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    succeeded(&ctx.apply(&request("http-alt", "alice", 8080, "198.19.0.10", "PT30M")))?;
+    succeeded(&ask(
+        &ctx,
+        "http-alt",
+        "alice",
+        8080,
+        "198.19.0.10",
+        "PT30M",
+    ))?;
     let granted = phase_of(&ctx, "http-alt", Phase::Granted).await?;
     let only_ssh = WEB_1_PORTS
         .split("    - number: 8080")
@@ -533,12 +561,14 @@ async fn policy_shrink_revokes_active_grants(ctx: Ctx) -> TestResult {
 
 async fn deleting_the_policy_cascades_and_revokes(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    succeeded(&ctx.apply(&request("orphan", "alice", 22, "198.19.0.10", "PT30M")))?;
+    let deny_1 = deny_name(&ctx, "web-1").await?;
+    let deny_2 = deny_name(&ctx, "web-2").await?;
+    succeeded(&ask(&ctx, "orphan", "alice", 22, "198.19.0.10", "PT30M"))?;
     let granted = phase_of(&ctx, "orphan", Phase::Granted).await?;
     succeeded(&ctx.kubectl(&["delete", "jitp", "web"]))?;
     // The garbage collector removes the owned deny rules; the request controller revokes.
-    rule_gone(&ctx, "jit-deny-web-web-1").await?;
-    rule_gone(&ctx, "jit-deny-web-web-2").await?;
+    rule_gone(&ctx, &deny_1).await?;
+    rule_gone(&ctx, &deny_2).await?;
     phase_of(&ctx, "orphan", Phase::Revoked).await?;
     rule_gone(&ctx, &granted.status.unwrap().grants[0].rule).await?;
     Ok(())
@@ -604,11 +634,11 @@ spec:
 
 async fn expired_request_never_grants_again(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    let manifest = request("once", "alice", 22, "198.19.0.10", "PT2S");
-    succeeded(&ctx.apply(&manifest))?;
+    let manifest = request("once", 22, "198.19.0.10", "PT2S");
+    succeeded(&ctx.apply_as("alice", &["team-web"], &manifest))?;
     let expired = phase_of(&ctx, "once", Phase::Expired).await?;
     let rule = expired.status.as_ref().unwrap().grants[0].rule.clone();
-    // Re-applying the same manifest (GitOps resync) changes nothing.
+    // Re-applying the same manifest (a GitOps tool's resync) changes nothing.
     succeeded(&ctx.apply(&manifest))?;
     let requests: Api<JitRequest> = api(&ctx);
     requests
@@ -638,7 +668,7 @@ async fn expired_request_never_grants_again(ctx: Ctx) -> TestResult {
 
 async fn kubectl_wait_for_granted_works(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    succeeded(&ctx.apply(&request("waited", "alice", 22, "198.19.0.10", "PT30M")))?;
+    succeeded(&ask(&ctx, "waited", "alice", 22, "198.19.0.10", "PT30M"))?;
     succeeded(&ctx.kubectl(&[
         "wait",
         "--for=jsonpath={.status.phase}=Granted",
@@ -662,7 +692,7 @@ async fn kubectl_wait_for_granted_works(ctx: Ctx) -> TestResult {
 
 async fn metrics_count_grants(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    succeeded(&ctx.apply(&request("counted", "alice", 22, "198.19.0.10", "PT30M")))?;
+    succeeded(&ask(&ctx, "counted", "alice", 22, "198.19.0.10", "PT30M"))?;
     phase_of(&ctx, "counted", Phase::Granted).await?;
     let body = http_get(ctx.operator, "/metrics").await?;
     for needle in [

@@ -1,9 +1,16 @@
 //! Bad input is refused by the API server at `kubectl apply` time, with a message that names
 //! the field. One test per kind of mistake, each through kubectl as a user would type it.
 
+use std::time::Duration;
+
+use ipnet::IpNet;
+use kube::api::Api;
+use portcullis::access::validate::validate;
 use portcullis::api::validation::{
-    DURATION_MESSAGE, PORT_RANGE_MESSAGE, PREFIX_MESSAGE, SOURCE_MESSAGE,
+    ADDRESS_SPACE_MESSAGE, DURATION_MESSAGE, PORT_RANGE_MESSAGE, PREFIX_MESSAGE, SOURCE_MESSAGE,
 };
+use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule, convert};
+use portcullis::rules::{self, AddressPrefix, Origin, PortRange, Protocol, duration};
 
 use crate::support::{Ctx, TestResult, failed, succeeded};
 
@@ -22,6 +29,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         nsg_duplicate_priority_per_direction,
         nsg_direction_unknown,
         rule_object_access_unknown,
+        rule_object_expiry_clients_cannot_read,
         policy_port_over_65535,
         policy_port_zero,
         policy_protocol_in_nsg_spelling,
@@ -34,6 +42,10 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         request_source_is_a_tag,
         request_without_source,
         request_spec_is_immutable,
+        schema_accepted_edge_cases_convert_with_the_same_meaning,
+        nsg_address_space_refuses_star_and_tags,
+        cidrs_with_host_bits_are_refused,
+        addresses_cel_refuses_are_refused_by_the_code_too,
     ]
 }
 
@@ -318,6 +330,44 @@ spec:
     )
 }
 
+/// Timestamps the apiserver's `date-time` check lets through but no client parses: one such
+/// rule would stop every cache that lists SecurityRules (the operator's, the agents').
+async fn rule_object_expiry_clients_cannot_read(ctx: Ctx) -> TestResult {
+    let rule = |expires: &str| {
+        format!(
+            r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: SecurityRule
+metadata:
+  name: expiring
+spec:
+  networkSecurityGroupName: nsg
+  priority: 200
+  direction: Inbound
+  access: Allow
+  protocol: Tcp
+  sourceAddressPrefix: 198.19.0.10
+  sourcePortRange: "*"
+  destinationAddressPrefix: 198.18.0.10
+  destinationPortRange: "22"
+  expiresAt: "{expires}"
+"#
+        )
+    };
+    for bad in ["2030-01-01T00:00:00x5Z", "2030-01-01T00:00:00.1234567891Z"] {
+        expect_rejected(&ctx, &rule(bad), &["spec.expiresAt", "should match"])?;
+    }
+    succeeded(&ctx.apply(&rule("2030-01-01T00:00:00.123456789+02:00")))?;
+    let stored =
+        kube::Api::<portcullis::api::SecurityRule>::namespaced(ctx.client.clone(), &ctx.ns)
+            .get("expiring")
+            .await?;
+    assert_eq!(
+        stored.spec.expires_at.map(|t| t.0.to_string()),
+        Some("2029-12-31T22:00:00.123456789Z".to_owned())
+    );
+    Ok(())
+}
+
 async fn policy_port_over_65535(ctx: Ctx) -> TestResult {
     let yaml = policy_port_with("protocol", "TCP")
         .replace("number: 22", "number: 70000")
@@ -466,4 +516,351 @@ async fn request_spec_is_immutable(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(&request_port_with("protocol", "TCP")))?;
     let changed = request_port_with("protocol", "TCP").replace("PT10M", "PT20M");
     expect_rejected(&ctx, &changed, &["spec", "spec is immutable"])
+}
+
+/// Edge cases of every field the schema checks with CEL or a pattern: the spellings a user
+/// may legitimately write (IPv6 hex in capitals or with leading zeros, IPv4-compatible IPv6,
+/// `0.0.0.0/0`, port `0` and zero-padded ports, zero components and seconds-only durations,
+/// padded numbers). Every one must pass `kubectl apply`, and the objects the API server
+/// stored must then convert, through the functions the controllers use, to what they mean:
+/// a value the schema accepts and the code refuses would leave an NSG `Ready=False` and
+/// its agents without rules.
+const EDGE_CASES: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: NetworkSecurityGroup
+metadata:
+  name: edges
+spec:
+  virtualNetworkPrefixes: ["198.18.0.0/24", "2001:DB8:0:1::/64", "2001:0db8:0000:0002::/64", "198.18.1.7"]
+  loadBalancerPrefixes: ["198.18.2.0/28", "2001:db8::FFFF"]
+  securityRules:
+  - name: edge-lists
+    priority: 100
+    direction: Inbound
+    access: Allow
+    protocol: Tcp
+    sourceAddressPrefixes: ["198.19.0.0/16", "2001:DB8:AB::/48", "::198.19.0.1", "0.0.0.0/0", "::/0", "198.19.0.1/32", "Internet"]
+    sourcePortRanges: ["0", "00000-65535"]
+    destinationAddressPrefixes: ["2001:db8:0:1::A", "VirtualNetwork", "*"]
+    destinationPortRanges: ["00022", "0-65535", "00080-00443", "65535", "0"]
+---
+apiVersion: jit.portcullis.dev/v1alpha1
+kind: SecurityRule
+metadata:
+  name: edge-singular
+spec:
+  networkSecurityGroupName: edges
+  priority: 4096
+  direction: Outbound
+  access: Deny
+  protocol: "*"
+  sourceAddressPrefix: "2001:DB8::1"
+  sourcePortRange: "*"
+  destinationAddressPrefix: "AzureLoadBalancer"
+  destinationPortRange: "03389-03390"
+---
+apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitPolicy
+metadata:
+  name: edges
+spec:
+  virtualMachines:
+  - name: vm-6
+    address: "2001:DB8:0:1::A"
+    networkSecurityGroupName: edges
+    ports:
+    - number: 22
+      protocol: TCP
+      allowedSourceAddressPrefixes: ["198.19.0.0/16", "2001:DB8:AB::/48"]
+      maxRequestAccessDuration: PT86400S
+    - number: 3389
+      protocol: UDP
+      allowedSourceAddressPrefix: "198.19.0.7"
+      maxRequestAccessDuration: P0DT0H0M1S
+    - number: 5985
+      allowedSourceAddressPrefix: "*"
+      maxRequestAccessDuration: PT0H1440M
+    - number: 65535
+      protocol: TCP
+      maxRequestAccessDuration: PT00000000000000000000000000001S
+    - number: 8080
+      protocol: TCP
+      maxRequestAccessDuration: P1D
+---
+apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitRequest
+metadata:
+  name: edges
+spec:
+  policyName: edges
+  virtualMachines:
+  - name: vm-6
+    ports:
+    - number: 22
+      duration: PT00000000000000000000000000001S
+      allowedSourceAddressPrefixes: ["2001:db8:ab:1::/64", "198.19.255.255"]
+    - number: 3389
+      duration: P0DT0H0M1S
+      allowedSourceAddressPrefix: "198.19.0.7/32"
+    - number: 5985
+      duration: PT00001S
+      allowedSourceAddressPrefix: "*"
+    - number: 8080
+      duration: PT86400S
+      allowedSourceAddressPrefix: "::198.19.0.1"
+"#;
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("test network")
+}
+
+fn prefixes(values: &[&str]) -> Vec<AddressPrefix> {
+    values
+        .iter()
+        .map(|v| match *v {
+            "*" | "Internet" | "VirtualNetwork" | "AzureLoadBalancer" => v.parse().expect("a tag"),
+            cidr => AddressPrefix::Net(net(cidr)),
+        })
+        .collect()
+}
+
+fn ports(ranges: &[(u16, u16)]) -> Vec<PortRange> {
+    ranges
+        .iter()
+        .map(|&(start, end)| PortRange::Range { start, end })
+        .collect()
+}
+
+async fn schema_accepted_edge_cases_convert_with_the_same_meaning(ctx: Ctx) -> TestResult {
+    succeeded(&ctx.apply(EDGE_CASES))?;
+    let nsg = Api::<NetworkSecurityGroup>::namespaced(ctx.client.clone(), &ctx.ns)
+        .get("edges")
+        .await?;
+    let rule_object = Api::<SecurityRule>::namespaced(ctx.client.clone(), &ctx.ns)
+        .get("edge-singular")
+        .await?;
+    let policy = Api::<JitPolicy>::namespaced(ctx.client.clone(), &ctx.ns)
+        .get("edges")
+        .await?;
+    let request = Api::<JitRequest>::namespaced(ctx.client.clone(), &ctx.ns)
+        .get("edges")
+        .await?;
+
+    // The NSG's address space, in the canonical spelling of the same networks.
+    let scope = convert::scope(&nsg.spec)?;
+    assert_eq!(
+        scope,
+        rules::Scope {
+            virtual_network: vec![
+                net("198.18.0.0/24"),
+                net("2001:db8:0:1::/64"),
+                net("2001:db8:0:2::/64"),
+                net("198.18.1.7/32"),
+            ],
+            load_balancer: vec![net("198.18.2.0/28"), net("2001:db8::ffff/128")],
+        }
+    );
+
+    // The inline rule: every list entry converts to the network or range it spells.
+    let inline = &nsg.spec.security_rules[0];
+    let converted = convert::rule(&inline.name, &inline.fields, Origin::Inline, false)?;
+    assert_eq!(
+        converted.source_prefixes,
+        prefixes(&[
+            "198.19.0.0/16",
+            "2001:db8:ab::/48",
+            "::c613:1/128",
+            "0.0.0.0/0",
+            "::/0",
+            "198.19.0.1/32",
+            "Internet",
+        ])
+    );
+    assert_eq!(converted.source_ports, ports(&[(0, 0), (0, 65535)]));
+    assert_eq!(
+        converted.destination_prefixes,
+        prefixes(&["2001:db8:0:1::a/128", "VirtualNetwork", "*"])
+    );
+    assert_eq!(
+        converted.destination_ports,
+        ports(&[(22, 22), (0, 65535), (80, 443), (65535, 65535), (0, 0)])
+    );
+
+    // The SecurityRule object, singular fields.
+    let name = rule_object.metadata.name.clone().unwrap_or_default();
+    let converted = convert::rule(
+        &name,
+        &rule_object.spec.fields,
+        Origin::SecurityRule { name: name.clone() },
+        false,
+    )?;
+    assert_eq!(converted.protocol, Protocol::Any);
+    assert_eq!(converted.source_prefixes, prefixes(&["2001:db8::1/128"]));
+    assert_eq!(converted.source_ports, vec![PortRange::Any]);
+    assert_eq!(
+        converted.destination_prefixes,
+        prefixes(&["AzureLoadBalancer"])
+    );
+    assert_eq!(converted.destination_ports, ports(&[(3389, 3390)]));
+
+    // Every policy maximum reads as the seconds the schema's CEL total gave it.
+    let maxima: Vec<Result<Duration, _>> = policy.spec.virtual_machines[0]
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| duration::parse_policy_max(&p.max_request_access_duration))
+        .collect();
+    let day = Duration::from_secs(86_400);
+    let second = Duration::from_secs(1);
+    assert_eq!(
+        maxima,
+        vec![Ok(day), Ok(second), Ok(day), Ok(second), Ok(day)]
+    );
+
+    // The request is valid under the policy, and grants exactly what it spells.
+    let grants = validate(&policy.spec, &request.spec)
+        .map_err(|v| format!("the edge-case request is refused: {v:?}"))?;
+    let address: std::net::IpAddr = "2001:db8:0:1::a".parse()?;
+    let got: Vec<(u16, Protocol, Vec<IpNet>, Duration)> = grants
+        .iter()
+        .inspect(|g| assert_eq!(g.address, address))
+        .map(|g| (g.number, g.protocol, g.sources.clone(), g.duration))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                22,
+                Protocol::Tcp,
+                vec![net("2001:db8:ab:1::/64"), net("198.19.255.255/32")],
+                second
+            ),
+            (3389, Protocol::Udp, vec![net("198.19.0.7/32")], second),
+            (
+                5985,
+                Protocol::Any,
+                vec![net("0.0.0.0/0"), net("::/0")],
+                second
+            ),
+            (8080, Protocol::Tcp, vec![net("::c613:1/128")], day),
+        ]
+    );
+    Ok(())
+}
+
+/// An NSG with `field: [valid, value]`.
+fn address_space(field: &str, value: &str) -> String {
+    format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: NetworkSecurityGroup
+metadata:
+  name: nsg
+spec:
+  {field}: ["198.18.0.0/24", "{value}"]
+"#
+    )
+}
+
+/// The address space defines what the tags stand for: a tag or `*` in it used to pass the
+/// schema and then fail the conversion, leaving the NSG unenforced.
+async fn nsg_address_space_refuses_star_and_tags(ctx: Ctx) -> TestResult {
+    for field in ["virtualNetworkPrefixes", "loadBalancerPrefixes"] {
+        for value in ["*", "VirtualNetwork", "Internet", "AzureLoadBalancer"] {
+            let path = format!("spec.{field}");
+            expect_rejected(
+                &ctx,
+                &address_space(field, value),
+                &[&path, ADDRESS_SPACE_MESSAGE],
+            )
+            .map_err(|e| format!("{field}: {value}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// `198.19.0.1/16` may mean the host or the /16: refused wherever a prefix is written,
+/// though CEL's `isCIDR` alone takes it.
+async fn cidrs_with_host_bits_are_refused(ctx: Ctx) -> TestResult {
+    expect_rejected(
+        &ctx,
+        &address_space("virtualNetworkPrefixes", "198.18.1.1/24"),
+        &["spec.virtualNetworkPrefixes", ADDRESS_SPACE_MESSAGE],
+    )?;
+    expect_rejected(
+        &ctx,
+        &address_space("loadBalancerPrefixes", "2001:db8::1/64"),
+        &["spec.loadBalancerPrefixes", ADDRESS_SPACE_MESSAGE],
+    )?;
+    let yaml = nsg_with("description", "x").replace(
+        "sourceAddressPrefix: Internet",
+        "sourceAddressPrefix: 198.19.0.1/16",
+    );
+    expect_rejected(
+        &ctx,
+        &yaml,
+        &["spec.securityRules[0].sourceAddressPrefix", PREFIX_MESSAGE],
+    )?;
+    let yaml = nsg_with("description", "x").replace(
+        "destinationAddressPrefix: \"*\"",
+        "destinationAddressPrefixes: [\"198.18.0.10\", \"2001:db8::1/64\"]",
+    );
+    expect_rejected(
+        &ctx,
+        &yaml,
+        &[
+            "spec.securityRules[0].destinationAddressPrefixes",
+            PREFIX_MESSAGE,
+        ],
+    )?;
+    let yaml = policy_port_with("protocol", "TCP")
+        .replace("198.19.0.0/16", "198.19.0.1/16")
+        .replacen("      protocol: TCP\n", "", 1);
+    expect_rejected(
+        &ctx,
+        &yaml,
+        &[
+            "spec.virtualMachines[0].ports[0].allowedSourceAddressPrefix",
+            SOURCE_MESSAGE,
+        ],
+    )?;
+    let yaml = request_port_with("protocol", "TCP").replace(
+        "allowedSourceAddressPrefix: 198.19.0.10",
+        "allowedSourceAddressPrefixes: [\"198.19.0.10/24\"]",
+    );
+    expect_rejected(
+        &ctx,
+        &yaml,
+        &[
+            "spec.virtualMachines[0].ports[0].allowedSourceAddressPrefixes",
+            SOURCE_MESSAGE,
+        ],
+    )
+}
+
+/// Spellings whose meaning is in doubt (octal-looking octets, IPv4-mapped IPv6, zones,
+/// a zero-padded prefix length): Kubernetes' CEL refuses them, and so does the code, so an
+/// object that skipped validation is reported rather than read one way or another.
+async fn addresses_cel_refuses_are_refused_by_the_code_too(ctx: Ctx) -> TestResult {
+    for value in [
+        "198.019.0.0/16",
+        "198.19.0.01",
+        "198.19.0.0/016",
+        "::ffff:198.19.0.1",
+        "::ffff:198.19.0.0/112",
+        "fe80::1%eth0",
+    ] {
+        let yaml = nsg_with("description", "x").replace(
+            "sourceAddressPrefix: Internet",
+            &format!("sourceAddressPrefix: \"{value}\""),
+        );
+        expect_rejected(
+            &ctx,
+            &yaml,
+            &["spec.securityRules[0].sourceAddressPrefix", PREFIX_MESSAGE],
+        )
+        .map_err(|e| format!("{value}: {e}"))?;
+        if value.parse::<AddressPrefix>().is_ok() {
+            return Err(format!("the code reads {value:?}, which the schema refuses").into());
+        }
+    }
+    Ok(())
 }

@@ -5,14 +5,16 @@ use std::path::Path;
 use crate::support::{Ctx, TestResult, succeeded};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
-    crate::tests![kustomization_passes_server_dry_run]
+    crate::tests![
+        kustomization_passes_server_dry_run,
+        agent_rbac_reaches_only_its_own_nsg
+    ]
 }
 
 async fn kustomization_passes_server_dry_run(ctx: Ctx) -> TestResult {
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     // A server-side dry run creates nothing, so the namespaced objects need their namespace
-    // to exist already; a real `apply -k` creates it first in the same call.
-    succeeded(&ctx.kubectl(&["create", "namespace", "portcullis-system"]))?;
+    // to exist already (the harness installed it); a real `apply -k` creates it first.
     let out = succeeded(&ctx.kubectl(&[
         "apply",
         "--dry-run=server",
@@ -25,9 +27,94 @@ async fn kustomization_passes_server_dry_run(ctx: Ctx) -> TestResult {
         "serviceaccount/portcullis-operator",
         "clusterrole.rbac.authorization.k8s.io/portcullis-requester",
         "deployment.apps/portcullis-operator",
+        "mutatingadmissionpolicy.admissionregistration.k8s.io/portcullis-requestor",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/portcullis-jitrequest-create",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/portcullis-jitrequest-delete",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/portcullis-managed-securityrules",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/portcullis-managed-securityrules",
     ] {
         if !out.contains(expected) {
             return Err(format!("dry run output lacks {expected}:\n{out}").into());
+        }
+    }
+    Ok(())
+}
+
+/// The agent's shipped RBAC: its NSG and that NSG's status, the rules of its namespace, and
+/// nothing else (no other NSG, no other namespace, no writes to rules or requests).
+async fn agent_rbac_reaches_only_its_own_nsg(ctx: Ctx) -> TestResult {
+    let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/agent/rbac.yaml");
+    ctx.plane.apply(&std::fs::read_to_string(rbac)?).await?;
+    let agent = "system:serviceaccount:portcullis-system:portcullis-agent";
+    let may = |verb: &str, resource: &str, namespace: &str, subresource: Option<&str>| {
+        let mut args = vec![
+            "auth".to_owned(),
+            "can-i".to_owned(),
+            verb.to_owned(),
+            resource.to_owned(),
+            format!("--namespace={namespace}"),
+            format!("--as={agent}"),
+        ];
+        if let Some(sub) = subresource {
+            args.push(format!("--subresource={sub}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = ctx.kubectl(&args);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    let nsg = "networksecuritygroups.jit.portcullis.dev/web-nsg";
+    let other = "networksecuritygroups.jit.portcullis.dev/db-nsg";
+    let checks = [
+        (may("watch", nsg, "default", None), true, "watch its NSG"),
+        (
+            may("patch", nsg, "default", Some("status")),
+            true,
+            "patch its NSG's status",
+        ),
+        (
+            may("list", "securityrules.jit.portcullis.dev", "default", None),
+            true,
+            "list rules",
+        ),
+        (
+            may("get", other, "default", None),
+            false,
+            "read another NSG",
+        ),
+        (
+            may("patch", other, "default", Some("status")),
+            false,
+            "patch another NSG's status",
+        ),
+        (
+            may("patch", nsg, "default", None),
+            false,
+            "patch its NSG's spec",
+        ),
+        (
+            may("watch", nsg, "kube-system", None),
+            false,
+            "watch another namespace",
+        ),
+        (
+            may(
+                "create",
+                "securityrules.jit.portcullis.dev",
+                "default",
+                None,
+            ),
+            false,
+            "create rules",
+        ),
+        (
+            may("delete", "jitrequests.jit.portcullis.dev", "default", None),
+            false,
+            "delete requests",
+        ),
+    ];
+    for (allowed, expected, what) in checks {
+        if allowed != expected {
+            return Err(format!("the agent may {what}: {allowed}, expected {expected}").into());
         }
     }
     Ok(())

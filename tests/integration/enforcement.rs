@@ -100,8 +100,6 @@ metadata:
 spec:
   policyName: web
   justification: testing enforcement
-  requestor:
-    username: alice
   virtualMachines:
   - name: web-1
     ports:
@@ -542,7 +540,7 @@ async fn grant_admits_only_its_source_until_revoked(ctx: Ctx) -> TestResult {
     enforced(&ctx, &lab, "vm-1").await?;
     succeeded(&ctx.apply(POLICY))?;
     lab.until(A, 22, false).await?;
-    succeeded(&ctx.apply(&request("ssh-a", A, "PT10M")))?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("ssh-a", A, "PT10M")))?;
     granted(&ctx, "ssh-a").await?;
     lab.until(A, 22, true).await?;
     if !lab.ssh_logs_in(A).await? {
@@ -578,7 +576,7 @@ async fn established_session_survives_expiry(ctx: Ctx) -> TestResult {
     lab.start_agent(&ctx, "vm-1")?;
     enforced(&ctx, &lab, "vm-1").await?;
     succeeded(&ctx.apply(POLICY))?;
-    succeeded(&ctx.apply(&request("short", A, "PT12S")))?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("short", A, "PT12S")))?;
     granted(&ctx, "short").await?;
     lab.until(A, 22, true).await?;
     let mut session = lab
@@ -618,7 +616,7 @@ async fn grant_ends_on_time_with_the_agent_killed(ctx: Ctx) -> TestResult {
     lab.start_agent(&ctx, "vm-1")?;
     enforced(&ctx, &lab, "vm-1").await?;
     succeeded(&ctx.apply(POLICY))?;
-    succeeded(&ctx.apply(&request("doomed", A, "PT10S")))?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("doomed", A, "PT10S")))?;
     granted(&ctx, "doomed").await?;
     lab.until(A, 22, true).await?;
     let requests: Api<portcullis::api::JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
@@ -995,10 +993,14 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
 async fn agent_manifests_pass_server_dry_run(ctx: Ctx) -> TestResult {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/agent");
     let rendered = succeeded(&ctx.kubectl(&["kustomize", &dir.display().to_string()]))?;
-    let manifests = rendered.replace(
-        "namespace: portcullis-system",
-        &format!("namespace: {}", ctx.ns),
-    );
+    // The agent's namespace and its NSG's namespace (where its Role lives) both become the
+    // test's, so the dry run stays inside it.
+    let manifests = rendered
+        .replace(
+            "namespace: portcullis-system",
+            &format!("namespace: {}", ctx.ns),
+        )
+        .replace("namespace: default", &format!("namespace: {}", ctx.ns));
     let out = succeeded(&ctx.kubectl_as(
         portcullis::testenv::ADMIN,
         &["apply", "--dry-run=server", "-f", "-"],
@@ -1006,8 +1008,8 @@ async fn agent_manifests_pass_server_dry_run(ctx: Ctx) -> TestResult {
     ))?;
     for expected in [
         "serviceaccount/portcullis-agent",
-        "clusterrole.rbac.authorization.k8s.io/portcullis-agent",
-        "clusterrolebinding.rbac.authorization.k8s.io/portcullis-agent",
+        "role.rbac.authorization.k8s.io/portcullis-agent",
+        "rolebinding.rbac.authorization.k8s.io/portcullis-agent",
         "daemonset.apps/portcullis-agent",
     ] {
         if !out.contains(expected) {

@@ -9,11 +9,12 @@ mod crd_validation;
 mod deploy;
 mod enforcement;
 mod examples;
+mod exposure;
 mod harness;
 mod make_run;
 mod restart;
+mod security;
 mod support;
-mod webhook;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,16 +38,17 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 9] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 10] = [
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
         ("enforcement", enforcement::tests()),
         ("examples", examples::tests()),
+        ("exposure", exposure::tests()),
         ("harness", harness::tests()),
         ("restart", restart::tests()),
         ("make_run", make_run::tests()),
-        ("webhook", webhook::tests()),
+        ("security", security::tests()),
     ];
     modules
         .into_iter()
@@ -84,7 +86,6 @@ fn main() -> ExitCode {
     let on_interrupt = plane.clone();
     runtime.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            webhook::stop_shared();
             on_interrupt.stop();
             std::process::exit(130);
         }
@@ -105,17 +106,17 @@ fn main() -> ExitCode {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    webhook::stop_shared();
     plane.stop();
     conclusion.exit_code()
 }
 
-/// The control plane with the CRDs installed and the operator running in this process
-/// (tests that kill the operator start their own control plane and operator process).
+/// The control plane with Portcullis installed as `deploy/` installs it (admission policies
+/// included) and the operator running in this process as its own service account (tests
+/// that kill the operator start their own control plane and operator process).
 async fn start() -> Result<(ControlPlane, SocketAddr), Box<dyn std::error::Error>> {
     let plane = ControlPlane::start().await?;
-    let client = plane.client(portcullis::testenv::ADMIN).await?;
-    portcullis::testenv::crds::install(&client).await?;
+    portcullis::testenv::install::product(&plane).await?;
+    let client = plane.client(portcullis::testenv::OPERATOR).await?;
     let http_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let config = portcullis::controller::Config {
         http_addr,

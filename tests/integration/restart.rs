@@ -8,7 +8,7 @@ use kube::Client;
 use kube::api::Api;
 use portcullis::api::jit_request::Phase;
 use portcullis::api::{JitRequest, SecurityRule};
-use portcullis::testenv::{ADMIN, ControlPlane};
+use portcullis::testenv::{ADMIN, ControlPlane, OPERATOR};
 
 use crate::support::{Ctx, TestResult, eventually};
 
@@ -49,8 +49,6 @@ metadata:
   namespace: default
 spec:
   policyName: web
-  requestor:
-    username: alice
   virtualMachines:
   - name: web-1
     ports:
@@ -59,28 +57,43 @@ spec:
       allowedSourceAddressPrefix: 198.19.0.10
 "#;
 
-/// The operator as a separate process, so that it can be killed outright.
-struct Operator(Child);
+/// The operator as a separate process, as its own service account, so that it can be
+/// killed outright; its log (JSON lines) is kept in the plane's directory.
+struct Operator(Child, std::path::PathBuf);
 
 impl Operator {
     fn start(plane: &ControlPlane) -> Result<Self, std::io::Error> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        let log = plane.dir().join(format!("operator-{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["controller", "--http-addr", &format!("127.0.0.1:{port}")])
-            .env("KUBECONFIG", plane.kubeconfig(ADMIN.name))
+            .args([
+                "controller",
+                "--log-format=json",
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .env("KUBECONFIG", plane.kubeconfig(OPERATOR.name))
             .env(
                 "RUST_LOG",
                 "debug,hyper=info,tower=info,rustls=info,h2=info",
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(
-                plane.dir().join(format!("operator-{port}.log")),
-            )?)
+            .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        Ok(Self(child))
+        Ok(Self(child, log))
+    }
+
+    /// The decision records (`portcullis::audit` lines) this process has logged so far.
+    fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.1)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["target"] == portcullis::controller::request::AUDIT_TARGET)
+            .collect()
     }
 
     fn kill(mut self) {
@@ -98,37 +111,9 @@ impl Drop for Operator {
 
 async fn own_plane() -> Result<(ControlPlane, Client), Box<dyn std::error::Error + Send + Sync>> {
     let plane = ControlPlane::start().await?;
+    portcullis::testenv::install::product(&plane).await?;
     let client = plane.client(ADMIN).await?;
-    portcullis::testenv::crds::install(&client).await?;
     Ok((plane, client))
-}
-
-fn apply(plane: &ControlPlane, yaml: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut child = Command::new(plane.kubectl())
-        .args([
-            "--kubeconfig",
-            &plane.kubeconfig(ADMIN.name).display().to_string(),
-            "apply",
-            "-f",
-            "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    out.status
-        .success()
-        .then_some(())
-        .ok_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 async fn phase(requests: &Api<JitRequest>, wanted: Phase) -> Result<JitRequest, String> {
@@ -156,7 +141,7 @@ async fn killed_while_granted_keeps_the_expiry(_ctx: Ctx) -> TestResult {
     let requests: Api<JitRequest> = Api::namespaced(client.clone(), "default");
     let rules: Api<SecurityRule> = Api::namespaced(client.clone(), "default");
     let operator = Operator::start(&plane)?;
-    apply(&plane, SETUP)?;
+    plane.apply(SETUP).await?;
     let granted = phase(&requests, Phase::Granted).await?;
     let end = granted
         .status
@@ -168,6 +153,28 @@ async fn killed_while_granted_keeps_the_expiry(_ctx: Ctx) -> TestResult {
     let before = rules.list(&Default::default()).await?.items;
     let allow_before = allow_rules(&before);
     assert_eq!(allow_before.len(), 1);
+    let granted_record = eventually("the grant's audit record", || async {
+        operator
+            .audit_records()
+            .into_iter()
+            .find(|r| r["fields"]["decision"] == "Granted")
+    })
+    .await?;
+    let fields = &granted_record["fields"];
+    for (field, wanted) in [
+        ("requestor", ADMIN.name),
+        ("policy", "web"),
+        ("machine", "web-1"),
+        ("source", "198.19.0.10"),
+        ("reason", "AccessGranted"),
+    ] {
+        assert_eq!(
+            fields[field], wanted,
+            "audit field {field}: {granted_record}"
+        );
+    }
+    assert_eq!(fields["port"], 22, "{granted_record}");
+    assert_eq!(fields["end"], end.0.to_string(), "{granted_record}");
     operator.kill();
 
     let operator = Operator::start(&plane)?;
@@ -188,6 +195,12 @@ async fn killed_while_granted_keeps_the_expiry(_ctx: Ctx) -> TestResult {
         jiff::Timestamp::now() >= end.0,
         "expired before its end time"
     );
+    let expired_record = operator
+        .audit_records()
+        .into_iter()
+        .find(|r| r["fields"]["decision"] == "Expired")
+        .ok_or("no audit record of the expiry")?;
+    assert_eq!(expired_record["fields"]["reason"], "Expired");
     operator.kill();
     drop(plane);
     Ok(())
@@ -198,7 +211,7 @@ async fn expiry_passing_while_down_never_reopens(_ctx: Ctx) -> TestResult {
     let requests: Api<JitRequest> = Api::namespaced(client.clone(), "default");
     let rules: Api<SecurityRule> = Api::namespaced(client.clone(), "default");
     let operator = Operator::start(&plane)?;
-    apply(&plane, SETUP)?;
+    plane.apply(SETUP).await?;
     let granted = phase(&requests, Phase::Granted).await?;
     let end = granted.status.unwrap().expires_at.ok_or("no expiresAt")?;
     operator.kill();

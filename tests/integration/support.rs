@@ -98,6 +98,27 @@ impl Ctx {
     pub fn apply(&self, yaml: &str) -> Output {
         self.kubectl_as(ADMIN, &["apply", "-f", "-"], Some(yaml))
     }
+
+    /// kubectl run by the admin impersonating `user` in `groups` (`--as`, `--as-group`): how
+    /// a test acts as any requester, approver or attacker with exactly the RBAC it bound.
+    pub fn kubectl_impersonating(
+        &self,
+        user: &str,
+        groups: &[&str],
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Output {
+        let mut all = vec![format!("--as={user}")];
+        all.extend(groups.iter().map(|g| format!("--as-group={g}")));
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.kubectl_as(ADMIN, &all, stdin)
+    }
+
+    /// `kubectl apply -f -` of a YAML document as `user` in `groups`, by impersonation.
+    pub fn apply_as(&self, user: &str, groups: &[&str], yaml: &str) -> Output {
+        self.kubectl_impersonating(user, groups, &["apply", "-f", "-"], Some(yaml))
+    }
 }
 
 /// Fails unless kubectl succeeded, showing what it printed.

@@ -1,0 +1,601 @@
+//! The install attacked by its own users. Every test is an abuse a requester (or an admin's
+//! slip) could try, run through `kubectl` with impersonation (`--as`, `--as-group`) against
+//! exactly the admission `deploy/` ships (`deploy/admission/`, no webhook) and the operator
+//! running as its own service account.
+
+use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
+use kube::api::{Api, DeleteParams, PostParams};
+use portcullis::access::materialize::{Owner, allow_rule_name, deny_rule_name};
+use portcullis::api::jit_policy::MachineState;
+use portcullis::api::jit_request::Phase;
+use portcullis::api::{JitPolicy, JitRequest, SecurityRule};
+use portcullis::rules::Protocol;
+
+use crate::support::{Ctx, TestResult, eventually, failed, succeeded};
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
+    crate::tests![
+        forged_requestor_is_refused_and_forged_groups_dropped,
+        foreign_policy_is_refused_at_apply_naming_initiate,
+        initiate_withdrawn_while_pending_is_denied_at_grant_time,
+        only_the_requestor_or_a_revoker_may_revoke,
+        lookalike_names_never_share_a_rule,
+        operator_never_takes_over_a_rule_it_does_not_own,
+        deleting_a_request_beyond_the_bounded_history_completes,
+        managed_rules_are_the_operators_alone,
+        admission_policies_type_check,
+    ]
+}
+
+const NSG: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: NetworkSecurityGroup
+metadata:
+  name: nsg
+spec:
+  virtualNetworkPrefixes: ["198.18.0.0/24"]
+"#;
+
+/// Policy `name` protecting SSH on `machines` (`(name, address)`) of `nsg`, from
+/// 198.19.0.0/16 for up to an hour.
+fn policy(name: &str, machines: &[(&str, &str)]) -> String {
+    let machines: String = machines
+        .iter()
+        .map(|(machine, address)| {
+            format!(
+                "  - name: {machine}
+    address: {address}
+    networkSecurityGroupName: nsg
+    ports:
+    - number: 22
+      protocol: TCP
+      allowedSourceAddressPrefix: 198.19.0.0/16
+      maxRequestAccessDuration: PT1H
+"
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitPolicy
+metadata:
+  name: {name}
+spec:
+  virtualMachines:
+{machines}"
+    )
+}
+
+/// A request `name` under `policy` for SSH on `machine` from `source`, with `extra` spec
+/// lines (e.g. a forged requestor) appended.
+fn request(name: &str, policy: &str, machine: &str, source: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitRequest
+metadata:
+  name: {name}
+spec:
+  policyName: {policy}
+  virtualMachines:
+  - name: {machine}
+    ports:
+    - number: 22
+      duration: PT30M
+      allowedSourceAddressPrefix: {source}
+{extra}"
+    )
+}
+
+/// A Role in the test's namespace with `rules` (YAML list items), bound to `user`.
+fn role_for(ctx: &Ctx, user: &str, rules: &str) -> Result<(), String> {
+    succeeded(&ctx.apply(&format!(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: {user}
+rules:
+{rules}---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {user}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {user}}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}
+"
+    )))
+    .map(drop)
+}
+
+/// Requester rights limited to the policy `web`, as the README shows them.
+const WEB_REQUESTER: &str = r#"- apiGroups: ["jit.portcullis.dev"]
+  resources: ["jitrequests"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: ["jit.portcullis.dev"]
+  resources: ["jitpolicies"]
+  resourceNames: ["web"]
+  verbs: ["get", "initiate"]
+"#;
+
+async fn phase_of(ctx: &Ctx, name: &str, wanted: Phase) -> Result<JitRequest, String> {
+    let requests: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    eventually(&format!("jitr/{name} to be {wanted:?}"), || async {
+        let request = requests.get_opt(name).await.ok().flatten()?;
+        (request.status.as_ref()?.phase? == wanted).then_some(request)
+    })
+    .await
+}
+
+/// The policy `name` once it exists.
+async fn policy_named(ctx: &Ctx, name: &str) -> Result<JitPolicy, String> {
+    let policies: Api<JitPolicy> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    eventually(&format!("jitp/{name} to exist"), || async {
+        policies.get_opt(name).await.ok().flatten()
+    })
+    .await
+}
+
+async fn rule_named(ctx: &Ctx, name: &str) -> Result<SecurityRule, String> {
+    let rules: Api<SecurityRule> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    eventually(&format!("nsgrule/{name} to exist"), || async {
+        rules.get_opt(name).await.ok().flatten()
+    })
+    .await
+}
+
+/// The UID of the object that controls `rule`.
+fn controller_uid(rule: &SecurityRule) -> Option<String> {
+    rule.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.clone())
+}
+
+async fn setup(ctx: &Ctx) -> TestResult {
+    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(&policy("web", &[("web-1", "198.18.0.10")])))?;
+    Ok(())
+}
+
+/// Hole: with only `deploy/` installed, a requester could write any `spec.requestor`.
+async fn forged_requestor_is_refused_and_forged_groups_dropped(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    let forged = request(
+        "forged",
+        "web",
+        "web-1",
+        "198.19.0.10",
+        "  requestor:\n    username: mallory\n",
+    );
+    let refused = failed(&ctx.apply_as("alice", &["team-web"], &forged))?;
+    assert!(
+        refused.contains("spec.requestor must be the caller alice"),
+        "{refused}"
+    );
+    // Naming oneself but claiming more groups (or another uid) is rewritten to the truth.
+    let inflated = request(
+        "inflated",
+        "web",
+        "web-1",
+        "198.19.0.10",
+        "  requestor:\n    username: alice\n    uid: \"0\"\n    groups: [\"system:masters\"]\n",
+    );
+    succeeded(&ctx.apply_as("alice", &["team-web"], &inflated))?;
+    let stored = Api::<JitRequest>::namespaced(ctx.client.clone(), &ctx.ns)
+        .get("inflated")
+        .await?;
+    let requestor = stored.spec.requestor.ok_or("no requestor stamped")?;
+    assert_eq!(requestor.username, "alice");
+    assert_ne!(requestor.uid.as_deref(), Some("0"), "{requestor:?}");
+    assert!(
+        !requestor.groups.iter().any(|g| g == "system:masters")
+            && requestor.groups.iter().any(|g| g == "team-web"),
+        "{requestor:?}"
+    );
+    assert!(
+        stored
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f == portcullis::api::jit_request::REVOKE_FINALIZER),
+        "admission adds the revoke finalizer"
+    );
+    phase_of(&ctx, "inflated", Phase::Granted).await?;
+    Ok(())
+}
+
+/// Hole: a requester could request under a policy they may not `initiate`.
+async fn foreign_policy_is_refused_at_apply_naming_initiate(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply(&policy("db", &[("db-1", "198.18.0.20")])))?;
+    role_for(&ctx, "dave", WEB_REQUESTER)?;
+    let refused = failed(&ctx.apply_as(
+        "dave",
+        &[],
+        &request("sneaky", "db", "db-1", "198.19.0.10", ""),
+    ))?;
+    let wanted = format!(
+        "dave may not initiate jitpolicies/db in namespace {}",
+        ctx.ns
+    );
+    assert!(refused.contains(&wanted), "{refused}");
+    // A policy that does not exist yet is no loophole: the check is by name.
+    let refused = failed(&ctx.apply_as(
+        "dave",
+        &[],
+        &request("early", "later", "db-1", "198.19.0.10", ""),
+    ))?;
+    assert!(
+        refused.contains("may not initiate jitpolicies/later"),
+        "{refused}"
+    );
+    // The policy dave may use works.
+    succeeded(&ctx.apply_as(
+        "dave",
+        &[],
+        &request("fine", "web", "web-1", "198.19.0.10", ""),
+    ))?;
+    phase_of(&ctx, "fine", Phase::Granted).await?;
+    // Without any role, RBAC refuses before admission does.
+    failed(&ctx.apply_as(
+        "nobody",
+        &[],
+        &request("nope", "web", "web-1", "198.19.0.10", ""),
+    ))?;
+    Ok(())
+}
+
+/// Hole: authorization was checked once, at admission; a request waiting `Pending` was
+/// granted later even after the requester lost `initiate`.
+async fn initiate_withdrawn_while_pending_is_denied_at_grant_time(ctx: Ctx) -> TestResult {
+    role_for(&ctx, "erin", WEB_REQUESTER)?;
+    // The policy is not there yet, so the request waits.
+    succeeded(&ctx.apply_as(
+        "erin",
+        &[],
+        &request("waiting", "web", "web-1", "198.19.0.10", ""),
+    ))?;
+    let pending = phase_of(&ctx, "waiting", Phase::Pending).await?;
+    assert_eq!(
+        pending.status.and_then(|s| s.reason).as_deref(),
+        Some("PolicyNotFound")
+    );
+    succeeded(&ctx.kubectl(&["delete", "rolebinding", "erin"]))?;
+    eventually("RBAC to drop erin's initiate", || async {
+        let out = ctx.kubectl(&[
+            "auth",
+            "can-i",
+            "initiate",
+            "jitpolicies.jit.portcullis.dev/web",
+            "--as=erin",
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .eq("no")
+            .then_some(())
+    })
+    .await?;
+    setup(&ctx).await?;
+    let denied = phase_of(&ctx, "waiting", Phase::Denied).await?;
+    let status = denied.status.unwrap_or_default();
+    assert_eq!(status.reason.as_deref(), Some("NotAuthorized"));
+    let violations = status.violations.join("; ");
+    assert!(
+        violations.contains(&format!(
+            "erin may not initiate jitpolicies/web in namespace {}",
+            ctx.ns
+        )),
+        "{violations}"
+    );
+    let rules: Api<SecurityRule> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let allows: Vec<_> = rules
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|r| {
+            r.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("jit-allow-"))
+        })
+        .collect();
+    assert!(allows.is_empty(), "a rule was opened: {allows:?}");
+    Ok(())
+}
+
+/// Hole: anyone with `delete` on jitrequests revoked anyone's grant.
+async fn only_the_requestor_or_a_revoker_may_revoke(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    succeeded(&ctx.apply_as(
+        "alice",
+        &["team-web"],
+        &request("alices", "web", "web-1", "198.19.0.10", ""),
+    ))?;
+    phase_of(&ctx, "alices", Phase::Granted).await?;
+    // mallory is a requester too (the same ClusterRole, with `delete` on jitrequests).
+    let refused = failed(&ctx.kubectl_impersonating(
+        "mallory",
+        &["team-web"],
+        &["delete", "jitr", "alices", "--wait=false"],
+        None,
+    ))?;
+    assert!(
+        refused.contains("mallory may not revoke jitrequests/alices")
+            && refused.contains("revoke on jitpolicies/web"),
+        "{refused}"
+    );
+    phase_of(&ctx, "alices", Phase::Granted).await?;
+    // A policy admin holds `revoke` (deploy/user-roles.yaml) and may.
+    succeeded(&ctx.apply(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: frank-admin
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-policy-admin}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: frank}
+",
+    ))?;
+    succeeded(&ctx.kubectl_impersonating(
+        "frank",
+        &[],
+        &["delete", "jitr", "alices", "--wait=true"],
+        None,
+    ))?;
+    // And a requestor may always revoke their own.
+    succeeded(&ctx.apply_as(
+        "alice",
+        &["team-web"],
+        &request("again", "web", "web-1", "198.19.0.10", ""),
+    ))?;
+    phase_of(&ctx, "again", Phase::Granted).await?;
+    succeeded(&ctx.kubectl_impersonating(
+        "alice",
+        &["team-web"],
+        &["delete", "jitr", "again", "--wait=true"],
+        None,
+    ))?;
+    Ok(())
+}
+
+/// Hole: names joined with `-` collided: request `db` on machine `prod-api` and request
+/// `db-prod` on machine `api` shared one allow rule, the second taking it over; policy
+/// `x-y`/machine `z` and policy `x`/machine `y-z` shared one deny rule.
+async fn lookalike_names_never_share_a_rule(ctx: Ctx) -> TestResult {
+    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(&policy(
+        "p",
+        &[("prod-api", "198.18.0.30"), ("api", "198.18.0.31")],
+    )))?;
+    succeeded(&ctx.apply(&policy("x-y", &[("z", "198.18.0.40")])))?;
+    succeeded(&ctx.apply(&policy("x", &[("y-z", "198.18.0.41")])))?;
+    for (name, machine) in [("db", "prod-api"), ("db-prod", "api")] {
+        succeeded(&ctx.apply_as(
+            "alice",
+            &["team-web"],
+            &request(name, "p", machine, "198.19.0.10", ""),
+        ))?;
+    }
+    let db = phase_of(&ctx, "db", Phase::Granted).await?;
+    let db_prod = phase_of(&ctx, "db-prod", Phase::Granted).await?;
+    let rule_of = |r: &JitRequest| r.status.as_ref().unwrap().grants[0].rule.clone();
+    assert_ne!(rule_of(&db), rule_of(&db_prod));
+    for request in [&db, &db_prod] {
+        let uid = request.metadata.uid.clone().unwrap_or_default();
+        let name = request.metadata.name.as_deref().unwrap_or_default();
+        let machine = &request.spec.virtual_machines[0].name;
+        let expected = allow_rule_name(Owner { name, uid: &uid }, machine, 22, Protocol::Tcp);
+        assert_eq!(rule_of(request), expected);
+        let rule = rule_named(&ctx, &expected).await?;
+        assert_eq!(controller_uid(&rule), Some(uid), "{expected} changed hands");
+    }
+    // Revoking one leaves the other open.
+    succeeded(&ctx.kubectl(&["delete", "jitr", "db-prod", "--wait=true"]))?;
+    rule_named(&ctx, &rule_of(&db)).await?;
+    phase_of(&ctx, "db", Phase::Granted).await?;
+
+    for (policy, machine) in [("x-y", "z"), ("x", "y-z")] {
+        let owner = policy_named(&ctx, policy).await?;
+        let uid = owner.metadata.uid.clone().unwrap_or_default();
+        let name = deny_rule_name(
+            Owner {
+                name: policy,
+                uid: &uid,
+            },
+            machine,
+        );
+        let rule = rule_named(&ctx, &name).await?;
+        assert_eq!(controller_uid(&rule), Some(uid), "{name} changed hands");
+    }
+    Ok(())
+}
+
+/// Names are unique per owner, yet a rule of that name may already be there (a user's rule,
+/// or a hash clash): the operator reports it and never writes over it.
+async fn operator_never_takes_over_a_rule_it_does_not_own(ctx: Ctx) -> TestResult {
+    // The policy first: without its NSG nothing is materialized yet.
+    succeeded(&ctx.apply(&policy("web", &[("web-1", "198.18.0.10")])))?;
+    let owner = policy_named(&ctx, "web").await?;
+    let uid = owner.metadata.uid.clone().unwrap_or_default();
+    let name = deny_rule_name(
+        Owner {
+            name: "web",
+            uid: &uid,
+        },
+        "web-1",
+    );
+    // A policy admin's own rule squats the name the deny rule will need.
+    succeeded(&ctx.apply(&format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: SecurityRule
+metadata:
+  name: {name}
+spec:
+  networkSecurityGroupName: nsg
+  priority: 3000
+  direction: Inbound
+  access: Allow
+  protocol: Tcp
+  sourceAddressPrefix: 198.18.0.0/24
+  sourcePortRange: "*"
+  destinationAddressPrefix: "*"
+  destinationPortRange: "8443"
+"#
+    )))?;
+    succeeded(&ctx.apply(NSG))?;
+    let policies: Api<JitPolicy> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let reported = eventually("the policy to report the conflict", || async {
+        let policy = policies.get("web").await.ok()?;
+        let status = policy.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False" && ready.reason == "RuleConflict").then_some(status)
+    })
+    .await?;
+    let machine = &reported.virtual_machines[0];
+    assert_eq!(machine.state, MachineState::RuleConflict);
+    assert!(machine.message.contains(&name), "{}", machine.message);
+    let squatter = rule_named(&ctx, &name).await?;
+    assert_eq!(
+        squatter.spec.fields.access,
+        portcullis::api::rule_fields::Access::Allow
+    );
+    assert!(
+        squatter.metadata.owner_references.is_none() && squatter.metadata.labels.is_none(),
+        "the operator took the rule over: {:?}",
+        squatter.metadata
+    );
+    Ok(())
+}
+
+/// Hole: with more than 50 requests under one policy, deleting an old one hung in its
+/// finalizer, waiting for the bounded history to record it.
+async fn deleting_a_request_beyond_the_bounded_history_completes(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    let requests: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    succeeded(&ctx.apply(&request("oldest", "web", "web-1", "198.19.0.10", "")))?;
+    let oldest = phase_of(&ctx, "oldest", Phase::Granted).await?;
+    let started = oldest
+        .status
+        .and_then(|s| s.start_time)
+        .ok_or("no start time")?;
+    // Every later request starts in a later second, so `oldest` falls out of the history.
+    eventually(
+        "the clock to pass the oldest grant's start second",
+        || async { (jiff::Timestamp::now().as_second() > started.0.as_second()).then_some(()) },
+    )
+    .await?;
+    let limit = portcullis::controller::policy::HISTORY_LIMIT;
+    for i in 0..limit {
+        let newer: JitRequest = serde_yaml_ng::from_str(&request(
+            &format!("newer-{i:02}"),
+            "web",
+            "web-1",
+            "198.19.0.10",
+            "",
+        ))?;
+        requests.create(&PostParams::default(), &newer).await?;
+    }
+    let policies: Api<JitPolicy> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    eventually("the history to be full without the oldest", || async {
+        let history = policies.get("web").await.ok()?.status?.requests;
+        (history.len() == limit && !history.iter().any(|r| r.request == "oldest")).then_some(())
+    })
+    .await?;
+    requests.delete("oldest", &DeleteParams::default()).await?;
+    eventually("the oldest request to be gone", || async {
+        matches!(requests.get_opt("oldest").await, Ok(None)).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Only the operator writes the rules the agents enforce: not a requester, not even the
+/// cluster admin (who would have to remove the label first, which is refused too).
+async fn managed_rules_are_the_operators_alone(ctx: Ctx) -> TestResult {
+    setup(&ctx).await?;
+    let owner = policy_named(&ctx, "web").await?;
+    let uid = owner.metadata.uid.clone().unwrap_or_default();
+    let deny = deny_rule_name(
+        Owner {
+            name: "web",
+            uid: &uid,
+        },
+        "web-1",
+    );
+    rule_named(&ctx, &deny).await?;
+    let forged = r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: SecurityRule
+metadata:
+  name: forged-allow
+  labels:
+    app.kubernetes.io/managed-by: portcullis
+spec:
+  networkSecurityGroupName: nsg
+  priority: 100
+  direction: Inbound
+  access: Allow
+  protocol: Tcp
+  sourceAddressPrefix: "*"
+  sourcePortRange: "*"
+  destinationAddressPrefix: "*"
+  destinationPortRange: "22"
+"#;
+    let refused = failed(&ctx.apply(forged))?;
+    assert!(
+        refused.contains("admin may not write SecurityRule forged-allow"),
+        "{refused}"
+    );
+    for patch in [
+        r#"{"metadata":{"labels":{"app.kubernetes.io/managed-by":null}}}"#,
+        r#"{"metadata":{"ownerReferences":null}}"#,
+        r#"{"spec":{"destinationPortRange":"2222","destinationPortRanges":null}}"#,
+    ] {
+        let refused = failed(&ctx.kubectl(&[
+            "patch",
+            "nsgrule",
+            deny.as_str(),
+            "--type=merge",
+            "-p",
+            patch,
+        ]))?;
+        assert!(
+            refused.contains("written only by the Portcullis operator"),
+            "{patch}: {refused}"
+        );
+    }
+    // Metadata that GitOps tools and other controllers write is not the operator's alone.
+    succeeded(&ctx.kubectl(&[
+        "annotate",
+        "nsgrule",
+        deny.as_str(),
+        "example.com/reviewed=yes",
+    ]))?;
+    Ok(())
+}
+
+/// The shipped policies compile against the CRDs without warnings: a typo in a field name
+/// would otherwise surface only as a refusal (or a pass) at request time.
+async fn admission_policies_type_check(ctx: Ctx) -> TestResult {
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(ctx.client.clone());
+    for name in [
+        "portcullis-jitrequest-create",
+        "portcullis-jitrequest-delete",
+        "portcullis-managed-securityrules",
+    ] {
+        let checked = eventually(&format!("{name} to be type checked"), || async {
+            let policy = policies.get(name).await.ok()?;
+            let status = policy.status?;
+            (status.observed_generation == policy.metadata.generation).then_some(status)
+        })
+        .await?;
+        let warnings = checked
+            .type_checking
+            .and_then(|t| t.expression_warnings)
+            .unwrap_or_default();
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+    }
+    Ok(())
+}
