@@ -37,6 +37,8 @@ const BURST_POLICIES: usize = 50;
 const RSS_GRANTS: usize = 10_000;
 /// The 10,000 grants are spread like a real fleet: many NSGs of moderate size.
 const RSS_POLICIES: usize = 200;
+/// Machines per policy where a namespace needs more.
+const MACHINES_PER_POLICY: usize = 50;
 /// Requests in flight at once when creating many.
 const PARALLEL: usize = 32;
 
@@ -270,7 +272,8 @@ async fn floor(client: &Client) -> BenchResult<Vec<f64>> {
     Ok(samples)
 }
 
-/// An NSG and a policy with `machines` machines in namespace `ns`.
+/// An NSG and, on it, `machines` machines in namespace `ns`: vm-0, vm-1, ... in policies of
+/// [`MACHINES_PER_POLICY`] (web-0 holds vm-0 to vm-49, and so on; a policy lists at most 64).
 async fn policy(client: &Client, ns: &str, machines: usize) -> BenchResult<()> {
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), ns);
     nsgs.create(
@@ -281,25 +284,28 @@ async fn policy(client: &Client, ns: &str, machines: usize) -> BenchResult<()> {
         }))?,
     )
     .await?;
-    let vms: Vec<_> = (0..machines)
-        .map(|m| {
-            json!({
-                "name": format!("vm-{m}"),
-                "address": format!("198.18.{}.{}", m / 250, m % 250 + 1),
-                "networkSecurityGroupName": "nsg",
-                "ports": [{"number": 22, "protocol": "TCP", "maxRequestAccessDuration": "PT24H"}]
-            })
-        })
-        .collect();
     let policies: Api<JitPolicy> = Api::namespaced(client.clone(), ns);
-    policies
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": "web"}, "spec": {"virtualMachines": vms}}),
-            )?,
-        )
-        .await?;
+    for first in (0..machines).step_by(MACHINES_PER_POLICY) {
+        let vms: Vec<_> = (first..machines.min(first + MACHINES_PER_POLICY))
+            .map(|m| {
+                json!({
+                    "name": format!("vm-{m}"),
+                    "address": format!("198.18.{}.{}", m / 250, m % 250 + 1),
+                    "networkSecurityGroupName": "nsg",
+                    "ports": [{"number": 22, "protocol": "TCP", "maxRequestAccessDuration": "PT24H"}]
+                })
+            })
+            .collect();
+        let name = format!("web-{}", first / MACHINES_PER_POLICY);
+        policies
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": name}, "spec": {"virtualMachines": vms}}),
+                )?,
+            )
+            .await?;
+    }
     Ok(())
 }
 
@@ -309,7 +315,7 @@ fn request(name: &str, source: usize, machine: usize, duration: &str) -> BenchRe
     Ok(serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
-            "policyName": "web",
+            "policyName": format!("web-{}", machine / MACHINES_PER_POLICY),
             "virtualMachines": [{"name": format!("vm-{machine}"), "ports": [{
                 "number": 22,
                 "duration": duration,

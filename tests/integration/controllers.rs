@@ -116,43 +116,8 @@ fn ask(ctx: &Ctx, name: &str, who: &str, port: u16, source: &str, duration: &str
     ctx.apply_as(who, &["team-web"], &request(name, port, source, duration))
 }
 
-fn api<K>(ctx: &Ctx) -> Api<K>
-where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    Api::namespaced(ctx.client.clone(), &ctx.ns)
-}
-
-async fn phase_of(ctx: &Ctx, name: &str, wanted: Phase) -> Result<JitRequest, String> {
-    let requests: Api<JitRequest> = api(ctx);
-    eventually(&format!("jitr/{name} to be {wanted:?}"), || async {
-        let request = requests.get_opt(name).await.ok().flatten()?;
-        (request.status.as_ref()?.phase? == wanted).then_some(request)
-    })
-    .await
-}
-
-async fn rule_named(ctx: &Ctx, name: &str) -> Result<SecurityRule, String> {
-    let rules: Api<SecurityRule> = api(ctx);
-    eventually(&format!("nsgrule/{name} to exist"), || async {
-        rules.get_opt(name).await.ok().flatten()
-    })
-    .await
-}
-
-async fn rule_gone(ctx: &Ctx, name: &str) -> Result<(), String> {
-    let rules: Api<SecurityRule> = api(ctx);
-    eventually(&format!("nsgrule/{name} to be deleted"), || async {
-        matches!(rules.get_opt(name).await, Ok(None)).then_some(())
-    })
-    .await
-}
-
 async fn machine_state(ctx: &Ctx, machine: &str, wanted: MachineState) -> Result<(), String> {
-    let policies: Api<JitPolicy> = api(ctx);
+    let policies: Api<JitPolicy> = ctx.api();
     eventually(&format!("machine {machine} to be {wanted:?}"), || async {
         let policy = policies.get_opt("web").await.ok().flatten()?;
         policy
@@ -168,7 +133,7 @@ async fn machine_state(ctx: &Ctx, machine: &str, wanted: MachineState) -> Result
 /// The name of policy `web`'s deny rule for `machine`: readable names plus a hash of the
 /// policy's UID, computed the way the operator computes it.
 async fn deny_name(ctx: &Ctx, machine: &str) -> Result<String, String> {
-    let policies: Api<JitPolicy> = api(ctx);
+    let policies: Api<JitPolicy> = ctx.api();
     let policy = eventually("policy web to exist", || async {
         policies.get_opt("web").await.ok().flatten()
     })
@@ -186,27 +151,27 @@ async fn deny_name(ctx: &Ctx, machine: &str) -> Result<String, String> {
 async fn setup(ctx: &Ctx) -> TestResult {
     succeeded(&ctx.apply(NSG))?;
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
-    rule_named(ctx, &deny_name(ctx, "web-1").await?).await?;
+    ctx.rule_named(&deny_name(ctx, "web-1").await?).await?;
     Ok(())
 }
 
 async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
     succeeded(&ask(&ctx, "ask", "alice", 22, "198.19.0.10", "PT10M"))?;
-    let pending = phase_of(&ctx, "ask", Phase::Pending).await?;
+    let pending = ctx.phase_of("ask", Phase::Pending).await?;
     assert_eq!(
         pending.status.unwrap().reason.as_deref(),
         Some("PolicyNotFound")
     );
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
     succeeded(&ctx.apply(NSG))?;
-    let granted = phase_of(&ctx, "ask", Phase::Granted).await?;
+    let granted = ctx.phase_of("ask", Phase::Granted).await?;
     let status = granted.status.unwrap();
     let grant = &status.grants[0];
     let deny_1 = deny_name(&ctx, "web-1").await?;
     assert_eq!((grant.number, grant.status), (22, GrantState::Initiated));
     assert_eq!(status.source.as_deref(), Some("198.19.0.10"));
 
-    let allow = rule_named(&ctx, &grant.rule).await?;
+    let allow = ctx.rule_named(&grant.rule).await?;
     assert_eq!(
         allow.spec.fields.source_address_prefix.as_deref(),
         Some("198.19.0.10")
@@ -230,7 +195,7 @@ async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
     );
 
     // The NSG's effective view: the grant above the deny, above the user rules.
-    let nsgs: Api<NetworkSecurityGroup> = api(&ctx);
+    let nsgs: Api<NetworkSecurityGroup> = ctx.api();
     let view = eventually(
         "the grant and the deny in the NSG's effective rules",
         || async {
@@ -257,7 +222,7 @@ async fn policy_before_nsg_reports_it_then_configures(ctx: Ctx) -> TestResult {
     machine_state(&ctx, "web-1", MachineState::NetworkSecurityGroupNotFound).await?;
     succeeded(&ctx.apply(NSG))?;
     machine_state(&ctx, "web-1", MachineState::Configured).await?;
-    let deny = rule_named(&ctx, &deny_1).await?;
+    let deny = ctx.rule_named(&deny_1).await?;
     assert_eq!(
         deny.spec.fields.destination_port_ranges.as_deref(),
         Some(&["22".to_owned(), "8080".to_owned()][..])
@@ -283,7 +248,7 @@ async fn policy_before_nsg_reports_it_then_configures(ctx: Ctx) -> TestResult {
 async fn deny_rule_deleted_by_hand_comes_back(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
     let deny_1 = deny_name(&ctx, "web-1").await?;
-    let rules: Api<SecurityRule> = api(&ctx);
+    let rules: Api<SecurityRule> = ctx.api();
     let before = rules.get(&deny_1).await?;
     rules.delete(&deny_1, &DeleteParams::default()).await?;
     eventually("the deny rule to come back", || async {
@@ -297,7 +262,7 @@ async fn deny_rule_deleted_by_hand_comes_back(ctx: Ctx) -> TestResult {
 async fn deny_rule_edited_by_hand_is_refused(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
     let deny_1 = deny_name(&ctx, "web-1").await?;
-    let rules: Api<SecurityRule> = api(&ctx);
+    let rules: Api<SecurityRule> = ctx.api();
     let original = rules.get(&deny_1).await?;
     // Even the cluster admin may not turn a JIT deny into an allow: only the operator
     // writes its rules (deploy/admission/securityrules.yaml).
@@ -333,14 +298,14 @@ async fn deny_goes_below_user_rules_on_the_same_port(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(&with_ssh))?;
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
     let deny_1 = deny_name(&ctx, "web-1").await?;
-    let deny = rule_named(&ctx, &deny_1).await?;
+    let deny = ctx.rule_named(&deny_1).await?;
     assert_eq!(
         deny.spec.fields.priority, 401,
         "the deny goes just below the user's SSH rule"
     );
     // Without a user rule on its ports the deny takes the top non-JIT priority.
     succeeded(&ctx.apply(NSG))?;
-    let rules: Api<SecurityRule> = api(&ctx);
+    let rules: Api<SecurityRule> = ctx.api();
     eventually("the deny to move up to 101", || async {
         (rules.get(&deny_1).await.ok()?.spec.fields.priority == 101).then_some(())
     })
@@ -352,7 +317,7 @@ async fn stale_deny_rules_are_removed_and_user_rules_kept(ctx: Ctx) -> TestResul
     setup(&ctx).await?;
     let deny_1 = deny_name(&ctx, "web-1").await?;
     let deny_2 = deny_name(&ctx, "web-2").await?;
-    rule_named(&ctx, &deny_2).await?;
+    ctx.rule_named(&deny_2).await?;
     // A rule the operator did not create, even one named and labelled like its own (only
     // the operator may add the managed-by label: admission refuses it to anyone else).
     let lookalike = r#"apiVersion: jit.portcullis.dev/v1alpha1
@@ -381,15 +346,15 @@ spec:
         .unwrap()
         .replace("198.18.0.10", "198.18.0.20");
     succeeded(&ctx.apply(&shrunk))?;
-    rule_gone(&ctx, &deny_2).await?;
-    let rules: Api<SecurityRule> = api(&ctx);
+    ctx.rule_gone(&deny_2).await?;
+    let rules: Api<SecurityRule> = ctx.api();
     eventually("web-1's deny to follow its new address", || async {
         let deny = rules.get(&deny_1).await.ok()?;
         (deny.spec.fields.destination_address_prefix.as_deref() == Some("198.18.0.20"))
             .then_some(())
     })
     .await?;
-    let policies: Api<JitPolicy> = api(&ctx);
+    let policies: Api<JitPolicy> = ctx.api();
     eventually("the policy to observe its new generation", || async {
         let p = policies.get("web").await.ok()?;
         (p.status?.observed_generation == p.metadata.generation).then_some(())
@@ -409,7 +374,7 @@ async fn denied_request_lists_every_violation(ctx: Ctx) -> TestResult {
         "  - name: web-9\n    ports:\n    - number: 22\n      duration: PT1M\n      allowedSourceAddressPrefix: 198.19.0.1\n  - name: web-1\n    ports:\n    - number: 3389\n      duration: PT1M\n      allowedSourceAddressPrefix: 198.19.0.1\n",
     );
     succeeded(&ctx.apply_as("alice", &["team-web"], &bad))?;
-    let denied = phase_of(&ctx, "bad", Phase::Denied).await?;
+    let denied = ctx.phase_of("bad", Phase::Denied).await?;
     let status = denied.status.unwrap();
     let all = status.violations.join("\n");
     for needle in ["web-9", "3389", "PT2H", "203.0.113.9"] {
@@ -420,7 +385,7 @@ async fn denied_request_lists_every_violation(ctx: Ctx) -> TestResult {
     }
     assert_eq!(status.violations.len(), 4, "{all}");
     assert_eq!(status.reason.as_deref(), Some("PolicyViolation"));
-    let rules: Api<SecurityRule> = api(&ctx);
+    let rules: Api<SecurityRule> = ctx.api();
     assert!(
         rules
             .list(&Default::default())
@@ -440,17 +405,17 @@ async fn denied_request_lists_every_violation(ctx: Ctx) -> TestResult {
 async fn short_grant_expires_on_time(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
     succeeded(&ask(&ctx, "short", "alice", 22, "198.19.0.10", "PT3S"))?;
-    let granted = phase_of(&ctx, "short", Phase::Granted).await?;
+    let granted = ctx.phase_of("short", Phase::Granted).await?;
     let grant = granted.status.unwrap().grants[0].clone();
-    let expired = phase_of(&ctx, "short", Phase::Expired).await?;
-    rule_gone(&ctx, &grant.rule).await?;
+    let expired = ctx.phase_of("short", Phase::Expired).await?;
+    ctx.rule_gone(&grant.rule).await?;
     let closed = &expired.status.unwrap().grants[0];
     assert_eq!(
         (closed.status, closed.status_reason),
         (GrantState::Revoked, Some(GrantStateReason::Expired))
     );
     let history = eventually("the policy's history to show the expiry", || async {
-        let policy: JitPolicy = api(&ctx).get("web").await.ok()?;
+        let policy: JitPolicy = ctx.api().get("web").await.ok()?;
         let record = policy
             .status?
             .requests
@@ -479,17 +444,17 @@ async fn short_grant_expires_on_time(ctx: Ctx) -> TestResult {
 async fn deleting_a_granted_request_revokes_it(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
     succeeded(&ask(&ctx, "early", "alice", 22, "198.19.0.10", "PT30M"))?;
-    let granted = phase_of(&ctx, "early", Phase::Granted).await?;
+    let granted = ctx.phase_of("early", Phase::Granted).await?;
     let rule = granted.status.unwrap().grants[0].rule.clone();
-    rule_named(&ctx, &rule).await?;
+    ctx.rule_named(&rule).await?;
     succeeded(&ctx.kubectl(&["delete", "jitr", "early", "--wait=true"]))?;
-    let rules: Api<SecurityRule> = api(&ctx);
+    let rules: Api<SecurityRule> = ctx.api();
     assert!(
         rules.get_opt(&rule).await?.is_none(),
         "the allow rule outlived its request"
     );
     let record = eventually("the history to record the revocation", || async {
-        let policy: JitPolicy = api(&ctx).get("web").await.ok()?;
+        let policy: JitPolicy = ctx.api().get("web").await.ok()?;
         let record = policy
             .status?
             .requests
@@ -509,25 +474,25 @@ async fn deleting_a_granted_request_revokes_it(ctx: Ctx) -> TestResult {
 async fn newer_request_of_the_same_requestor_supersedes(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
     succeeded(&ask(&ctx, "first", "alice", 22, "198.19.0.10", "PT30M"))?;
-    let first = phase_of(&ctx, "first", Phase::Granted).await?;
+    let first = ctx.phase_of("first", Phase::Granted).await?;
     succeeded(&ask(&ctx, "second", "alice", 22, "198.19.0.11", "PT30M"))?;
-    phase_of(&ctx, "second", Phase::Granted).await?;
-    let revoked = phase_of(&ctx, "first", Phase::Revoked).await?;
+    ctx.phase_of("second", Phase::Granted).await?;
+    let revoked = ctx.phase_of("first", Phase::Revoked).await?;
     assert_eq!(
         revoked.status.unwrap().reason.as_deref(),
         Some("NewerRequestInitiated")
     );
-    rule_gone(&ctx, &first.status.unwrap().grants[0].rule).await?;
+    ctx.rule_gone(&first.status.unwrap().grants[0].rule).await?;
     Ok(())
 }
 
 async fn different_requestors_coexist(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
     succeeded(&ask(&ctx, "alices", "alice", 22, "198.19.0.10", "PT30M"))?;
-    phase_of(&ctx, "alices", Phase::Granted).await?;
+    ctx.phase_of("alices", Phase::Granted).await?;
     succeeded(&ask(&ctx, "carols", "carol", 22, "198.19.0.12", "PT30M"))?;
-    phase_of(&ctx, "carols", Phase::Granted).await?;
-    let requests: Api<JitRequest> = api(&ctx);
+    ctx.phase_of("carols", Phase::Granted).await?;
+    let requests: Api<JitRequest> = ctx.api();
     let alices = requests.get("alices").await?;
     assert_eq!(alices.status.unwrap().phase, Some(Phase::Granted));
     Ok(())
@@ -543,19 +508,20 @@ async fn policy_shrink_revokes_active_grants(ctx: Ctx) -> TestResult {
         "198.19.0.10",
         "PT30M",
     ))?;
-    let granted = phase_of(&ctx, "http-alt", Phase::Granted).await?;
+    let granted = ctx.phase_of("http-alt", Phase::Granted).await?;
     let only_ssh = WEB_1_PORTS
         .split("    - number: 8080")
         .next()
         .unwrap()
         .to_owned();
     succeeded(&ctx.apply(&policy(&only_ssh)))?;
-    let revoked = phase_of(&ctx, "http-alt", Phase::Revoked).await?;
+    let revoked = ctx.phase_of("http-alt", Phase::Revoked).await?;
     assert_eq!(
         revoked.status.unwrap().reason.as_deref(),
         Some("PolicyChanged")
     );
-    rule_gone(&ctx, &granted.status.unwrap().grants[0].rule).await?;
+    ctx.rule_gone(&granted.status.unwrap().grants[0].rule)
+        .await?;
     Ok(())
 }
 
@@ -564,13 +530,14 @@ async fn deleting_the_policy_cascades_and_revokes(ctx: Ctx) -> TestResult {
     let deny_1 = deny_name(&ctx, "web-1").await?;
     let deny_2 = deny_name(&ctx, "web-2").await?;
     succeeded(&ask(&ctx, "orphan", "alice", 22, "198.19.0.10", "PT30M"))?;
-    let granted = phase_of(&ctx, "orphan", Phase::Granted).await?;
+    let granted = ctx.phase_of("orphan", Phase::Granted).await?;
     succeeded(&ctx.kubectl(&["delete", "jitp", "web"]))?;
     // The garbage collector removes the owned deny rules; the request controller revokes.
-    rule_gone(&ctx, &deny_1).await?;
-    rule_gone(&ctx, &deny_2).await?;
-    phase_of(&ctx, "orphan", Phase::Revoked).await?;
-    rule_gone(&ctx, &granted.status.unwrap().grants[0].rule).await?;
+    ctx.rule_gone(&deny_1).await?;
+    ctx.rule_gone(&deny_2).await?;
+    ctx.phase_of("orphan", Phase::Revoked).await?;
+    ctx.rule_gone(&granted.status.unwrap().grants[0].rule)
+        .await?;
     Ok(())
 }
 
@@ -588,7 +555,7 @@ async fn nsg_reports_exposure_and_conflicts(ctx: Ctx) -> TestResult {
 "
     );
     succeeded(&ctx.apply(&exposed))?;
-    let nsgs: Api<NetworkSecurityGroup> = api(&ctx);
+    let nsgs: Api<NetworkSecurityGroup> = ctx.api();
     let status = eventually("exposure of port 22", || async {
         let status = nsgs.get("nsg").await.ok()?.status?;
         (!status.exposure.is_empty()).then_some(status)
@@ -636,11 +603,11 @@ async fn expired_request_never_grants_again(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
     let manifest = request("once", 22, "198.19.0.10", "PT2S");
     succeeded(&ctx.apply_as("alice", &["team-web"], &manifest))?;
-    let expired = phase_of(&ctx, "once", Phase::Expired).await?;
+    let expired = ctx.phase_of("once", Phase::Expired).await?;
     let rule = expired.status.as_ref().unwrap().grants[0].rule.clone();
     // Re-applying the same manifest (a GitOps tool's resync) changes nothing.
     succeeded(&ctx.apply(&manifest))?;
-    let requests: Api<JitRequest> = api(&ctx);
+    let requests: Api<JitRequest> = ctx.api();
     requests
         .patch(
             "once",
@@ -648,7 +615,7 @@ async fn expired_request_never_grants_again(ctx: Ctx) -> TestResult {
             &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"touched": "yes"}}})),
         )
         .await?;
-    let policies: Api<JitPolicy> = api(&ctx);
+    let policies: Api<JitPolicy> = ctx.api();
     // Wait until the operator has seen the touch: the policy's history is recomputed from it.
     eventually("the policy to process the touched request", || async {
         let p = policies.get("web").await.ok()?;
@@ -661,7 +628,7 @@ async fn expired_request_never_grants_again(ctx: Ctx) -> TestResult {
     .await?;
     let again = requests.get("once").await?;
     assert_eq!(again.status.unwrap().phase, Some(Phase::Expired));
-    let rules: Api<SecurityRule> = api(&ctx);
+    let rules: Api<SecurityRule> = ctx.api();
     assert!(rules.get_opt(&rule).await?.is_none());
     Ok(())
 }
@@ -693,7 +660,7 @@ async fn kubectl_wait_for_granted_works(ctx: Ctx) -> TestResult {
 async fn metrics_count_grants(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
     succeeded(&ask(&ctx, "counted", "alice", 22, "198.19.0.10", "PT30M"))?;
-    phase_of(&ctx, "counted", Phase::Granted).await?;
+    ctx.phase_of("counted", Phase::Granted).await?;
     let body = http_get(ctx.operator, "/metrics").await?;
     for needle in [
         "portcullis_grants_total{result=\"Granted\"}",

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use serde::Deserialize;
+
 use crate::support::{Ctx, TestResult, succeeded};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
@@ -22,6 +24,16 @@ async fn kustomization_passes_server_dry_run(ctx: Ctx) -> TestResult {
         "-k",
         &deploy.display().to_string(),
     ]))?;
+    // Cluster-scoped objects carry no namespace (kustomize would stamp one on kinds it does
+    // not know are cluster-scoped, like the admission policies).
+    let rendered = succeeded(&ctx.kubectl(&["kustomize", &deploy.display().to_string()]))?;
+    for document in serde_yaml_ng::Deserializer::from_str(&rendered) {
+        let object = serde_yaml_ng::Value::deserialize(document)?;
+        let kind = object["kind"].as_str().unwrap_or_default();
+        if kind.contains("AdmissionPolicy") && !object["metadata"]["namespace"].is_null() {
+            return Err(format!("{kind} {:?} has a namespace", object["metadata"]["name"]).into());
+        }
+    }
     for expected in [
         "customresourcedefinition.apiextensions.k8s.io/jitrequests.jit.portcullis.dev",
         "serviceaccount/portcullis-operator",

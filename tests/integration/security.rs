@@ -116,32 +116,6 @@ const WEB_REQUESTER: &str = r#"- apiGroups: ["jit.portcullis.dev"]
   verbs: ["get", "initiate"]
 "#;
 
-async fn phase_of(ctx: &Ctx, name: &str, wanted: Phase) -> Result<JitRequest, String> {
-    let requests: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
-    eventually(&format!("jitr/{name} to be {wanted:?}"), || async {
-        let request = requests.get_opt(name).await.ok().flatten()?;
-        (request.status.as_ref()?.phase? == wanted).then_some(request)
-    })
-    .await
-}
-
-/// The policy `name` once it exists.
-async fn policy_named(ctx: &Ctx, name: &str) -> Result<JitPolicy, String> {
-    let policies: Api<JitPolicy> = Api::namespaced(ctx.client.clone(), &ctx.ns);
-    eventually(&format!("jitp/{name} to exist"), || async {
-        policies.get_opt(name).await.ok().flatten()
-    })
-    .await
-}
-
-async fn rule_named(ctx: &Ctx, name: &str) -> Result<SecurityRule, String> {
-    let rules: Api<SecurityRule> = Api::namespaced(ctx.client.clone(), &ctx.ns);
-    eventually(&format!("nsgrule/{name} to exist"), || async {
-        rules.get_opt(name).await.ok().flatten()
-    })
-    .await
-}
-
 /// The UID of the object that controls `rule`.
 fn controller_uid(rule: &SecurityRule) -> Option<String> {
     rule.metadata
@@ -202,7 +176,7 @@ async fn forged_requestor_is_refused_and_forged_groups_dropped(ctx: Ctx) -> Test
             .any(|f| f == portcullis::api::jit_request::REVOKE_FINALIZER),
         "admission adds the revoke finalizer"
     );
-    phase_of(&ctx, "inflated", Phase::Granted).await?;
+    ctx.phase_of("inflated", Phase::Granted).await?;
     Ok(())
 }
 
@@ -237,7 +211,7 @@ async fn foreign_policy_is_refused_at_apply_naming_initiate(ctx: Ctx) -> TestRes
         &[],
         &request("fine", "web", "web-1", "198.19.0.10", ""),
     ))?;
-    phase_of(&ctx, "fine", Phase::Granted).await?;
+    ctx.phase_of("fine", Phase::Granted).await?;
     // Without any role, RBAC refuses before admission does.
     failed(&ctx.apply_as(
         "nobody",
@@ -257,7 +231,7 @@ async fn initiate_withdrawn_while_pending_is_denied_at_grant_time(ctx: Ctx) -> T
         &[],
         &request("waiting", "web", "web-1", "198.19.0.10", ""),
     ))?;
-    let pending = phase_of(&ctx, "waiting", Phase::Pending).await?;
+    let pending = ctx.phase_of("waiting", Phase::Pending).await?;
     assert_eq!(
         pending.status.and_then(|s| s.reason).as_deref(),
         Some("PolicyNotFound")
@@ -278,7 +252,7 @@ async fn initiate_withdrawn_while_pending_is_denied_at_grant_time(ctx: Ctx) -> T
     })
     .await?;
     setup(&ctx).await?;
-    let denied = phase_of(&ctx, "waiting", Phase::Denied).await?;
+    let denied = ctx.phase_of("waiting", Phase::Denied).await?;
     let status = denied.status.unwrap_or_default();
     assert_eq!(status.reason.as_deref(), Some("NotAuthorized"));
     let violations = status.violations.join("; ");
@@ -314,7 +288,7 @@ async fn only_the_requestor_or_a_revoker_may_revoke(ctx: Ctx) -> TestResult {
         &["team-web"],
         &request("alices", "web", "web-1", "198.19.0.10", ""),
     ))?;
-    phase_of(&ctx, "alices", Phase::Granted).await?;
+    ctx.phase_of("alices", Phase::Granted).await?;
     // mallory is a requester too (the same ClusterRole, with `delete` on jitrequests).
     let refused = failed(&ctx.kubectl_impersonating(
         "mallory",
@@ -327,7 +301,7 @@ async fn only_the_requestor_or_a_revoker_may_revoke(ctx: Ctx) -> TestResult {
             && refused.contains("revoke on jitpolicies/web"),
         "{refused}"
     );
-    phase_of(&ctx, "alices", Phase::Granted).await?;
+    ctx.phase_of("alices", Phase::Granted).await?;
     // A policy admin holds `revoke` (deploy/user-roles.yaml) and may.
     succeeded(&ctx.apply(
         "apiVersion: rbac.authorization.k8s.io/v1
@@ -351,7 +325,7 @@ subjects:
         &["team-web"],
         &request("again", "web", "web-1", "198.19.0.10", ""),
     ))?;
-    phase_of(&ctx, "again", Phase::Granted).await?;
+    ctx.phase_of("again", Phase::Granted).await?;
     succeeded(&ctx.kubectl_impersonating(
         "alice",
         &["team-web"],
@@ -379,8 +353,8 @@ async fn lookalike_names_never_share_a_rule(ctx: Ctx) -> TestResult {
             &request(name, "p", machine, "198.19.0.10", ""),
         ))?;
     }
-    let db = phase_of(&ctx, "db", Phase::Granted).await?;
-    let db_prod = phase_of(&ctx, "db-prod", Phase::Granted).await?;
+    let db = ctx.phase_of("db", Phase::Granted).await?;
+    let db_prod = ctx.phase_of("db-prod", Phase::Granted).await?;
     let rule_of = |r: &JitRequest| r.status.as_ref().unwrap().grants[0].rule.clone();
     assert_ne!(rule_of(&db), rule_of(&db_prod));
     for request in [&db, &db_prod] {
@@ -389,16 +363,16 @@ async fn lookalike_names_never_share_a_rule(ctx: Ctx) -> TestResult {
         let machine = &request.spec.virtual_machines[0].name;
         let expected = allow_rule_name(Owner { name, uid: &uid }, machine, 22, Protocol::Tcp);
         assert_eq!(rule_of(request), expected);
-        let rule = rule_named(&ctx, &expected).await?;
+        let rule = ctx.rule_named(&expected).await?;
         assert_eq!(controller_uid(&rule), Some(uid), "{expected} changed hands");
     }
     // Revoking one leaves the other open.
     succeeded(&ctx.kubectl(&["delete", "jitr", "db-prod", "--wait=true"]))?;
-    rule_named(&ctx, &rule_of(&db)).await?;
-    phase_of(&ctx, "db", Phase::Granted).await?;
+    ctx.rule_named(&rule_of(&db)).await?;
+    ctx.phase_of("db", Phase::Granted).await?;
 
     for (policy, machine) in [("x-y", "z"), ("x", "y-z")] {
-        let owner = policy_named(&ctx, policy).await?;
+        let owner = ctx.policy_named(policy).await?;
         let uid = owner.metadata.uid.clone().unwrap_or_default();
         let name = deny_rule_name(
             Owner {
@@ -407,7 +381,7 @@ async fn lookalike_names_never_share_a_rule(ctx: Ctx) -> TestResult {
             },
             machine,
         );
-        let rule = rule_named(&ctx, &name).await?;
+        let rule = ctx.rule_named(&name).await?;
         assert_eq!(controller_uid(&rule), Some(uid), "{name} changed hands");
     }
     Ok(())
@@ -418,7 +392,7 @@ async fn lookalike_names_never_share_a_rule(ctx: Ctx) -> TestResult {
 async fn operator_never_takes_over_a_rule_it_does_not_own(ctx: Ctx) -> TestResult {
     // The policy first: without its NSG nothing is materialized yet.
     succeeded(&ctx.apply(&policy("web", &[("web-1", "198.18.0.10")])))?;
-    let owner = policy_named(&ctx, "web").await?;
+    let owner = ctx.policy_named("web").await?;
     let uid = owner.metadata.uid.clone().unwrap_or_default();
     let name = deny_rule_name(
         Owner {
@@ -457,7 +431,7 @@ spec:
     let machine = &reported.virtual_machines[0];
     assert_eq!(machine.state, MachineState::RuleConflict);
     assert!(machine.message.contains(&name), "{}", machine.message);
-    let squatter = rule_named(&ctx, &name).await?;
+    let squatter = ctx.rule_named(&name).await?;
     assert_eq!(
         squatter.spec.fields.access,
         portcullis::api::rule_fields::Access::Allow
@@ -476,7 +450,7 @@ async fn deleting_a_request_beyond_the_bounded_history_completes(ctx: Ctx) -> Te
     setup(&ctx).await?;
     let requests: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     succeeded(&ctx.apply(&request("oldest", "web", "web-1", "198.19.0.10", "")))?;
-    let oldest = phase_of(&ctx, "oldest", Phase::Granted).await?;
+    let oldest = ctx.phase_of("oldest", Phase::Granted).await?;
     let started = oldest
         .status
         .and_then(|s| s.start_time)
@@ -516,7 +490,7 @@ async fn deleting_a_request_beyond_the_bounded_history_completes(ctx: Ctx) -> Te
 /// cluster admin (who would have to remove the label first, which is refused too).
 async fn managed_rules_are_the_operators_alone(ctx: Ctx) -> TestResult {
     setup(&ctx).await?;
-    let owner = policy_named(&ctx, "web").await?;
+    let owner = ctx.policy_named("web").await?;
     let uid = owner.metadata.uid.clone().unwrap_or_default();
     let deny = deny_rule_name(
         Owner {
@@ -525,7 +499,7 @@ async fn managed_rules_are_the_operators_alone(ctx: Ctx) -> TestResult {
         },
         "web-1",
     );
-    rule_named(&ctx, &deny).await?;
+    ctx.rule_named(&deny).await?;
     let forged = r#"apiVersion: jit.portcullis.dev/v1alpha1
 kind: SecurityRule
 metadata:

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, PostParams};
+use portcullis::api::jit_request::Phase;
+use portcullis::api::{JitPolicy, JitRequest, SecurityRule};
 use portcullis::testenv::{ADMIN, ControlPlane, User};
 
 /// The result type of a test body: any error fails the test with its message.
@@ -92,6 +94,54 @@ impl Ctx {
                 .expect("write kubectl stdin");
         }
         child.wait_with_output().expect("kubectl finishes")
+    }
+
+    /// The API of kind `K` in the test's namespace, as the admin.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// The request `name` once it is in phase `wanted`.
+    pub async fn phase_of(&self, name: &str, wanted: Phase) -> Result<JitRequest, String> {
+        let requests: Api<JitRequest> = self.api();
+        eventually(&format!("jitr/{name} to be {wanted:?}"), || async {
+            let request = requests.get_opt(name).await.ok().flatten()?;
+            (request.status.as_ref()?.phase? == wanted).then_some(request)
+        })
+        .await
+    }
+
+    /// The policy `name` once it exists.
+    pub async fn policy_named(&self, name: &str) -> Result<JitPolicy, String> {
+        let policies: Api<JitPolicy> = self.api();
+        eventually(&format!("jitp/{name} to exist"), || async {
+            policies.get_opt(name).await.ok().flatten()
+        })
+        .await
+    }
+
+    /// The SecurityRule `name` once it exists.
+    pub async fn rule_named(&self, name: &str) -> Result<SecurityRule, String> {
+        let rules: Api<SecurityRule> = self.api();
+        eventually(&format!("nsgrule/{name} to exist"), || async {
+            rules.get_opt(name).await.ok().flatten()
+        })
+        .await
+    }
+
+    /// Returns once the SecurityRule `name` is gone.
+    pub async fn rule_gone(&self, name: &str) -> Result<(), String> {
+        let rules: Api<SecurityRule> = self.api();
+        eventually(&format!("nsgrule/{name} to be deleted"), || async {
+            matches!(rules.get_opt(name).await, Ok(None)).then_some(())
+        })
+        .await
     }
 
     /// `kubectl apply -f -` of a YAML document as the admin.
