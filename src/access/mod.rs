@@ -1,10 +1,10 @@
 //! The access layer: the one answer to "may this `JitRequest` be granted under this
 //! `JitPolicy`, and what exactly does granting it open?".
 //!
-//! The controller (when it grants, and again when a policy changes) and the admission webhook
-//! (when a request is created) must never disagree about that answer, so it lives here once,
-//! as pure functions over the [`crate::api`] specs and the [`crate::rules`] model: no client,
-//! no async runtime, no clock, no I/O. That also makes every rule of the decision cheap to
+//! The controller (when it grants, and again when a policy changes) and the request-side tools
+//! must never disagree about that answer, so it lives here once, as pure functions over the
+//! [`crate::api`] specs and the [`crate::rules`] model: no client, no async runtime, no
+//! clock, no I/O. That also makes every rule of the decision cheap to
 //! test exhaustively.
 //!
 //! - [`validate`] checks a request against its policy and either lists every [`Violation`]
