@@ -16,11 +16,7 @@ use crate::api::rule_fields::{Access, Direction, RuleFields, RuleProtocol};
 use crate::rules::Protocol;
 use crate::rules::prefix::AddressPrefix;
 
-/// The standard "managed by" label; with [`MANAGED_BY`] it marks every object Portcullis
-/// created, so it never touches a rule it did not create.
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// The value of [`LABEL_MANAGED_BY`] on Portcullis' objects.
-pub const MANAGED_BY: &str = "portcullis";
+pub use crate::api::security_rule::{LABEL_MANAGED_BY, MANAGED_BY};
 /// The NSG the rule belongs to, so an NSG's JIT rules can be listed by selector.
 pub const LABEL_NSG: &str = "jit.portcullis.dev/nsg";
 /// The policy the rule derives from, so a policy change can find its stale rules.

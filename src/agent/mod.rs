@@ -17,7 +17,6 @@
 pub mod apply;
 pub mod render;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::pin::pin;
 use std::time::Duration;
@@ -30,11 +29,11 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 
-use crate::api::convert::{self, ConvertError};
+use crate::api::convert::ConvertError;
 use crate::api::nsg::EnforcementReport;
+use crate::api::nsg_model::NsgModel;
 use crate::api::{NetworkSecurityGroup, SecurityRule};
-use crate::controller::context::{expired, object_rule};
-use crate::rules::{self, Origin};
+use crate::rules::{self};
 use apply::{Applied, Enforcer, Nft};
 use render::{Policy, Target};
 
@@ -124,40 +123,14 @@ pub fn policy(
     objects: &[&SecurityRule],
     now: Timestamp,
 ) -> Result<Policy, Vec<ConvertError>> {
-    let mut invalid = Vec::new();
-    let scope = convert::scope(&nsg.spec).unwrap_or_else(|e| {
-        invalid.push(e);
-        rules::Scope::default()
-    });
-    let mut model = Vec::new();
-    for inline in &nsg.spec.security_rules {
-        match convert::rule(&inline.name, &inline.fields, Origin::Inline, false) {
-            Ok(rule) => model.push(rule),
-            Err(e) => invalid.push(e),
-        }
-    }
-    let mut expiries = BTreeMap::new();
-    for object in objects {
-        if expired(object.spec.expires_at.as_ref(), now) {
-            continue;
-        }
-        match object_rule(object) {
-            Ok(rule) => {
-                if let Some(at) = &object.spec.expires_at {
-                    expiries.insert(rule.name.clone(), at.0);
-                }
-                model.push(rule);
-            }
-            Err(e) => invalid.push(e),
-        }
-    }
-    if !invalid.is_empty() {
-        return Err(invalid);
+    let model = NsgModel::new(nsg, objects.iter().copied(), now);
+    if !model.invalid.is_empty() {
+        return Err(model.invalid);
     }
     Ok(Policy {
-        rules: rules::effective(model),
-        scope,
-        expiries,
+        rules: rules::effective(model.rules),
+        scope: model.scope,
+        expiries: model.expiries,
     })
 }
 

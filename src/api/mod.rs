@@ -13,6 +13,7 @@ pub mod convert;
 pub mod jit_policy;
 pub mod jit_request;
 pub mod nsg;
+pub mod nsg_model;
 pub mod rule_fields;
 pub mod security_rule;
 pub mod validation;

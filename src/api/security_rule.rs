@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 use super::rule_fields::RuleFields;
 use super::validation::TIMESTAMP_PATTERN;
 
+/// The standard "managed by" label; with [`MANAGED_BY`] it marks every object Portcullis
+/// created, so it never touches a rule it did not create.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The value of [`LABEL_MANAGED_BY`] on Portcullis' objects.
+pub const MANAGED_BY: &str = "portcullis";
+
 /// A rule attached to the NSG named in `networkSecurityGroupName`.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(

@@ -1,78 +1,29 @@
 //! What every reconciler shares: the client, the event recorder, the metrics, the caches of
-//! all four kinds, and the one clock.
+//! all four kinds with their indexes, and the one clock.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
 use kube::Resource;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 
+use super::index::{Index, Key};
 use super::metrics::Metrics;
 use crate::access::Violation;
 use crate::access::materialize::{LABEL_MANAGED_BY, MANAGED_BY};
-use crate::api::convert::{self, ConvertError};
+use crate::api::convert::ConvertError;
 use crate::api::jit_request::Requestor;
+use crate::api::nsg_model::NsgModel;
+pub use crate::api::nsg_model::{expired, is_managed, object_rule};
 use crate::api::{GROUP, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
-use crate::rules::{self, Origin, Scope};
-
-/// Objects whose related objects changed lately, by kind and `namespace/name`.
-///
-/// A controller is woken by its own watch on a related kind (a policy, a rule) but reads
-/// that kind from a cache fed by another watch, which may not hold the change yet. An object
-/// woken that way looks again shortly for a few seconds, so a late cache never leaves a
-/// revoke, a restore or a status behind.
-#[derive(Clone, Default)]
-pub struct RecentChanges(
-    Arc<std::sync::Mutex<std::collections::HashMap<ChangeKey, std::time::Instant>>>,
-);
-
-/// A controller's name and an object's namespace and name.
-type ChangeKey = (&'static str, String, String);
-
-impl RecentChanges {
-    /// How long after a change the object keeps re-checking.
-    const WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
-    /// How soon a re-check comes.
-    pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
-    /// Notes that something `kind/namespace/name` depends on changed just now.
-    pub fn record(&self, kind: &'static str, namespace: &str, name: &str) {
-        let mut seen = self.0.lock().expect("recent changes lock");
-        seen.retain(|_, at| at.elapsed() < Self::WINDOW);
-        seen.insert(
-            (kind, namespace.to_owned(), name.to_owned()),
-            std::time::Instant::now(),
-        );
-    }
-
-    /// `wait`, shortened to [`RecentChanges::RECHECK`] if the object was noted lately.
-    pub fn recheck(
-        &self,
-        kind: &'static str,
-        namespace: &str,
-        name: &str,
-        wait: Option<std::time::Duration>,
-    ) -> Option<std::time::Duration> {
-        let recent = self
-            .0
-            .lock()
-            .expect("recent changes lock")
-            .get(&(kind, namespace.to_owned(), name.to_owned()))
-            .is_some_and(|at| at.elapsed() < Self::WINDOW);
-        if recent {
-            Some(wait.map_or(Self::RECHECK, |w| w.min(Self::RECHECK)))
-        } else {
-            wait
-        }
-    }
-}
+use crate::rules::{self, Scope};
 
 /// The reflector caches, read instead of the API on every hot path.
 #[derive(Clone)]
@@ -86,13 +37,24 @@ pub struct Stores {
 /// Shared state of the controllers.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: super::events::Events,
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
-    pub changes: RecentChanges,
+    /// Keys of the cached objects by what reconcilers look them up by; fed by the watches
+    /// before they wake anything (see [`super::index`]).
+    pub index: Mutex<Index>,
+    /// Each NSG's placement view, kept until the NSG or its user rules change.
+    views: Mutex<HashMap<Key, CachedView>>,
     /// Deleted requests' last records, for their policies' history.
     pub departed: super::policy::Departed,
-    synced: std::sync::atomic::AtomicBool,
+}
+
+/// A placement view and what it was built from: the NSG's spec (its UID and generation:
+/// status writes do not count) and the revision of its user rules in the index.
+struct CachedView {
+    spec: (Option<String>, Option<i64>),
+    revision: u64,
+    view: Arc<NsgView>,
 }
 
 /// An NSG's rules, split the way JIT placement needs them.
@@ -102,26 +64,22 @@ pub struct NsgView {
     pub user_rules: Vec<rules::Rule>,
     /// Rules that could not be read (named in conditions, never fatal).
     pub invalid: Vec<ConvertError>,
+    /// When a user rule in the view expires, making it out of date.
+    valid_until: Option<Timestamp>,
 }
 
 impl Context {
-    /// Builds the context; the recorder publishes events as `reporter`.
-    pub fn new(
-        client: Client,
-        reporter: Reporter,
-        metrics: Arc<Metrics>,
-        stores: Stores,
-        changes: RecentChanges,
-        departed: super::policy::Departed,
-    ) -> Self {
+    /// Builds the context; Events are published as `reporter`. Starts the Event worker, so
+    /// it runs inside the runtime.
+    pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>, stores: Stores) -> Self {
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: super::events::Events::start(client.clone(), reporter, metrics.clone()),
             client,
             metrics,
             stores,
-            changes,
-            departed,
-            synced: std::sync::atomic::AtomicBool::new(false),
+            index: Mutex::default(),
+            views: Mutex::default(),
+            departed: super::policy::Departed::default(),
         }
     }
 
@@ -130,37 +88,6 @@ impl Context {
     /// clock enters.
     pub fn now(&self) -> Timestamp {
         Timestamp::now()
-    }
-
-    /// Resolves once every cache holds its first full list, and from then on lets
-    /// [`Context::synced`] answer yes. Awaited once, by the operator's startup.
-    ///
-    /// Each round asks the stores afresh: a waiter parked across the stores' first list
-    /// was seen to miss its wake-up, so no single wait is trusted to end.
-    pub async fn wait_synced(&self) {
-        loop {
-            let all = futures::future::join4(
-                self.stores.nsgs.wait_until_ready(),
-                self.stores.policies.wait_until_ready(),
-                self.stores.requests.wait_until_ready(),
-                self.stores.rules.wait_until_ready(),
-            );
-            if tokio::time::timeout(std::time::Duration::from_millis(100), all)
-                .await
-                .is_ok()
-            {
-                break;
-            }
-        }
-        self.synced
-            .store(true, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Whether every cache holds its first full list. Until then a reconciler would act
-    /// on a partial view (a missing policy, a rule not seen yet), so reconcilers check
-    /// this and come back shortly instead of waiting inside the reconcile.
-    pub fn synced(&self) -> bool {
-        self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The NSG `name` in `namespace`, from the cache.
@@ -179,59 +106,77 @@ impl Context {
 
     /// The `SecurityRule` objects that reference the NSG.
     pub fn rules_of(&self, namespace: &str, nsg: &str) -> Vec<Arc<SecurityRule>> {
-        self.stores
-            .rules
-            .state()
+        let names = self.index().rules_on(namespace, nsg);
+        cached(&self.stores.rules, namespace, names)
+    }
+
+    /// The policies with a machine behind the NSG.
+    pub fn policies_on(&self, namespace: &str, nsg: &str) -> Vec<Arc<JitPolicy>> {
+        let names = self.index().policies_on(namespace, nsg);
+        cached(&self.stores.policies, namespace, names)
+    }
+
+    /// Every request naming the policy.
+    pub fn requests_of(&self, namespace: &str, policy: &str) -> Vec<Arc<JitRequest>> {
+        let names = self.index().requests_of(namespace, policy);
+        cached(&self.stores.requests, namespace, names)
+    }
+
+    /// The granted requests of `requestor`.
+    pub fn granted_by(&self, namespace: &str, requestor: &str) -> Vec<Arc<JitRequest>> {
+        let names = self.index().granted_by(namespace, requestor);
+        cached(&self.stores.requests, namespace, names)
+    }
+
+    /// The operator's rules in `namespace` that `owner_uid` controls.
+    pub fn rules_owned_by(&self, namespace: &str, owner_uid: &str) -> Vec<Arc<SecurityRule>> {
+        let keys = self.index().rules_owned_by(owner_uid);
+        let names = keys
             .into_iter()
-            .filter(|r| {
-                r.metadata.namespace.as_deref() == Some(namespace)
-                    && r.spec.network_security_group_name == nsg
-            })
-            .collect()
+            .filter(|(ns, _)| ns == namespace)
+            .map(|(_, name)| name)
+            .collect();
+        cached(&self.stores.rules, namespace, names)
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().expect("index lock")
     }
 
     /// The NSG's scope and its user rules (inline plus unmanaged objects), for placement.
-    pub fn nsg_view(&self, nsg: &NetworkSecurityGroup) -> NsgView {
+    /// Built once per change of the NSG or its user rules, not once per grant.
+    pub fn nsg_view(&self, nsg: &NetworkSecurityGroup, now: Timestamp) -> Arc<NsgView> {
         let namespace = nsg.metadata.namespace.as_deref().unwrap_or_default();
         let name = nsg.metadata.name.as_deref().unwrap_or_default();
-        let mut invalid = Vec::new();
-        let scope = convert::scope(&nsg.spec).unwrap_or_else(|e| {
-            invalid.push(e);
-            Scope::default()
-        });
-        let mut user_rules = Vec::new();
-        for inline in &nsg.spec.security_rules {
-            match convert::rule(&inline.name, &inline.fields, Origin::Inline, false) {
-                Ok(rule) => user_rules.push(rule),
-                Err(e) => invalid.push(e),
-            }
+        let key = (namespace.to_owned(), name.to_owned());
+        // The revision is read before the rules: a view built from rules newer than its
+        // revision is only rebuilt once too often, never kept too long.
+        let (user_rules, revision) = self.index().user_rules_on(namespace, name);
+        let spec = (nsg.metadata.uid.clone(), nsg.metadata.generation);
+        if let Some(cached) = self.views.lock().expect("views lock").get(&key)
+            && cached.revision == revision
+            && cached.spec == spec
+            && cached.view.valid_until.is_none_or(|at| at > now)
+        {
+            return cached.view.clone();
         }
-        for object in self.rules_of(namespace, name) {
-            if is_managed(&object) {
-                continue;
-            }
-            match object_rule(&object) {
-                Ok(rule) => user_rules.push(rule),
-                Err(e) => invalid.push(e),
-            }
-        }
-        NsgView {
-            scope,
-            user_rules,
-            invalid,
-        }
+        let objects = cached(&self.stores.rules, namespace, user_rules);
+        let view = Arc::new(NsgView::build(nsg, &objects, now));
+        self.views.lock().expect("views lock").insert(
+            key,
+            CachedView {
+                spec,
+                revision,
+                view: view.clone(),
+            },
+        );
+        view
     }
 
-    /// Publishes a Kubernetes Event about `object`. Events are best effort: a failure is
-    /// logged, never fails the reconcile that already did its work.
-    pub async fn event<K>(
-        &self,
-        object: &K,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) where
+    /// Queues a Kubernetes Event about `object` (see [`super::events`]): best effort, and
+    /// never a wait on the reconcile that already did its work.
+    pub fn event<K>(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String)
+    where
         K: Resource<DynamicType = ()>,
     {
         let event = Event {
@@ -241,9 +186,7 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(%error, reason, "cannot publish event");
-        }
+        self.events.publish(object.object_ref(&()), event);
     }
 }
 
@@ -330,31 +273,6 @@ pub fn ownership(rule: &SecurityRule, owner_uid: &str) -> Ownership {
             "it is a user's rule (no {LABEL_MANAGED_BY}={MANAGED_BY} label)"
         )),
     }
-}
-
-/// Whether the operator created this rule (and so may change or delete it).
-pub fn is_managed(rule: &SecurityRule) -> bool {
-    rule.metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_MANAGED_BY))
-        .is_some_and(|v| v == MANAGED_BY)
-}
-
-/// A `SecurityRule` object in the model, named after the object.
-pub fn object_rule(object: &SecurityRule) -> Result<rules::Rule, ConvertError> {
-    let name = object.metadata.name.clone().unwrap_or_default();
-    convert::rule(
-        &name,
-        &object.spec.fields,
-        Origin::SecurityRule { name: name.clone() },
-        is_managed(object),
-    )
-}
-
-/// Whether a rule's `expiresAt` has passed at `now`: such a rule is never effective.
-pub fn expired(expires_at: Option<&Time>, now: Timestamp) -> bool {
-    expires_at.is_some_and(|t| t.0 <= now)
 }
 
 impl Context {
@@ -463,6 +381,14 @@ impl Context {
         Ok(true)
     }
 
+    /// Forgets the placement view of an NSG that is gone.
+    pub fn forget_view(&self, namespace: &str, nsg: &str) {
+        self.views
+            .lock()
+            .expect("views lock")
+            .remove(&(namespace.to_owned(), nsg.to_owned()));
+    }
+
     /// Deletes an operator rule; one that is already gone is fine.
     pub async fn delete_rule(&self, namespace: &str, name: &str) -> Result<(), super::Error> {
         let api = kube::Api::<SecurityRule>::namespaced(self.client.clone(), namespace);
@@ -475,22 +401,33 @@ impl Context {
             Err(error) => Err(error.into()),
         }
     }
+}
 
-    /// The operator's rules in `namespace` that `owner_uid` controls.
-    pub fn rules_owned_by(&self, namespace: &str, owner_uid: &str) -> Vec<Arc<SecurityRule>> {
-        self.stores
-            .rules
-            .state()
-            .into_iter()
-            .filter(|r| {
-                r.metadata.namespace.as_deref() == Some(namespace)
-                    && is_managed(r)
-                    && r.metadata.owner_references.as_ref().is_some_and(|refs| {
-                        refs.iter()
-                            .any(|o| o.uid == owner_uid && o.controller == Some(true))
-                    })
-            })
-            .collect()
+/// The cached objects `names` in `namespace` (a name not cached any more is skipped).
+fn cached<K>(store: &Store<K>, namespace: &str, names: Vec<String>) -> Vec<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    names
+        .iter()
+        .filter_map(|name| store.get(&ObjectRef::new(name).within(namespace)))
+        .collect()
+}
+
+impl NsgView {
+    /// The view of `nsg` with the users' `SecurityRule` objects among `objects`, at `now`.
+    fn build(nsg: &NetworkSecurityGroup, objects: &[Arc<SecurityRule>], now: Timestamp) -> Self {
+        let model = NsgModel::new(
+            nsg,
+            objects.iter().map(Arc::as_ref).filter(|o| !is_managed(o)),
+            now,
+        );
+        Self {
+            valid_until: model.next_expiry(),
+            scope: model.scope,
+            user_rules: model.rules,
+            invalid: model.invalid,
+        }
     }
 }
 

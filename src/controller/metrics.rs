@@ -35,6 +35,7 @@ pub struct Metrics {
     grant_latency: Histogram,
     revoke_lateness: Histogram,
     reconcile_errors: Family<ControllerLabel, Counter>,
+    events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -82,6 +83,12 @@ impl Metrics {
             "Reconciliations that failed, by controller",
             reconcile_errors.clone(),
         );
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Kubernetes Events not published because the queue was full",
+            events_dropped.clone(),
+        );
         Self {
             registry,
             grants,
@@ -89,6 +96,7 @@ impl Metrics {
             grant_latency,
             revoke_lateness,
             reconcile_errors,
+            events_dropped,
         }
     }
 
@@ -107,7 +115,12 @@ impl Metrics {
         self.revoke_lateness.observe(seconds.max(0.0));
     }
 
-    /// Sets the number of open grants (recounted from the request store).
+    /// An Event was dropped: the queue was full.
+    pub fn event_dropped(&self) {
+        self.events_dropped.inc();
+    }
+
+    /// Sets the number of open grants (kept by the request index).
     pub fn set_active_grants(&self, count: i64) {
         self.active_grants.set(count);
     }
@@ -142,6 +155,7 @@ mod tests {
         metrics.grant_latency(0.02);
         metrics.revoke_lateness(-1.0);
         metrics.reconcile_error("request");
+        metrics.event_dropped();
         let text = metrics.encode();
         for line in [
             "portcullis_grants_total{result=\"Granted\"} 1",
@@ -150,6 +164,7 @@ mod tests {
             "portcullis_grant_latency_seconds_count 1",
             "portcullis_revoke_lateness_seconds_bucket{le=\"0.005\"} 1",
             "portcullis_reconcile_errors_total{controller=\"request\"} 1",
+            "portcullis_events_dropped_total 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -10,6 +10,9 @@
 //! reflector caches `SecurityRule`s, so hot paths read memory, not the API.
 
 pub mod context;
+mod events;
+mod feed;
+pub mod index;
 pub mod metrics;
 pub mod nsg;
 pub mod policy;
@@ -20,11 +23,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::channel::mpsc::UnboundedReceiver;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::events::Reporter;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::{Api, Client};
 use tokio::sync::watch;
+
+use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use index::{NsgEntry, PolicyEntry, RequestEntry, RuleEntry, Wake};
 
 pub use context::Context;
 
@@ -80,10 +87,13 @@ pub enum Error {
     },
 }
 
-/// A controller whose cache keeps objects without `managedFields`: server-side apply makes
-/// them the bulk of every object the operator writes, no reconciler reads them, and with
-/// thousands of grants they would dominate the operator's memory.
-fn lean_controller<K>(api: Api<K>) -> kube::runtime::Controller<K>
+/// A controller over the shared cache `reader`, reconciling what `triggers` names: the
+/// watches live in [`watch`], which wakes controllers only after the indexes are updated.
+fn controller_on<K>(
+    reader: reflector::Store<K>,
+    triggers: UnboundedReceiver<ObjectRef<K>>,
+    config: kube::runtime::controller::Config,
+) -> kube::runtime::Controller<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -93,22 +103,12 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let objects = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(strip_managed_fields)
-        .reflect(writer)
-        .applied_objects();
-    kube::runtime::Controller::for_stream(objects, reader)
+    kube::runtime::Controller::for_stream(futures::stream::pending(), reader)
+        .reconcile_on(triggers)
+        .with_config(config)
 }
 
-fn strip_managed_fields<K: kube::Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
-}
-
-/// Runs one controller until `shutdown`, with what every controller shares: reconciles
-/// wait until all caches are synced (a partial view would act on a missing policy or rule),
-/// and failures go through [`error_policy`].
+/// Runs one controller until `shutdown`; failures go through [`error_policy`].
 async fn drive<K, R, F>(
     name: &'static str,
     controller: kube::runtime::Controller<K>,
@@ -129,15 +129,7 @@ async fn drive<K, R, F>(
     controller
         .graceful_shutdown_on(shutdown)
         .run(
-            move |object, ctx| {
-                let gated = ctx.synced().then(|| reconcile(object, ctx));
-                async move {
-                    match gated {
-                        Some(reconciled) => reconciled.await,
-                        None => Ok(until_synced()),
-                    }
-                }
-            },
+            reconcile,
             move |object, error, ctx| error_policy(name, object.as_ref(), error, &ctx),
             ctx,
         )
@@ -145,19 +137,8 @@ async fn drive<K, R, F>(
         .await;
 }
 
-/// How often the active-grants gauge is recounted.
-const ACTIVE_GRANTS_EVERY: Duration = Duration::from_secs(2);
-
 /// How long a failed reconcile waits before it is retried.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
-/// How long a reconcile that runs before the caches are synced waits before it retries.
-const UNSYNCED_RETRY: Duration = Duration::from_millis(100);
-
-/// The action of a reconcile that came before the caches were complete.
-fn until_synced() -> kube::runtime::controller::Action {
-    kube::runtime::controller::Action::requeue(UNSYNCED_RETRY)
-}
-
 /// How long a reconcile that waits on another controller waits before it looks again.
 const WAIT_AFTER: Duration = Duration::from_millis(250);
 
@@ -218,6 +199,28 @@ fn name_and_namespace<K: kube::Resource>(
     Ok((name, namespace))
 }
 
+/// What a watch does with each batch of changes: index them with `index` under the
+/// index's lock, keep the active-grants gauge, and wake what they concern.
+fn indexing<K>(
+    ctx: &Arc<Context>,
+    triggers: &Arc<feed::Triggers>,
+    index: impl Fn(&mut index::Index, &feed::Change<K>) -> Wake,
+) -> impl FnMut(Vec<feed::Change<K>>) {
+    let (ctx, triggers) = (ctx.clone(), triggers.clone());
+    move |changes| {
+        let mut wake = Wake::default();
+        let granted = {
+            let mut locked = ctx.index.lock().expect("index lock");
+            for change in &changes {
+                wake.merge(index(&mut locked, change));
+            }
+            locked.granted()
+        };
+        ctx.metrics.set_active_grants(granted as i64);
+        triggers.wake(wake);
+    }
+}
+
 /// Runs the controllers until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -239,20 +242,20 @@ pub async fn run(
         source,
     })?;
 
-    let (rules, rules_writer) = reflector::store();
-    let rules_reflector = reflector(
-        rules_writer,
-        watcher(Api::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .modify(strip_managed_fields),
-    )
-    .for_each(|_| std::future::ready(()));
-
-    let changes = context::RecentChanges::default();
-    let nsg_controller = nsg::controller(&client, &config, changes.clone());
-    let departed = policy::Departed::default();
-    let policy_controller = policy::controller(&client, &config, changes.clone(), departed.clone());
-    let request_controller = request::controller(&client, &config, changes.clone());
+    let (nsg_tx, nsg_rx) = futures::channel::mpsc::unbounded();
+    let (policy_tx, policy_rx) = futures::channel::mpsc::unbounded();
+    let (request_tx, request_rx) = futures::channel::mpsc::unbounded();
+    let triggers = Arc::new(feed::Triggers::new(nsg_tx, policy_tx, request_tx));
+    let (nsgs, nsg_writer) = reflector::store();
+    let (policies, policy_writer) = reflector::store();
+    let (requests, request_writer) = reflector::store();
+    let (rules, rule_writer) = reflector::store();
+    let stores = context::Stores {
+        nsgs,
+        policies,
+        requests,
+        rules,
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         Reporter {
@@ -260,41 +263,81 @@ pub async fn run(
             instance: std::env::var("POD_NAME").ok(),
         },
         metrics,
-        context::Stores {
-            nsgs: nsg_controller.store(),
-            policies: policy_controller.store(),
-            requests: request_controller.store(),
-            rules,
-        },
-        changes,
-        departed,
+        stores.clone(),
     ));
-
-    let readiness_and_gauges = {
-        let ctx = ctx.clone();
-        async move {
-            ctx.wait_synced().await;
+    let all_synced: Arc<dyn Fn() + Send + Sync> = {
+        let (triggers, stores) = (triggers.clone(), stores.clone());
+        Arc::new(move || {
+            triggers.open(&stores.nsgs, &stores.policies, &stores.requests);
             let _ = ready_tx.send(true);
             tracing::info!("caches synced; reconciling");
-            // The active-grants gauge is a count over the request cache: recounted here on a
-            // timer, not on every reconcile, where it would be a scan on the hot path.
-            let mut tick = tokio::time::interval(ACTIVE_GRANTS_EVERY);
-            loop {
-                tick.tick().await;
-                let active = ctx
-                    .stores
-                    .requests
-                    .state()
-                    .iter()
-                    .filter(|r| {
-                        r.status.as_ref().and_then(|s| s.phase)
-                            == Some(crate::api::jit_request::Phase::Granted)
-                    })
-                    .count();
-                ctx.metrics.set_active_grants(active as i64);
-            }
-        }
+        })
     };
+    let feeds = futures::future::join4(
+        feed::watch(
+            Api::<NetworkSecurityGroup>::all(client.clone()),
+            nsg_writer,
+            triggers.clone(),
+            {
+                let views = ctx.clone();
+                indexing(&ctx, &triggers, move |index, change| {
+                    if let feed::Change::Deleted((namespace, name), _) = change {
+                        views.forget_view(namespace, name);
+                    }
+                    let (key, entry) = change.entry(NsgEntry::of);
+                    index.nsg(key, entry)
+                })
+            },
+            all_synced.clone(),
+        ),
+        feed::watch(
+            Api::<JitPolicy>::all(client.clone()),
+            policy_writer,
+            triggers.clone(),
+            indexing(&ctx, &triggers, |index, change| {
+                let (key, entry) = change.entry(PolicyEntry::of);
+                index.policy(key, entry)
+            }),
+            all_synced.clone(),
+        ),
+        feed::watch(
+            Api::<JitRequest>::all(client.clone()),
+            request_writer,
+            triggers.clone(),
+            {
+                let departed = ctx.departed.clone();
+                indexing(&ctx, &triggers, move |index, change| {
+                    match change {
+                        feed::Change::Applied(request)
+                        | feed::Change::Deleted(_, Some(request)) => departed.note(request),
+                        feed::Change::Deleted(_, None) => {}
+                    }
+                    let (key, entry) = change.entry(RequestEntry::of);
+                    index.request(key, entry)
+                })
+            },
+            all_synced.clone(),
+        ),
+        feed::watch(
+            Api::<SecurityRule>::all(client.clone()),
+            rule_writer,
+            triggers.clone(),
+            indexing(&ctx, &triggers, |index, change| {
+                let (key, entry) = change.entry(RuleEntry::of);
+                index.rule(key, entry)
+            }),
+            all_synced,
+        ),
+    );
+
+    let nsg_controller = controller_on(stores.nsgs.clone(), nsg_rx, nsg::config(&config));
+    let policy_controller =
+        controller_on(stores.policies.clone(), policy_rx, policy::config(&config));
+    let request_controller = controller_on(
+        stores.requests.clone(),
+        request_rx,
+        request::config(&config),
+    );
     let controllers = futures::future::join3(
         drive(
             nsg::NAME,
@@ -320,8 +363,7 @@ pub async fn run(
     );
     tokio::select! {
         _ = controllers => {}
-        _ = rules_reflector => {}
-        _ = readiness_and_gauges => {}
+        _ = feeds => {}
         _ = shutdown.clone() => {}
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;

@@ -1,25 +1,24 @@
 //! The NSG controller: computes each NSG's effective rules (inline rules, `SecurityRule`
 //! objects that have not expired, Azure's defaults), priority conflicts, and the management
-//! ports exposed to the Internet, and writes them to status only when they change.
+//! ports exposed to the Internet, and writes them to status only when they change. Grants
+//! are counted there, not listed: the status stays small however many are open.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::runtime::controller::Action;
 
-use super::context::{Context, expired, is_managed, object_rule};
+use super::context::Context;
 use super::{Config, Error, name_and_namespace};
 use crate::access::validate::{model_protocol, policy_ports};
 use crate::api::conditions::{self, Decided, reason};
-use crate::api::convert::{self, ConvertError};
+use crate::api::convert::{self};
 use crate::api::nsg::Exposure;
-use crate::api::{JitPolicy, NetworkSecurityGroup, NetworkSecurityGroupStatus, SecurityRule};
+use crate::api::nsg_model::NsgModel;
+use crate::api::{NetworkSecurityGroup, NetworkSecurityGroupStatus};
 use crate::rules::{self, AddressPrefix, Direction, Origin, Packet, Protocol, Scope};
 
 pub const NAME: &str = "nsg";
@@ -38,72 +37,22 @@ const INTERNET_PROBES: [Ipv4Addr; 3] = [
     Ipv4Addr::new(192, 0, 2, 1),
 ];
 
-/// Builds the controller: NSGs, re-triggered by the rules and policies that name them.
-pub fn controller(
-    client: &Client,
-    config: &Config,
-    changes: super::context::RecentChanges,
-) -> Controller<NetworkSecurityGroup> {
-    let wc = watcher::Config::default();
-    super::lean_controller(Api::<NetworkSecurityGroup>::all(client.clone()))
-        .watches(
-            Api::<SecurityRule>::all(client.clone()),
-            wc.clone(),
-            move |rule| {
-                let namespace = rule.metadata.namespace.clone()?;
-                changes.record(NAME, &namespace, &rule.spec.network_security_group_name);
-                Some(ObjectRef::new(&rule.spec.network_security_group_name).within(&namespace))
-            },
-        )
-        .watches(Api::<JitPolicy>::all(client.clone()), wc, |policy| {
-            let namespace = policy.metadata.namespace.clone().unwrap_or_default();
-            policy
-                .spec
-                .virtual_machines
-                .iter()
-                .map(|m| ObjectRef::new(&m.network_security_group_name).within(&namespace))
-                .collect::<Vec<_>>()
-        })
-        .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(config.concurrency)
-                .debounce(DEBOUNCE),
-        )
+/// How the NSG controller runs: bursts of rule changes are coalesced.
+pub fn config(config: &Config) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default()
+        .concurrency(config.concurrency)
+        .debounce(DEBOUNCE)
 }
 
 pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = ctx.now();
     let (name, namespace) = name_and_namespace(nsg.as_ref(), "NetworkSecurityGroup")?;
-    let mut invalid: Vec<ConvertError> = Vec::new();
-    let scope = convert::scope(&nsg.spec).unwrap_or_else(|e| {
-        invalid.push(e);
-        Scope::default()
-    });
-
-    let mut model = Vec::new();
-    for inline in &nsg.spec.security_rules {
-        match convert::rule(&inline.name, &inline.fields, Origin::Inline, false) {
-            Ok(rule) => model.push(rule),
-            Err(e) => invalid.push(e),
-        }
-    }
-    let mut expiries: HashMap<String, Time> = HashMap::new();
-    let mut next_expiry: Option<jiff::Timestamp> = None;
-    for object in ctx.rules_of(&namespace, &name) {
-        if expired(object.spec.expires_at.as_ref(), now) {
-            continue;
-        }
-        if let Some(at) = &object.spec.expires_at {
-            next_expiry = Some(next_expiry.map_or(at.0, |n| n.min(at.0)));
-            expiries.insert(object.metadata.name.clone().unwrap_or_default(), at.clone());
-        }
-        match object_rule(&object) {
-            Ok(rule) => model.push(rule),
-            Err(e) if is_managed(&object) => invalid.push(e),
-            Err(e) => invalid.push(e),
-        }
-    }
-    let effective = rules::effective(model);
+    let objects = ctx.rules_of(&namespace, &name);
+    let model = NsgModel::new(&nsg, objects.iter().map(Arc::as_ref), now);
+    let next_expiry = model.next_expiry();
+    let (scope, invalid) = (model.scope, model.invalid);
+    let expiries = model.expiries;
+    let effective = rules::effective(model.rules);
     let conflicts = rules::conflicts(&effective);
     let exposure = exposure(
         &effective,
@@ -170,11 +119,13 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
             .map(|d| d.into_condition(&previous.conditions, generation, &now_time))
             .collect(),
         effective_rule_count: Some(effective.len() as u32),
+        active_grants: Some(effective.iter().filter(|r| is_grant(r)).count() as u32),
         effective_rules: effective
             .iter()
+            .filter(|r| !is_grant(r))
             .map(|r| {
                 let expires_at = match &r.origin {
-                    Origin::SecurityRule { name } => expiries.get(name).cloned(),
+                    Origin::SecurityRule { name } => expiries.get(name).map(|at| Time(*at)),
                     _ => None,
                 };
                 convert::effective_rule(r, expires_at)
@@ -199,11 +150,12 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
     let wait = next_expiry
         .and_then(|at| at.duration_since(now).try_into().ok())
         .map_or(RESYNC, |d: Duration| d.min(RESYNC));
-    let wait = ctx
-        .changes
-        .recheck(NAME, &namespace, &name, Some(wait))
-        .unwrap_or(wait);
     Ok(Action::requeue(wait))
+}
+
+/// Whether `rule` is a JIT grant: summarized by count in the status, never listed.
+fn is_grant(rule: &rules::Rule) -> bool {
+    rule.jit && rule.access == rules::Access::Allow
 }
 
 /// The management ports of this NSG: the well-known ones plus every port a policy names
@@ -217,10 +169,7 @@ fn management_ports(
         .iter()
         .map(|p| (*p, Protocol::Tcp, None))
         .collect();
-    for policy in ctx.stores.policies.state() {
-        if policy.metadata.namespace.as_deref() != Some(namespace) {
-            continue;
-        }
+    for policy in ctx.policies_on(namespace, nsg) {
         for machine in policy
             .spec
             .virtual_machines

@@ -10,12 +10,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
+use kube::Resource;
+use kube::runtime::controller::Action;
 
-use super::context::{Context, is_managed};
+use super::context::Context;
 use super::{Config, Error, name_and_namespace};
 use crate::access::materialize::{self, LABEL_ROLE, ROLE_DENY};
 use crate::access::validate::{model_protocol, policy_ports};
@@ -24,7 +22,7 @@ use crate::api::jit_policy::{
     GrantState, GrantStateReason, JitPolicyStatus, MachineState, MachineStatus,
     PolicyVirtualMachine, RequestRecord, RequestRecordMachine, RequestRecordPort,
 };
-use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::{JitPolicy, JitRequest};
 use crate::rules::{AddressPrefix, PortRange, ProtectedPort, exposures, place};
 
 pub const NAME: &str = "policy";
@@ -35,99 +33,12 @@ const RESYNC: Duration = Duration::from_secs(600);
 /// Coalesces bursts (many requests on one policy) into one status write.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Builds the controller: policies, re-triggered by their NSGs, the rules of those NSGs,
-/// and their requests (for the history).
-pub fn controller(
-    client: &Client,
-    config: &Config,
-    changes: super::context::RecentChanges,
-    departed: Departed,
-) -> Controller<JitPolicy> {
-    let wc = watcher::Config::default();
-    let controller = super::lean_controller(Api::<JitPolicy>::all(client.clone()));
-    let by_nsg = controller.store();
-    let by_rule = controller.store();
-    controller
-        .watches(
-            Api::<NetworkSecurityGroup>::all(client.clone()),
-            wc.clone(),
-            move |nsg| {
-                let namespace = nsg.metadata.namespace.clone().unwrap_or_default();
-                let name = nsg.metadata.name.clone().unwrap_or_default();
-                policies_on(&by_nsg.state(), &namespace, &name)
-            },
-        )
-        .watches(
-            Api::<SecurityRule>::all(client.clone()),
-            wc.clone(),
-            move |rule| {
-                let namespace = rule.metadata.namespace.clone().unwrap_or_default();
-                let woken = policies_for_rule(&by_rule.state(), &namespace, &rule);
-                for policy in &woken {
-                    changes.record(NAME, &namespace, &policy.name);
-                }
-                woken
-            },
-        )
-        .watches(Api::<JitRequest>::all(client.clone()), wc, move |request| {
-            departed.note(&request);
-            let namespace = request.metadata.namespace.clone()?;
-            Some(ObjectRef::new(&request.spec.policy_name).within(&namespace))
-        })
-        .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(config.concurrency)
-                .debounce(DEBOUNCE),
-        )
-}
-
-/// The policies a rule event concerns: a managed deny rule's owner (to restore it), or for
-/// a user rule every policy on its NSG (a user rule can move where the denies go). Grants
-/// concern no policy.
-fn policies_for_rule(
-    policies: &[Arc<JitPolicy>],
-    namespace: &str,
-    rule: &SecurityRule,
-) -> Vec<ObjectRef<JitPolicy>> {
-    if is_managed(rule) {
-        // A deny rule changed or vanished: its policy restores it. Grants don't matter.
-        let role = rule
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_ROLE));
-        if role.map(String::as_str) != Some(ROLE_DENY) {
-            return Vec::new();
-        }
-        rule.metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .filter(|o| o.kind == JitPolicy::kind(&()) && o.controller == Some(true))
-            .map(|o| ObjectRef::new(&o.name).within(namespace))
-            .collect()
-    } else {
-        // A user rule can move where the denies must go.
-        policies_on(policies, namespace, &rule.spec.network_security_group_name)
-    }
-}
-
-fn policies_on(
-    policies: &[Arc<JitPolicy>],
-    namespace: &str,
-    nsg: &str,
-) -> Vec<ObjectRef<JitPolicy>> {
-    policies
-        .iter()
-        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
-        .filter(|p| {
-            p.spec
-                .virtual_machines
-                .iter()
-                .any(|m| m.network_security_group_name == nsg)
-        })
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
+/// How the policy controller runs: bursts of request changes are coalesced (they only
+/// update its history).
+pub fn config(config: &Config) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default()
+        .concurrency(config.concurrency)
+        .debounce(DEBOUNCE)
 }
 
 pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -164,7 +75,7 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
             ));
             continue;
         };
-        let view = ctx.nsg_view(&nsg);
+        let view = ctx.nsg_view(&nsg, now);
         let ports: Vec<_> = policy_ports(machine)
             .iter()
             .map(|p| (PortRange::single(p.number), model_protocol(p.protocol)))
@@ -287,7 +198,7 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
         requests: history(
             &previous.requests,
             ctx.departed.take(&namespace, &name),
-            &ctx.stores.requests.state(),
+            &ctx.requests_of(&namespace, &name),
             &namespace,
             &name,
             now,

@@ -12,12 +12,10 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
+use kube::{Api, Resource};
 
 use super::context::Context;
 use super::metrics::GrantResult;
@@ -25,94 +23,19 @@ use super::{Config, Error, name_and_namespace};
 use crate::access::materialize;
 use crate::access::validate::{PortGrant, Violation, validate};
 use crate::api::INITIATE;
+use crate::api::JitRequest;
 use crate::api::conditions::{self, Decided, reason};
 use crate::api::jit_policy::{GrantState, GrantStateReason, PolicyProtocol};
 use crate::api::jit_request::{GrantStatus, JitRequestStatus, Phase};
-use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{PortRange, Protocol, place};
 
 pub const NAME: &str = "request";
 /// Revokes a granted request's rules before the request object disappears.
 pub const FINALIZER: &str = crate::api::jit_request::REVOKE_FINALIZER;
 
-/// Builds the controller: requests, re-triggered by their rules, policies, NSGs, and by
-/// newer requests of the same requestor (which may supersede them).
-pub fn controller(
-    client: &Client,
-    config: &Config,
-    changes: super::context::RecentChanges,
-) -> Controller<JitRequest> {
-    let wc = watcher::Config::default();
-    let controller = super::lean_controller(Api::<JitRequest>::all(client.clone()));
-    let for_policies = controller.store();
-    let for_nsgs = controller.store();
-    let for_peers = controller.store();
-    controller
-        .owns(Api::<SecurityRule>::all(client.clone()), wc.clone())
-        .watches(
-            Api::<JitPolicy>::all(client.clone()),
-            wc.clone(),
-            move |policy| {
-                let namespace = policy.metadata.namespace.clone().unwrap_or_default();
-                let name = policy.metadata.name.clone().unwrap_or_default();
-                let woken = live(&for_policies.state(), &namespace, |r| {
-                    r.spec.policy_name == name
-                });
-                for request in &woken {
-                    changes.record(NAME, &namespace, &request.name);
-                }
-                woken
-            },
-        )
-        .watches(
-            Api::<NetworkSecurityGroup>::all(client.clone()),
-            wc.clone(),
-            move |nsg| {
-                let namespace = nsg.metadata.namespace.clone().unwrap_or_default();
-                // Only requests still waiting care that an NSG appeared or changed; every
-                // grant rewrites its NSG's status, and granted requests must not be woken
-                // by each of those writes.
-                live(&for_nsgs.state(), &namespace, |r| {
-                    matches!(phase(r), None | Some(Phase::Pending))
-                })
-            },
-        )
-        .watches(Api::<JitRequest>::all(client.clone()), wc, move |request| {
-            let namespace = request.metadata.namespace.clone().unwrap_or_default();
-            let Some(me) = requestor(&request) else {
-                return Vec::new();
-            };
-            let name = request.metadata.name.clone().unwrap_or_default();
-            live(&for_peers.state(), &namespace, |r| {
-                r.metadata.name.as_deref() != Some(name.as_str())
-                    && requestor(r) == Some(me)
-                    && phase(r) == Some(Phase::Granted)
-            })
-        })
-        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
-}
-
-fn phase(request: &JitRequest) -> Option<Phase> {
-    request.status.as_ref().and_then(|s| s.phase)
-}
-
-fn requestor(request: &JitRequest) -> Option<&str> {
-    request.spec.requestor.as_ref().map(|r| r.username.as_str())
-}
-
-/// Non-terminal requests of `namespace` that satisfy `keep`.
-fn live(
-    requests: &[Arc<JitRequest>],
-    namespace: &str,
-    keep: impl Fn(&JitRequest) -> bool,
-) -> Vec<ObjectRef<JitRequest>> {
-    requests
-        .iter()
-        .filter(|r| r.metadata.namespace.as_deref() == Some(namespace))
-        .filter(|r| !phase(r).is_some_and(Phase::is_terminal))
-        .filter(|r| keep(r))
-        .map(|r| ObjectRef::from_obj(r.as_ref()))
-        .collect()
+/// How the request controller runs.
+pub fn config(config: &Config) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(config.concurrency)
 }
 
 pub async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -188,7 +111,7 @@ async fn finish(
             audit(request, &status);
         }
         for (type_, reason, note) in outcome.events {
-            ctx.event(request, type_, reason, reason, note).await;
+            ctx.event(request, type_, reason, reason, note);
         }
     }
     tracing::debug!(
@@ -236,7 +159,7 @@ async fn evaluate(
     };
     let mut placed = Vec::with_capacity(grants.len());
     for grant in grants {
-        match allow_priority(ctx, namespace, &grant) {
+        match allow_priority(ctx, namespace, &grant, now) {
             Ok(priority) => placed.push((grant, priority)),
             Err((why, message)) => return Ok(pending(previous, why, message, now)),
         }
@@ -392,7 +315,7 @@ async fn review(
             (None, Some(allowed)) => {
                 // Still open: make sure its rule is there and placed right (a rule deleted
                 // by hand comes back until the grant ends; deleting the request revokes).
-                let priority = match allow_priority(ctx, namespace, allowed) {
+                let priority = match allow_priority(ctx, namespace, allowed, now) {
                     Ok(priority) => priority,
                     Err(_) => continue,
                 };
@@ -409,9 +332,6 @@ async fn review(
         }
     }
     let mut outcome = settle(previous, grants, previous.start_time.clone(), now);
-    if outcome.status.phase == Some(Phase::Granted) {
-        outcome.requeue = ctx.changes.recheck(NAME, namespace, name, outcome.requeue);
-    }
     if let Some(Phase::Expired | Phase::Revoked) = outcome.status.phase {
         let who = requestor(request).unwrap_or("unknown requestor");
         let what = describe(&previous.grants);
@@ -684,6 +604,7 @@ fn allow_priority(
     ctx: &Context,
     namespace: &str,
     grant: &PortGrant,
+    now: Timestamp,
 ) -> Result<u32, (&'static str, String)> {
     let Some(nsg) = ctx.nsg(namespace, &grant.network_security_group) else {
         return Err((
@@ -694,7 +615,7 @@ fn allow_priority(
             ),
         ));
     };
-    let view = ctx.nsg_view(&nsg);
+    let view = ctx.nsg_view(&nsg, now);
     place(
         &view.user_rules,
         grant.address,
@@ -780,4 +701,12 @@ fn describe(grants: &[GrantStatus]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn phase(request: &JitRequest) -> Option<Phase> {
+    request.status.as_ref().and_then(|s| s.phase)
+}
+
+fn requestor(request: &JitRequest) -> Option<&str> {
+    request.spec.requestor.as_ref().map(|r| r.username.as_str())
 }

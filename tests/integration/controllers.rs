@@ -194,21 +194,24 @@ async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
         ("JitRequest", Some(true))
     );
 
-    // The NSG's effective view: the grant above the deny, above the user rules.
+    // The NSG's effective view: the deny above the user rules, the grant counted, not
+    // listed (an NSG may carry thousands), and placed above the deny.
     let nsgs: Api<NetworkSecurityGroup> = ctx.api();
-    let view = eventually(
-        "the grant and the deny in the NSG's effective rules",
-        || async {
-            let nsg = nsgs.get("nsg").await.ok()?;
-            let rules = nsg.status?.effective_rules;
-            let has = |name: &str| rules.iter().any(|r| r.name == name);
-            (has(&grant.rule) && has(&deny_1)).then_some(rules)
-        },
-    )
+    let status = eventually("the grant counted and the deny listed", || async {
+        let status = nsgs.get("nsg").await.ok()?.status?;
+        let denied = status.effective_rules.iter().any(|r| r.name == deny_1);
+        (status.active_grants == Some(1) && denied).then_some(status)
+    })
     .await?;
+    let view = status.effective_rules;
+    assert!(
+        !view.iter().any(|r| r.name == grant.rule),
+        "a grant is listed in the NSG status"
+    );
+    assert_eq!(status.effective_rule_count, Some(view.len() as u32 + 1));
     let position = |name: &str| view.iter().position(|r| r.name == name).unwrap();
-    assert!(position(&grant.rule) < position(&deny_1));
     assert!(position(&deny_1) < position("allow-http"));
+    assert!(allow.spec.fields.priority < view[position(&deny_1)].priority);
     assert!(
         view.iter()
             .any(|r| r.name == "DenyAllInBound" && r.origin == RuleOrigin::Default)

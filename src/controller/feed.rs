@@ -1,0 +1,213 @@
+//! One watch per kind. Each event goes, in this order, into the kind's cache, into the
+//! [`Index`](super::index::Index), and only then out as wake-ups to the controllers, so a
+//! woken reconcile never reads a cache or an index that has not seen what woke it.
+//!
+//! No reconcile is woken before every kind has its first full list: the last kind to sync
+//! opens the gate and wakes every object once, so no reconcile acts on a partial view (a
+//! missing policy, a rule not seen yet) and none has to poll for readiness.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use futures::StreamExt;
+use futures::channel::mpsc::UnboundedSender;
+use kube::api::Api;
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+
+use super::index::{Key, Wake};
+use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup};
+
+/// One object's change as the index takes it.
+pub enum Change<K> {
+    /// Created or changed: the object as now cached.
+    Applied(Arc<K>),
+    /// Gone; with its last state when the watch delivered one (a re-list does not).
+    Deleted(Key, Option<Arc<K>>),
+}
+
+impl<K: kube::Resource> Change<K> {
+    /// The object's key and, unless it was deleted, what `entry` makes of it.
+    pub fn entry<E>(&self, entry: impl Fn(&K) -> E) -> (Key, Option<E>) {
+        match self {
+            Change::Applied(object) => (key_of(object.as_ref()), Some(entry(object.as_ref()))),
+            Change::Deleted(key, _) => (key.clone(), None),
+        }
+    }
+}
+
+fn key_of<K: kube::Resource>(object: &K) -> Key {
+    (
+        object.meta().namespace.clone().unwrap_or_default(),
+        object.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// Where wake-ups go: one channel per controller, closed until every kind has synced.
+pub struct Triggers {
+    pub nsgs: UnboundedSender<ObjectRef<NetworkSecurityGroup>>,
+    pub policies: UnboundedSender<ObjectRef<JitPolicy>>,
+    pub requests: UnboundedSender<ObjectRef<JitRequest>>,
+    open: AtomicBool,
+    unsynced: AtomicUsize,
+}
+
+/// How many kinds must list before the gate opens.
+const KINDS: usize = 4;
+
+impl Triggers {
+    pub fn new(
+        nsgs: UnboundedSender<ObjectRef<NetworkSecurityGroup>>,
+        policies: UnboundedSender<ObjectRef<JitPolicy>>,
+        requests: UnboundedSender<ObjectRef<JitRequest>>,
+    ) -> Self {
+        Self {
+            nsgs,
+            policies,
+            requests,
+            open: AtomicBool::new(false),
+            unsynced: AtomicUsize::new(KINDS),
+        }
+    }
+
+    /// Sends `wake` to the controllers, if the gate is open. Before it opens nothing is
+    /// lost: opening wakes every object.
+    pub fn wake(&self, wake: Wake) {
+        if !self.open.load(Ordering::SeqCst) {
+            return;
+        }
+        for (namespace, name) in wake.nsgs {
+            let _ = self
+                .nsgs
+                .unbounded_send(ObjectRef::new(&name).within(&namespace));
+        }
+        for (namespace, name) in wake.policies {
+            let _ = self
+                .policies
+                .unbounded_send(ObjectRef::new(&name).within(&namespace));
+        }
+        for (namespace, name) in wake.requests {
+            let _ = self
+                .requests
+                .unbounded_send(ObjectRef::new(&name).within(&namespace));
+        }
+    }
+
+    /// Counts one kind's first full list; true for the last, which must then call
+    /// [`Triggers::open`].
+    fn synced(&self) -> bool {
+        self.unsynced.fetch_sub(1, Ordering::SeqCst) == 1
+    }
+
+    /// Opens the gate, then wakes every object in `stores`. An event applied to a cache
+    /// before the gate opened is in these caches; one after it is sent by [`Triggers::wake`].
+    pub fn open(
+        &self,
+        nsgs: &Store<NetworkSecurityGroup>,
+        policies: &Store<JitPolicy>,
+        requests: &Store<JitRequest>,
+    ) {
+        self.open.store(true, Ordering::SeqCst);
+        for nsg in nsgs.state() {
+            let _ = self.nsgs.unbounded_send(ObjectRef::from_obj(nsg.as_ref()));
+        }
+        for policy in policies.state() {
+            let _ = self
+                .policies
+                .unbounded_send(ObjectRef::from_obj(policy.as_ref()));
+        }
+        for request in requests.state() {
+            let _ = self
+                .requests
+                .unbounded_send(ObjectRef::from_obj(request.as_ref()));
+        }
+    }
+}
+
+/// Watches `api` for as long as the stream lasts (it retries with backoff, never ends on
+/// its own): each batch of changes goes to `changed` after the cache `writer` holds it;
+/// the first full list calls `all_synced` if it was the last of the kinds to list.
+pub async fn watch<K>(
+    api: Api<K>,
+    mut writer: Writer<K>,
+    triggers: Arc<Triggers>,
+    mut changed: impl FnMut(Vec<Change<K>>),
+    all_synced: Arc<dyn Fn() + Send + Sync>,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let reader = writer.as_reader();
+    let mut events = pin!(
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+    );
+    let mut first_list = true;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+                continue;
+            }
+        };
+        let changes = match &event {
+            watcher::Event::Apply(object) => {
+                writer.apply_watcher_event(&event);
+                vec![Change::Applied(cached(&reader, object))]
+            }
+            watcher::Event::Delete(object) => {
+                writer.apply_watcher_event(&event);
+                vec![Change::Deleted(
+                    key_of(object),
+                    Some(Arc::new(object.clone())),
+                )]
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => {
+                writer.apply_watcher_event(&event);
+                continue;
+            }
+            watcher::Event::InitDone => {
+                // A (re-)list replaces the cache at once; what it no longer holds was
+                // deleted while the watch was down, and must wake what depended on it.
+                let before = reader.state();
+                writer.apply_watcher_event(&event);
+                let after = reader.state();
+                let listed: std::collections::HashSet<Key> =
+                    after.iter().map(|o| key_of(o.as_ref())).collect();
+                let mut changes: Vec<Change<K>> = after.into_iter().map(Change::Applied).collect();
+                changes.extend(
+                    before
+                        .into_iter()
+                        .filter(|o| !listed.contains(&key_of(o.as_ref())))
+                        .map(|o| Change::Deleted(key_of(o.as_ref()), Some(o))),
+                );
+                changes
+            }
+        };
+        changed(changes);
+        if first_list && matches!(event, watcher::Event::InitDone) {
+            first_list = false;
+            if triggers.synced() {
+                all_synced();
+            }
+        }
+    }
+}
+
+/// The cached copy of an object just applied (shared, not cloned again).
+fn cached<K>(reader: &Store<K>, object: &K) -> Arc<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone,
+{
+    reader
+        .get(&ObjectRef::from_obj(object))
+        .unwrap_or_else(|| Arc::new(object.clone()))
+}

@@ -1,0 +1,469 @@
+//! Keyed indexes over the four watched kinds, and who each change wakes.
+//!
+//! Every watch event first updates these indexes (after the object cache, before any
+//! reconcile is woken), so a reconcile always finds the object that woke it, and every
+//! lookup a reconciler makes is a map access instead of a scan of a whole cache: a burst of
+//! N requests costs O(N), not O(N²). The index holds only what lookups and wake-ups need
+//! (keys, owners, phases, generations), never whole objects; those stay in the caches.
+//!
+//! It is plain data: each change goes in as `(key, Some(entry))` or `(key, None)` for a
+//! deletion, and returns the [`Wake`]: the objects of each kind whose reconcile depends on
+//! it. Tests drive it synchronously.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap};
+
+use kube::Resource;
+
+use crate::access::materialize::{LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY, ROLE_DENY};
+use crate::api::jit_request::Phase;
+use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+
+/// An object's namespace and name.
+pub type Key = (String, String);
+
+fn key(namespace: &str, name: &str) -> Key {
+    (namespace.to_owned(), name.to_owned())
+}
+
+/// What depends on an NSG: its spec, through the generation. Status writes (the operator's
+/// summaries, agents' reports) change nothing any reconcile reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NsgEntry {
+    pub generation: Option<i64>,
+}
+
+impl NsgEntry {
+    pub fn of(nsg: &NetworkSecurityGroup) -> Self {
+        Self {
+            generation: nsg.metadata.generation,
+        }
+    }
+}
+
+/// A policy's spec generation and the NSGs its machines sit behind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub generation: Option<i64>,
+    pub nsgs: BTreeSet<String>,
+}
+
+impl PolicyEntry {
+    pub fn of(policy: &JitPolicy) -> Self {
+        Self {
+            generation: policy.metadata.generation,
+            nsgs: policy
+                .spec
+                .virtual_machines
+                .iter()
+                .map(|m| m.network_security_group_name.clone())
+                .collect(),
+        }
+    }
+}
+
+/// A request's policy, requestor and where it is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestEntry {
+    pub policy: String,
+    pub requestor: Option<String>,
+    pub phase: Option<Phase>,
+    /// What the policy's history shows of it; a change wakes the policy.
+    pub record: (Option<Phase>, Option<String>, Option<String>, bool),
+}
+
+impl RequestEntry {
+    pub fn of(request: &JitRequest) -> Self {
+        let status = request.status.as_ref();
+        let phase = status.and_then(|s| s.phase);
+        Self {
+            policy: request.spec.policy_name.clone(),
+            requestor: request.spec.requestor.as_ref().map(|r| r.username.clone()),
+            phase,
+            record: (
+                phase,
+                status
+                    .and_then(|s| s.start_time.as_ref())
+                    .map(|t| t.0.to_string()),
+                status
+                    .and_then(|s| s.expires_at.as_ref())
+                    .map(|t| t.0.to_string()),
+                request.metadata.deletion_timestamp.is_some(),
+            ),
+        }
+    }
+
+    fn live(&self) -> bool {
+        !self.phase.is_some_and(Phase::is_terminal)
+    }
+
+    fn waiting(&self) -> bool {
+        matches!(self.phase, None | Some(Phase::Pending))
+    }
+
+    fn granted(&self) -> bool {
+        self.phase == Some(Phase::Granted)
+    }
+}
+
+/// The kind of object controlling an operator rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerKind {
+    Policy,
+    Request,
+    Other,
+}
+
+/// A rule's NSG, whether the operator made it, and who controls it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleEntry {
+    pub nsg: String,
+    /// Carries the operator's label: a JIT deny or grant, not a user's rule.
+    pub managed: bool,
+    pub deny: bool,
+    /// The controlling owner: kind, name, UID.
+    pub owner: Option<(OwnerKind, String, String)>,
+}
+
+impl RuleEntry {
+    pub fn of(rule: &SecurityRule) -> Self {
+        let labels = rule.metadata.labels.as_ref();
+        let label = |name: &str| labels.and_then(|l| l.get(name)).map(String::as_str);
+        let owner = rule
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| {
+                let kind = if o.kind == JitPolicy::kind(&()) {
+                    OwnerKind::Policy
+                } else if o.kind == JitRequest::kind(&()) {
+                    OwnerKind::Request
+                } else {
+                    OwnerKind::Other
+                };
+                (kind, o.name.clone(), o.uid.clone())
+            });
+        Self {
+            nsg: rule.spec.network_security_group_name.clone(),
+            managed: label(LABEL_MANAGED_BY) == Some(MANAGED_BY),
+            deny: label(LABEL_ROLE) == Some(ROLE_DENY),
+            owner,
+        }
+    }
+}
+
+/// The objects whose reconciles a change concerns, by kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wake {
+    pub nsgs: BTreeSet<Key>,
+    pub policies: BTreeSet<Key>,
+    pub requests: BTreeSet<Key>,
+}
+
+impl Wake {
+    /// Adds what `other` wakes.
+    pub fn merge(&mut self, other: Wake) {
+        self.nsgs.extend(other.nsgs);
+        self.policies.extend(other.policies);
+        self.requests.extend(other.requests);
+    }
+}
+
+/// A set-valued map whose empty sets are removed, so it never grows with keys gone.
+#[derive(Debug)]
+struct Multi<K, V>(HashMap<K, BTreeSet<V>>);
+
+impl<K, V> Default for Multi<K, V> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V: Ord + Clone> Multi<K, V> {
+    fn insert(&mut self, key: K, value: V) {
+        self.0.entry(key).or_default().insert(value);
+    }
+
+    fn remove(&mut self, key: &K, value: &V) {
+        if let Some(set) = self.0.get_mut(key) {
+            set.remove(value);
+            if set.is_empty() {
+                self.0.remove(key);
+            }
+        }
+    }
+
+    /// Puts `value` under `key` or takes it out, as `present` says.
+    fn set(&mut self, key: K, value: V, present: bool) {
+        if present {
+            self.insert(key, value);
+        } else {
+            self.remove(&key, &value);
+        }
+    }
+
+    fn get<'a>(&'a self, key: &K) -> impl Iterator<Item = &'a V> + use<'a, K, V> {
+        self.0.get(key).into_iter().flatten()
+    }
+}
+
+/// The indexes. See the module documentation.
+#[derive(Debug, Default)]
+pub struct Index {
+    nsgs: HashMap<Key, NsgEntry>,
+    policies: HashMap<Key, PolicyEntry>,
+    requests: HashMap<Key, RequestEntry>,
+    rules: HashMap<Key, RuleEntry>,
+    /// (namespace, NSG) → policies with a machine behind it.
+    policies_by_nsg: Multi<Key, String>,
+    /// (namespace, policy) → every request naming it (its history).
+    requests_by_policy: Multi<Key, String>,
+    /// (namespace, policy) → its requests not terminal yet.
+    live_by_policy: Multi<Key, String>,
+    /// (namespace, policy) → its requests not granted yet.
+    waiting_by_policy: Multi<Key, String>,
+    /// (namespace, requestor) → their granted requests.
+    granted_by_requestor: Multi<Key, String>,
+    /// (namespace, NSG) → every SecurityRule naming it.
+    rules_by_nsg: Multi<Key, String>,
+    /// (namespace, NSG) → users' SecurityRules naming it (what JIT placement works around).
+    user_rules_by_nsg: Multi<Key, String>,
+    /// Owner UID → the operator's rules it controls.
+    rules_by_owner: Multi<String, Key>,
+    /// (namespace, NSG) → a number that changes whenever its user rules do, so a placement
+    /// view built from them can be kept until it is out of date.
+    user_rules_revision: HashMap<Key, u64>,
+    revision: u64,
+    granted: usize,
+}
+
+impl Index {
+    /// Records the NSG `key` as it is now (`None`: deleted).
+    pub fn nsg(&mut self, key: Key, entry: Option<NsgEntry>) -> Wake {
+        let mut wake = Wake::default();
+        let before = match &entry {
+            Some(entry) => {
+                wake.nsgs.insert(key.clone());
+                self.nsgs.insert(key.clone(), entry.clone())
+            }
+            None => self.nsgs.remove(&key),
+        };
+        // Policies place their denies, and waiting requests their grants, from the spec.
+        if before.map(|b| b.generation) != entry.map(|e| e.generation) {
+            for policy in self.policies_on(&key.0, &key.1) {
+                let policy = (key.0.clone(), policy);
+                wake.requests.extend(
+                    self.waiting_by_policy
+                        .get(&policy)
+                        .map(|r| key_in(&policy, r)),
+                );
+                wake.policies.insert(policy);
+            }
+        }
+        wake
+    }
+
+    /// Records the policy `key` as it is now (`None`: deleted).
+    pub fn policy(&mut self, key: Key, entry: Option<PolicyEntry>) -> Wake {
+        let mut wake = Wake::default();
+        if entry.is_some() {
+            wake.policies.insert(key.clone());
+        }
+        let before = match &entry {
+            Some(entry) => self.policies.insert(key.clone(), entry.clone()),
+            None => self.policies.remove(&key),
+        };
+        let (namespace, name) = &key;
+        for nsg in before.iter().flat_map(|b| &b.nsgs) {
+            self.policies_by_nsg
+                .remove(&(namespace.clone(), nsg.clone()), name);
+        }
+        for nsg in entry.iter().flat_map(|e| &e.nsgs) {
+            self.policies_by_nsg
+                .insert((namespace.clone(), nsg.clone()), name.clone());
+        }
+        if before.as_ref().map(|b| b.generation) != entry.as_ref().map(|e| e.generation) {
+            // The NSGs' exposure probes the policy's ports; live requests are checked
+            // against the policy again (a grant it no longer allows is revoked).
+            wake.nsgs.extend(
+                before
+                    .iter()
+                    .chain(entry.iter())
+                    .flat_map(|e| &e.nsgs)
+                    .map(|nsg| key_in(&key, nsg)),
+            );
+            wake.requests
+                .extend(self.live_by_policy.get(&key).map(|r| key_in(&key, r)));
+        }
+        wake
+    }
+
+    /// Records the request `key` as it is now (`None`: deleted).
+    pub fn request(&mut self, key: Key, entry: Option<RequestEntry>) -> Wake {
+        let mut wake = Wake::default();
+        if entry.is_some() {
+            wake.requests.insert(key.clone());
+        }
+        let before = match &entry {
+            Some(entry) => self.requests.insert(key.clone(), entry.clone()),
+            None => self.requests.remove(&key),
+        };
+        let (namespace, name) = &key;
+        for (entry, present) in [(&before, false), (&entry, true)] {
+            let Some(entry) = entry else { continue };
+            let policy = key_in(&key, &entry.policy);
+            self.requests_by_policy
+                .set(policy.clone(), name.clone(), present);
+            self.live_by_policy
+                .set(policy.clone(), name.clone(), present && entry.live());
+            self.waiting_by_policy
+                .set(policy, name.clone(), present && entry.waiting());
+            if let Some(requestor) = &entry.requestor {
+                self.granted_by_requestor.set(
+                    key_in(&key, requestor),
+                    name.clone(),
+                    present && entry.granted(),
+                );
+            }
+            if entry.granted() {
+                if present {
+                    self.granted += 1;
+                } else {
+                    self.granted -= 1;
+                }
+            }
+        }
+        if before.as_ref().map(|b| &b.record) != entry.as_ref().map(|e| &e.record)
+            || before.as_ref().map(|b| &b.policy) != entry.as_ref().map(|e| &e.policy)
+        {
+            wake.policies.extend(
+                before
+                    .iter()
+                    .chain(entry.iter())
+                    .map(|e| key_in(&key, &e.policy)),
+            );
+        }
+        // A request just granted supersedes its requestor's older grants of the same
+        // ports: those look at it now.
+        let newly_granted = entry.as_ref().is_some_and(RequestEntry::granted)
+            && !before.is_some_and(|b| b.granted());
+        if newly_granted && let Some(requestor) = entry.and_then(|e| e.requestor) {
+            wake.requests.extend(
+                self.granted_by_requestor
+                    .get(&(namespace.clone(), requestor))
+                    .filter(|peer| *peer != name)
+                    .map(|peer| key_in(&key, peer)),
+            );
+        }
+        wake
+    }
+
+    /// Records the SecurityRule `key` as it is now (`None`: deleted). The entry holds no
+    /// spec, so every event wakes: a hand edit of a deny rule's ports changes no entry but
+    /// must reach the policy that restores it.
+    pub fn rule(&mut self, key: Key, entry: Option<RuleEntry>) -> Wake {
+        let mut wake = Wake::default();
+        let before = match &entry {
+            Some(entry) => self.rules.insert(key.clone(), entry.clone()),
+            None => self.rules.remove(&key),
+        };
+        let name = &key.1;
+        for (entry, present) in [(&before, false), (&entry, true)] {
+            let Some(entry) = entry else { continue };
+            let nsg = key_in(&key, &entry.nsg);
+            self.rules_by_nsg.set(nsg.clone(), name.clone(), present);
+            self.user_rules_by_nsg
+                .set(nsg.clone(), name.clone(), present && !entry.managed);
+            if let Some((_, _, uid)) = &entry.owner {
+                self.rules_by_owner
+                    .set(uid.clone(), key.clone(), present && entry.managed);
+            }
+            wake.nsgs.insert(nsg.clone());
+            if entry.managed {
+                // The operator's rule changed or went: its owner restores or accepts it.
+                match &entry.owner {
+                    Some((OwnerKind::Policy, owner, _)) if entry.deny => {
+                        wake.policies.insert(key_in(&key, owner));
+                    }
+                    Some((OwnerKind::Request, owner, _)) => {
+                        wake.requests.insert(key_in(&key, owner));
+                    }
+                    _ => {}
+                }
+            } else {
+                // A user's rule can move where the policies' denies go.
+                self.revision += 1;
+                self.user_rules_revision.insert(nsg.clone(), self.revision);
+                wake.policies.extend(
+                    self.policies_on(&nsg.0, &nsg.1)
+                        .iter()
+                        .map(|p| key_in(&nsg, p)),
+                );
+            }
+        }
+        wake
+    }
+
+    /// The policies with a machine behind NSG `nsg` in `namespace`.
+    pub fn policies_on(&self, namespace: &str, nsg: &str) -> Vec<String> {
+        self.policies_by_nsg
+            .get(&key(namespace, nsg))
+            .cloned()
+            .collect()
+    }
+
+    /// Every request naming `policy` in `namespace`.
+    pub fn requests_of(&self, namespace: &str, policy: &str) -> Vec<String> {
+        self.requests_by_policy
+            .get(&key(namespace, policy))
+            .cloned()
+            .collect()
+    }
+
+    /// The granted requests of `requestor` in `namespace`.
+    pub fn granted_by(&self, namespace: &str, requestor: &str) -> Vec<String> {
+        self.granted_by_requestor
+            .get(&key(namespace, requestor))
+            .cloned()
+            .collect()
+    }
+
+    /// Every SecurityRule naming NSG `nsg` in `namespace`.
+    pub fn rules_on(&self, namespace: &str, nsg: &str) -> Vec<String> {
+        self.rules_by_nsg
+            .get(&key(namespace, nsg))
+            .cloned()
+            .collect()
+    }
+
+    /// The users' SecurityRules naming NSG `nsg` in `namespace`, and their revision.
+    pub fn user_rules_on(&self, namespace: &str, nsg: &str) -> (Vec<String>, u64) {
+        let nsg = key(namespace, nsg);
+        (
+            self.user_rules_by_nsg.get(&nsg).cloned().collect(),
+            self.user_rules_revision.get(&nsg).copied().unwrap_or(0),
+        )
+    }
+
+    /// The operator's rules the object with UID `owner` controls.
+    pub fn rules_owned_by(&self, owner: &str) -> Vec<Key> {
+        self.rules_by_owner
+            .get(&owner.to_owned())
+            .cloned()
+            .collect()
+    }
+
+    /// How many requests are granted right now.
+    pub fn granted(&self) -> usize {
+        self.granted
+    }
+}
+
+/// `name` in the namespace of `of`.
+fn key_in(of: &Key, name: &str) -> Key {
+    (of.0.clone(), name.to_owned())
+}

@@ -1,0 +1,220 @@
+use serde_json::json;
+
+use super::*;
+
+const NS: &str = "team";
+
+fn k(name: &str) -> Key {
+    key(NS, name)
+}
+
+fn keys(names: &[&str]) -> BTreeSet<Key> {
+    names.iter().map(|n| k(n)).collect()
+}
+
+fn policy(generation: i64, nsgs: &[&str]) -> Option<PolicyEntry> {
+    Some(PolicyEntry {
+        generation: Some(generation),
+        nsgs: nsgs.iter().map(|n| (*n).to_owned()).collect(),
+    })
+}
+
+fn request(policy: &str, requestor: &str, phase: Option<Phase>) -> Option<RequestEntry> {
+    Some(RequestEntry {
+        policy: policy.into(),
+        requestor: Some(requestor.into()),
+        phase,
+        record: (phase, None, None, false),
+    })
+}
+
+fn rule(nsg: &str, owner: Option<(OwnerKind, &str)>, deny: bool) -> Option<RuleEntry> {
+    Some(RuleEntry {
+        nsg: nsg.into(),
+        managed: owner.is_some(),
+        deny,
+        owner: owner.map(|(kind, name)| (kind, name.to_owned(), format!("uid-{name}"))),
+    })
+}
+
+fn nsg(generation: i64) -> Option<NsgEntry> {
+    Some(NsgEntry {
+        generation: Some(generation),
+    })
+}
+
+/// Two policies on NSG `a`, one also on `b`; a waiting and a granted request on `p1`.
+fn populated() -> Index {
+    let mut index = Index::default();
+    index.nsg(k("a"), nsg(1));
+    index.policy(k("p1"), policy(1, &["a"]));
+    index.policy(k("p2"), policy(1, &["a", "b"]));
+    index.request(k("waits"), request("p1", "alice", Some(Phase::Pending)));
+    index.request(k("open"), request("p1", "bob", Some(Phase::Granted)));
+    index.request(k("done"), request("p1", "bob", Some(Phase::Expired)));
+    index
+}
+
+#[test]
+fn an_nsg_status_write_wakes_only_the_nsg() {
+    let mut index = populated();
+    let wake = index.nsg(k("a"), nsg(1));
+    assert_eq!(wake.nsgs, keys(&["a"]));
+    assert!(wake.policies.is_empty() && wake.requests.is_empty());
+}
+
+#[test]
+fn an_nsg_spec_change_wakes_its_policies_and_their_waiting_requests() {
+    let mut index = populated();
+    let wake = index.nsg(k("a"), nsg(2));
+    assert_eq!(wake.policies, keys(&["p1", "p2"]));
+    // The granted and the expired request are not woken: NSG changes don't concern them.
+    assert_eq!(wake.requests, keys(&["waits"]));
+    // A deleted NSG wakes the same, but not itself (there is nothing to reconcile).
+    let wake = index.nsg(k("a"), None);
+    assert!(wake.nsgs.is_empty());
+    assert_eq!(wake.policies, keys(&["p1", "p2"]));
+}
+
+#[test]
+fn a_policy_moving_to_another_nsg_wakes_both_and_reindexes() {
+    let mut index = populated();
+    let wake = index.policy(k("p1"), policy(2, &["b"]));
+    assert_eq!(wake.nsgs, keys(&["a", "b"]));
+    assert_eq!(wake.requests, keys(&["waits", "open"]));
+    assert_eq!(index.policies_on(NS, "a"), vec!["p2"]);
+    assert_eq!(index.policies_on(NS, "b"), vec!["p1", "p2"]);
+    // Its own status write wakes only itself.
+    let wake = index.policy(k("p1"), policy(2, &["b"]));
+    assert_eq!(wake.policies, keys(&["p1"]));
+    assert!(wake.nsgs.is_empty() && wake.requests.is_empty());
+}
+
+#[test]
+fn a_deleted_policy_wakes_its_live_requests_and_leaves_no_index_behind() {
+    let mut index = populated();
+    let wake = index.policy(k("p2"), None);
+    assert!(wake.policies.is_empty());
+    assert_eq!(wake.nsgs, keys(&["a", "b"]));
+    assert_eq!(index.policies_on(NS, "b").len(), 0);
+    let wake = index.policy(k("p1"), None);
+    assert_eq!(wake.requests, keys(&["waits", "open"]));
+}
+
+#[test]
+fn requests_are_indexed_by_policy_and_phase() {
+    let mut index = populated();
+    assert_eq!(index.requests_of(NS, "p1"), vec!["done", "open", "waits"]);
+    assert_eq!(index.granted(), 1);
+    assert_eq!(index.granted_by(NS, "bob"), vec!["open"]);
+    // Granting `waits` moves it out of the waiting set and into alice's grants.
+    index.request(k("waits"), request("p1", "alice", Some(Phase::Granted)));
+    assert_eq!(index.granted(), 2);
+    assert_eq!(index.granted_by(NS, "alice"), vec!["waits"]);
+    assert!(index.nsg(k("a"), nsg(9)).requests.is_empty());
+    // Expiry takes it out again; deletion out of the history.
+    index.request(k("waits"), request("p1", "alice", Some(Phase::Expired)));
+    assert_eq!(index.granted(), 1);
+    assert!(index.granted_by(NS, "alice").is_empty());
+    index.request(k("waits"), None);
+    assert_eq!(index.requests_of(NS, "p1"), vec!["done", "open"]);
+}
+
+#[test]
+fn a_request_wakes_its_policy_only_when_its_record_changes() {
+    let mut index = populated();
+    let wake = index.request(k("open"), request("p1", "bob", Some(Phase::Granted)));
+    assert_eq!(wake.requests, keys(&["open"]));
+    assert!(wake.policies.is_empty());
+    let wake = index.request(k("open"), request("p1", "bob", Some(Phase::Revoked)));
+    assert_eq!(wake.policies, keys(&["p1"]));
+    let wake = index.request(k("done"), None);
+    assert_eq!(wake.policies, keys(&["p1"]));
+    assert!(wake.requests.is_empty());
+}
+
+#[test]
+fn a_new_grant_wakes_the_requestors_other_grants_only() {
+    let mut index = populated();
+    index.request(k("other"), request("p2", "carol", Some(Phase::Granted)));
+    index.request(k("newer"), request("p1", "bob", None));
+    let wake = index.request(k("newer"), request("p1", "bob", Some(Phase::Granted)));
+    assert_eq!(wake.requests, keys(&["newer", "open"]));
+    // Staying granted wakes no peer.
+    let wake = index.request(k("newer"), request("p1", "bob", Some(Phase::Granted)));
+    assert_eq!(wake.requests, keys(&["newer"]));
+}
+
+#[test]
+fn rules_wake_their_nsg_and_owner_and_user_rules_the_policies() {
+    let mut index = populated();
+    let wake = index.rule(k("deny"), rule("a", Some((OwnerKind::Policy, "p1")), true));
+    assert_eq!((wake.nsgs, wake.policies), (keys(&["a"]), keys(&["p1"])));
+    let wake = index.rule(
+        k("allow"),
+        rule("a", Some((OwnerKind::Request, "open")), false),
+    );
+    assert_eq!(wake.requests, keys(&["open"]));
+    assert!(wake.policies.is_empty(), "a grant concerns no policy");
+    let (_, revision) = index.user_rules_on(NS, "a");
+    let wake = index.rule(k("user"), rule("a", None, false));
+    assert_eq!(wake.policies, keys(&["p1", "p2"]));
+    let (user, newer) = index.user_rules_on(NS, "a");
+    assert_eq!(user, vec!["user"]);
+    assert_ne!(
+        revision, newer,
+        "a user rule change invalidates placement views"
+    );
+    assert_eq!(index.rules_on(NS, "a"), vec!["allow", "deny", "user"]);
+    assert_eq!(index.rules_owned_by("uid-p1"), vec![k("deny")]);
+    // An event that changes no entry (a hand edit of the rule's ports) still wakes.
+    let wake = index.rule(k("deny"), rule("a", Some((OwnerKind::Policy, "p1")), true));
+    assert_eq!(wake.policies, keys(&["p1"]));
+    // Deletion wakes the owner to restore it, and unindexes it.
+    let wake = index.rule(k("deny"), None);
+    assert_eq!(wake.policies, keys(&["p1"]));
+    assert!(index.rules_owned_by("uid-p1").is_empty());
+    assert_eq!(index.rules_on(NS, "a"), vec!["allow", "user"]);
+}
+
+#[test]
+fn a_user_rule_moving_between_nsgs_wakes_both_sides() {
+    let mut index = populated();
+    index.rule(k("user"), rule("b", None, false));
+    let wake = index.rule(k("user"), rule("a", None, false));
+    assert_eq!(wake.nsgs, keys(&["a", "b"]));
+    assert!(index.user_rules_on(NS, "b").0.is_empty());
+    assert_eq!(index.user_rules_on(NS, "a").0, vec!["user"]);
+}
+
+#[test]
+fn entries_read_labels_and_controlling_owner() {
+    let object: SecurityRule = serde_json::from_value(json!({
+        "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "SecurityRule",
+        "metadata": {
+            "name": "jit-deny-p-m-0123abcd", "namespace": NS,
+            "labels": { LABEL_MANAGED_BY: MANAGED_BY, LABEL_ROLE: ROLE_DENY },
+            "ownerReferences": [
+                { "apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u0" },
+                { "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "JitPolicy",
+                  "name": "p", "uid": "u1", "controller": true },
+            ],
+        },
+        "spec": {
+            "networkSecurityGroupName": "a", "priority": 100, "direction": "Inbound",
+            "access": "Deny", "protocol": "Tcp", "sourceAddressPrefix": "*",
+            "sourcePortRange": "*", "destinationAddressPrefix": "*",
+            "destinationPortRange": "22",
+        },
+    }))
+    .unwrap();
+    assert_eq!(
+        RuleEntry::of(&object),
+        RuleEntry {
+            nsg: "a".into(),
+            managed: true,
+            deny: true,
+            owner: Some((OwnerKind::Policy, "p".into(), "u1".into())),
+        }
+    );
+}
