@@ -66,6 +66,19 @@ pub struct ControllerArgs {
     /// Reconciles in flight per controller.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
+    /// Act only while holding a Lease, so several replicas can run with one acting.
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// The namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "portcullis-system")]
+    pub lease_namespace: String,
+    /// The name of the Lease.
+    #[arg(long, default_value = "portcullis-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name, else host name and
+    /// process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 impl From<&ControllerArgs> for controller::Config {
@@ -73,6 +86,14 @@ impl From<&ControllerArgs> for controller::Config {
         Self {
             http_addr: args.http_addr,
             concurrency: args.concurrency,
+            election: args.leader_elect.then(|| controller::leader::Election {
+                namespace: args.lease_namespace.clone(),
+                lease: args.lease_name.clone(),
+                identity: args
+                    .identity
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{}", agent::hostname(), std::process::id())),
+            }),
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct Context {
     pub index: Mutex<Index>,
     /// Each NSG's placement view, kept until the NSG or its user rules change.
     views: Mutex<HashMap<Key, CachedView>>,
+    /// The resource version each of the operator's status writes produced, until the
+    /// cache has caught up with it (see [`Context::stale`]).
+    written: Mutex<HashMap<WrittenKey, u64>>,
     /// Deleted requests' last records, for their policies' history.
     pub departed: super::policy::Departed,
 }
@@ -79,6 +82,7 @@ impl Context {
             stores,
             index: Mutex::default(),
             views: Mutex::default(),
+            written: Mutex::default(),
             departed: super::policy::Departed::default(),
         }
     }
@@ -296,14 +300,70 @@ impl Context {
             "kind": K::kind(&()),
             "status": status,
         });
-        api.patch_status(
-            &name,
-            &kube::api::PatchParams::apply(super::MANAGER).force(),
-            &kube::api::Patch::Apply(&patch),
-        )
-        .await?;
+        let written = api
+            .patch_status(
+                &name,
+                &kube::api::PatchParams::apply(super::MANAGER).force(),
+                &kube::api::Patch::Apply(&patch),
+            )
+            .await?;
+        if let Some(version) = revision(&written) {
+            self.written
+                .lock()
+                .expect("written lock")
+                .insert(written_key::<K>(&namespace, &name), version);
+        }
         Ok(())
     }
+
+    /// Whether the cached `object` is older than the operator's own last status write to
+    /// it. A reconcile woken by a related object (a grant's rule appearing) can run before
+    /// the watch delivers that write; deciding again from the older copy would repeat the
+    /// decision (a second status write, a second audit record). Such a reconcile is
+    /// skipped: the write's own watch event is on its way and wakes the object again.
+    ///
+    /// Resource versions are compared as the numbers kube-apiserver makes them (etcd
+    /// revisions); one that is not a number is never taken for stale.
+    pub fn stale<K: Resource<DynamicType = ()>>(&self, object: &K) -> bool {
+        let (Some(namespace), Some(name)) = (&object.meta().namespace, &object.meta().name) else {
+            return false;
+        };
+        let key = written_key::<K>(namespace, name);
+        let mut written = self.written.lock().expect("written lock");
+        let Some(&ours) = written.get(&key) else {
+            return false;
+        };
+        match revision(object) {
+            Some(cached) if cached < ours => true,
+            _ => {
+                written.remove(&key);
+                false
+            }
+        }
+    }
+
+    /// Forgets the status writes to an object that is gone.
+    pub fn forget_written<K: Resource<DynamicType = ()>>(&self, namespace: &str, name: &str) {
+        self.written
+            .lock()
+            .expect("written lock")
+            .remove(&written_key::<K>(namespace, name));
+    }
+}
+
+/// The kind, namespace and name of an object the operator wrote status to.
+type WrittenKey = (String, String, String);
+
+fn written_key<K: Resource<DynamicType = ()>>(namespace: &str, name: &str) -> WrittenKey {
+    (
+        K::kind(&()).into_owned(),
+        namespace.to_owned(),
+        name.to_owned(),
+    )
+}
+
+fn revision<K: Resource>(object: &K) -> Option<u64> {
+    object.meta().resource_version.as_deref()?.parse().ok()
 }
 
 impl Context {

@@ -36,6 +36,7 @@ pub struct Metrics {
     revoke_lateness: Histogram,
     reconcile_errors: Family<ControllerLabel, Counter>,
     events_dropped: Counter,
+    leader: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -89,8 +90,15 @@ impl Metrics {
             "Kubernetes Events not published because the queue was full",
             events_dropped.clone(),
         );
+        let leader = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "leader",
+            "1 while this replica runs the controllers (holds the lease, or no election)",
+            leader.clone(),
+        );
         Self {
             registry,
+            leader,
             grants,
             active_grants,
             grant_latency,
@@ -113,6 +121,11 @@ impl Metrics {
     /// Seconds from `expiresAt` to the rules being gone (negative clamps to zero).
     pub fn revoke_lateness(&self, seconds: f64) {
         self.revoke_lateness.observe(seconds.max(0.0));
+    }
+
+    /// Whether this replica runs the controllers.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// An Event was dropped: the queue was full.
@@ -156,6 +169,7 @@ mod tests {
         metrics.revoke_lateness(-1.0);
         metrics.reconcile_error("request");
         metrics.event_dropped();
+        metrics.set_leader(true);
         let text = metrics.encode();
         for line in [
             "portcullis_grants_total{result=\"Granted\"} 1",
@@ -165,6 +179,7 @@ mod tests {
             "portcullis_revoke_lateness_seconds_bucket{le=\"0.005\"} 1",
             "portcullis_reconcile_errors_total{controller=\"request\"} 1",
             "portcullis_events_dropped_total 1",
+            "portcullis_leader 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

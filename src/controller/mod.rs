@@ -13,6 +13,7 @@ pub mod context;
 mod events;
 mod feed;
 pub mod index;
+pub mod leader;
 pub mod metrics;
 pub mod nsg;
 pub mod policy;
@@ -46,6 +47,8 @@ pub struct Config {
     /// Reconciles in flight per controller: bounded so a burst cannot exhaust the API
     /// server's or the operator's resources.
     pub concurrency: u16,
+    /// Run only while holding this lease (several replicas); `None`: always run.
+    pub election: Option<leader::Election>,
 }
 
 impl Default for Config {
@@ -53,6 +56,7 @@ impl Default for Config {
         Self {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             concurrency: 16,
+            election: None,
         }
     }
 }
@@ -80,6 +84,11 @@ pub enum Error {
         owner: String,
         holder: String,
     },
+    #[error("leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    /// Another replica holds the lease now: this one must stop acting at once.
+    #[error("lost the lease to another replica")]
+    LeadershipLost,
     #[error("{kind} without {field}")]
     MissingField {
         kind: &'static str,
@@ -201,13 +210,18 @@ fn name_and_namespace<K: kube::Resource>(
 
 /// What a watch does with each batch of changes: index them with `index` under the
 /// index's lock, keep the active-grants gauge, and wake what they concern.
-fn indexing<K>(
+fn indexing<K: kube::Resource<DynamicType = ()>>(
     ctx: &Arc<Context>,
     triggers: &Arc<feed::Triggers>,
     index: impl Fn(&mut index::Index, &feed::Change<K>) -> Wake,
 ) -> impl FnMut(Vec<feed::Change<K>>) {
     let (ctx, triggers) = (ctx.clone(), triggers.clone());
     move |changes| {
+        for change in &changes {
+            if let feed::Change::Deleted((namespace, name), _) = change {
+                ctx.forget_written::<K>(namespace, name);
+            }
+        }
         let mut wake = Wake::default();
         let granted = {
             let mut locked = ctx.index.lock().expect("index lock");
@@ -242,6 +256,27 @@ pub async fn run(
         source,
     })?;
 
+    let mut campaign = match &config.election {
+        Some(election) => {
+            let mut campaign = leader::Campaign::start(client.clone(), election).await?;
+            // A standby is ready: it is doing its job, and a rollout must not wait for it.
+            let _ = ready_tx.send(true);
+            tracing::info!(identity = %election.identity, lease = %election.lease, "standing by");
+            tokio::select! {
+                _ = campaign.won() => {}
+                _ = shutdown.clone() => {
+                    campaign.resign().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+                    return Ok(());
+                }
+            }
+            tracing::info!(identity = %election.identity, "leading");
+            Some(campaign)
+        }
+        None => None,
+    };
+    metrics.set_leader(true);
+
     let (nsg_tx, nsg_rx) = futures::channel::mpsc::unbounded();
     let (policy_tx, policy_rx) = futures::channel::mpsc::unbounded();
     let (request_tx, request_rx) = futures::channel::mpsc::unbounded();
@@ -262,7 +297,7 @@ pub async fn run(
             controller: MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
         },
-        metrics,
+        metrics.clone(),
         stores.clone(),
     ));
     let all_synced: Arc<dyn Fn() + Send + Sync> = {
@@ -361,12 +396,22 @@ pub async fn run(
             shutdown.clone(),
         ),
     );
-    tokio::select! {
-        _ = controllers => {}
-        _ = feeds => {}
-        _ = shutdown.clone() => {}
+    let outcome = tokio::select! {
+        _ = controllers => Ok(()),
+        _ = feeds => Ok(()),
+        _ = async {
+            match campaign.as_mut() {
+                Some(campaign) => campaign.lost().await,
+                None => std::future::pending().await,
+            }
+        } => Err(Error::LeadershipLost),
+        _ = shutdown.clone() => Ok(()),
+    };
+    metrics.set_leader(false);
+    if let Some(campaign) = campaign {
+        campaign.resign().await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     tracing::info!("operator stopped");
-    Ok(())
+    outcome
 }

@@ -39,6 +39,9 @@ pub fn config(config: &Config) -> kube::runtime::controller::Config {
 }
 
 pub async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if ctx.stale(request.as_ref()) {
+        return Ok(Action::await_change());
+    }
     let (_, namespace) = name_and_namespace(request.as_ref(), "JitRequest")?;
     let api: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, request, |event| async {
@@ -92,6 +95,11 @@ async fn finish(
     let mut status = outcome.status;
     status.observed_generation = request.metadata.generation;
     if status != previous {
+        // Logged before it is recorded: a crash in between repeats the record (with the
+        // same start and end), never loses it.
+        if status.phase != previous.phase {
+            audit(request, &status);
+        }
         ctx.apply_status(
             request,
             serde_json::to_value(&status).expect("status serializes"),
@@ -106,9 +114,6 @@ async fn finish(
         }
         if status.phase == Some(Phase::Denied) && previous.phase != Some(Phase::Denied) {
             ctx.metrics.evaluated(GrantResult::Denied);
-        }
-        if status.phase != previous.phase {
-            audit(request, &status);
         }
         for (type_, reason, note) in outcome.events {
             ctx.event(request, type_, reason, reason, note);

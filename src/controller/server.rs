@@ -1,6 +1,7 @@
 //! The operator's small HTTP server: `/metrics` for Prometheus, `/healthz` for liveness and
 //! `/readyz`, which turns ready only once every cache has its first full list (before that,
-//! reconcilers would act on a partial view of the cluster).
+//! reconcilers would act on a partial view of the cluster), or, on a replica standing by for
+//! the lease, once it campaigns.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -11,6 +11,7 @@ mod enforcement;
 mod examples;
 mod exposure;
 mod harness;
+mod leader;
 mod make_run;
 mod restart;
 mod security;
@@ -38,7 +39,7 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 10] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 11] = [
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
@@ -46,6 +47,7 @@ fn all_tests() -> Vec<(String, TestFn)> {
         ("examples", examples::tests()),
         ("exposure", exposure::tests()),
         ("harness", harness::tests()),
+        ("leader", leader::tests()),
         ("restart", restart::tests()),
         ("make_run", make_run::tests()),
         ("security", security::tests()),

@@ -2,15 +2,12 @@
 //! re-opened, duplicated or extended, and no expiry is lost. These tests run their own
 //! control plane and operator process, so the shared in-process operator never sees them.
 
-use std::process::{Child, Command, Stdio};
-
-use kube::Client;
 use kube::api::Api;
 use portcullis::api::jit_request::Phase;
 use portcullis::api::{JitRequest, SecurityRule};
-use portcullis::testenv::{ADMIN, ControlPlane, OPERATOR};
+use portcullis::testenv::ADMIN;
 
-use crate::support::{Ctx, TestResult, eventually};
+use crate::support::{Ctx, Operator, TestResult, allow_rules, eventually, own_plane};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
@@ -57,65 +54,6 @@ spec:
       allowedSourceAddressPrefix: 198.19.0.10
 "#;
 
-/// The operator as a separate process, as its own service account, so that it can be
-/// killed outright; its log (JSON lines) is kept in the plane's directory.
-struct Operator(Child, std::path::PathBuf);
-
-impl Operator {
-    fn start(plane: &ControlPlane) -> Result<Self, std::io::Error> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let log = plane.dir().join(format!("operator-{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args([
-                "controller",
-                "--log-format=json",
-                "--http-addr",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .env("KUBECONFIG", plane.kubeconfig(OPERATOR.name))
-            .env(
-                "RUST_LOG",
-                "debug,hyper=info,tower=info,rustls=info,h2=info",
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        Ok(Self(child, log))
-    }
-
-    /// The decision records (`portcullis::audit` lines) this process has logged so far.
-    fn audit_records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.1)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|line| line["target"] == portcullis::controller::request::AUDIT_TARGET)
-            .collect()
-    }
-
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn own_plane() -> Result<(ControlPlane, Client), Box<dyn std::error::Error + Send + Sync>> {
-    let plane = ControlPlane::start().await?;
-    portcullis::testenv::install::product(&plane).await?;
-    let client = plane.client(ADMIN).await?;
-    Ok((plane, client))
-}
-
 async fn phase(requests: &Api<JitRequest>, wanted: Phase) -> Result<JitRequest, String> {
     eventually(&format!("the request to be {wanted:?}"), || async {
         let request = requests.get("ask").await.ok()?;
@@ -124,23 +62,11 @@ async fn phase(requests: &Api<JitRequest>, wanted: Phase) -> Result<JitRequest, 
     .await
 }
 
-fn allow_rules(rules: &[SecurityRule]) -> Vec<&SecurityRule> {
-    rules
-        .iter()
-        .filter(|r| {
-            r.metadata
-                .name
-                .as_deref()
-                .is_some_and(|n| n.starts_with("jit-allow-"))
-        })
-        .collect()
-}
-
 async fn killed_while_granted_keeps_the_expiry(_ctx: Ctx) -> TestResult {
     let (plane, client) = own_plane().await?;
     let requests: Api<JitRequest> = Api::namespaced(client.clone(), "default");
     let rules: Api<SecurityRule> = Api::namespaced(client.clone(), "default");
-    let operator = Operator::start(&plane)?;
+    let operator = Operator::start(&plane, &[])?;
     plane.apply(SETUP).await?;
     let granted = phase(&requests, Phase::Granted).await?;
     let end = granted
@@ -177,7 +103,7 @@ async fn killed_while_granted_keeps_the_expiry(_ctx: Ctx) -> TestResult {
     assert_eq!(fields["end"], end.0.to_string(), "{granted_record}");
     operator.kill();
 
-    let operator = Operator::start(&plane)?;
+    let operator = Operator::start(&plane, &[])?;
     let expired = phase(&requests, Phase::Expired).await?;
     let status = expired.status.unwrap();
     assert_eq!(
@@ -210,7 +136,7 @@ async fn expiry_passing_while_down_never_reopens(_ctx: Ctx) -> TestResult {
     let (plane, client) = own_plane().await?;
     let requests: Api<JitRequest> = Api::namespaced(client.clone(), "default");
     let rules: Api<SecurityRule> = Api::namespaced(client.clone(), "default");
-    let operator = Operator::start(&plane)?;
+    let operator = Operator::start(&plane, &[])?;
     plane.apply(SETUP).await?;
     let granted = phase(&requests, Phase::Granted).await?;
     let end = granted.status.unwrap().expires_at.ok_or("no expiresAt")?;
@@ -220,7 +146,7 @@ async fn expiry_passing_while_down_never_reopens(_ctx: Ctx) -> TestResult {
         (jiff::Timestamp::now() > end.0).then_some(())
     })
     .await?;
-    let operator = Operator::start(&plane)?;
+    let operator = Operator::start(&plane, &[])?;
     let expired = phase(&requests, Phase::Expired).await?;
     assert_eq!(expired.status.unwrap().grants[0].end_time, end);
     eventually("the stale allow rule to be deleted", || async {

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use portcullis::api::jit_request::Phase;
 use portcullis::api::{JitPolicy, JitRequest, SecurityRule};
-use portcullis::testenv::{ADMIN, ControlPlane, User};
+use portcullis::testenv::{ADMIN, ControlPlane, OPERATOR, User};
 
 /// The result type of a test body: any error fails the test with its message.
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -213,4 +213,88 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The operator as a separate process, as its own service account, so that it can be
+/// killed outright; its log (JSON lines) is kept in the plane's directory.
+pub struct Operator(Child, std::path::PathBuf);
+
+impl Operator {
+    /// Starts `portcullis controller` with `args` added.
+    pub fn start(plane: &ControlPlane, args: &[&str]) -> Result<Self, std::io::Error> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = plane.dir().join(format!("operator-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args([
+                "controller",
+                "--log-format=json",
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(args)
+            .env("KUBECONFIG", plane.kubeconfig(OPERATOR.name))
+            .env(
+                "RUST_LOG",
+                "debug,hyper=info,tower=info,rustls=info,h2=info",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Self(child, log))
+    }
+
+    /// The decision records (`portcullis::audit` lines) this process has logged so far.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.1)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["target"] == portcullis::controller::request::AUDIT_TARGET)
+            .collect()
+    }
+
+    /// Kills the process (SIGKILL) and returns the decision records it logged.
+    pub fn kill_keeping_log(self) -> Vec<serde_json::Value> {
+        let mut this = self;
+        let _ = this.0.kill();
+        let _ = this.0.wait();
+        this.audit_records()
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A control plane of the test's own, with the product installed, and an admin client.
+pub async fn own_plane() -> Result<(ControlPlane, Client), Box<dyn std::error::Error + Send + Sync>>
+{
+    let plane = ControlPlane::start().await?;
+    portcullis::testenv::install::product(&plane).await?;
+    let client = plane.client(ADMIN).await?;
+    Ok((plane, client))
+}
+
+/// The operator's allow rules (grants) among `rules`.
+pub fn allow_rules(rules: &[SecurityRule]) -> Vec<&SecurityRule> {
+    rules
+        .iter()
+        .filter(|r| {
+            r.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("jit-allow-"))
+        })
+        .collect()
 }
