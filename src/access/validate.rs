@@ -247,14 +247,7 @@ pub fn policy_ports(machine: &PolicyVirtualMachine) -> Vec<AllowedPort> {
     }
 }
 
-/// The NSG-model protocol of a policy/request protocol: `TCP`→Tcp, `UDP`→Udp, `*`→Any.
-pub fn model_protocol(p: PolicyProtocol) -> Protocol {
-    match p {
-        PolicyProtocol::Tcp => Protocol::Tcp,
-        PolicyProtocol::Udp => Protocol::Udp,
-        PolicyProtocol::Any => Protocol::Any,
-    }
-}
+pub use crate::api::convert::model_protocol;
 
 /// Decides whether `request` may be granted under `policy`.
 ///

@@ -1,4 +1,5 @@
-//! From the API's strings into the pure rule model, and back into status.
+//! From the API's strings into the pure rule model, and back into status: the one place
+//! where protocols, directions, accesses and prefixes change spelling.
 //!
 //! The schema already refuses malformed values, but objects written before a CRD tightened,
 //! or by a client that skipped validation, must never crash a controller: every conversion
@@ -9,6 +10,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::jit_policy::PolicyProtocol;
 use super::nsg::{EffectiveRule, NetworkSecurityGroupSpec, RuleOrigin};
 use super::rule_fields::{Access, Direction, RuleFields, RuleProtocol};
 use crate::rules::{self, AddressPrefix, Origin, PortRange, Scope};
@@ -99,6 +101,24 @@ pub fn access(a: Access) -> rules::Access {
     match a {
         Access::Allow => rules::Access::Allow,
         Access::Deny => rules::Access::Deny,
+    }
+}
+
+/// The model's protocol for a policy's or request's spelling (`TCP`, `UDP`, `*`).
+pub fn model_protocol(p: PolicyProtocol) -> rules::Protocol {
+    match p {
+        PolicyProtocol::Tcp => rules::Protocol::Tcp,
+        PolicyProtocol::Udp => rules::Protocol::Udp,
+        PolicyProtocol::Any => rules::Protocol::Any,
+    }
+}
+
+/// A policy's spelling of a model protocol; ICMP, which policies cannot name, reads as `*`.
+pub fn policy_protocol(p: rules::Protocol) -> PolicyProtocol {
+    match p {
+        rules::Protocol::Tcp => PolicyProtocol::Tcp,
+        rules::Protocol::Udp => PolicyProtocol::Udp,
+        rules::Protocol::Icmp | rules::Protocol::Any => PolicyProtocol::Any,
     }
 }
 

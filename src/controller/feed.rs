@@ -16,6 +16,7 @@ use kube::api::Api;
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 
+use super::Watched;
 use super::index::{Key, Wake};
 use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup};
 
@@ -135,13 +136,7 @@ pub async fn watch<K>(
     mut changed: impl FnMut(Vec<Change<K>>),
     all_synced: Arc<dyn Fn() + Send + Sync>,
 ) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let reader = writer.as_reader();
     let mut events = pin!(

@@ -96,6 +96,30 @@ pub enum Error {
     },
 }
 
+/// What a watched kind is: a namespaced custom resource the caches and controllers can
+/// hold and share between tasks.
+pub trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A controller over the shared cache `reader`, reconciling what `triggers` names: the
 /// watches live in [`watch`], which wakes controllers only after the indexes are updated.
 fn controller_on<K>(
@@ -104,13 +128,7 @@ fn controller_on<K>(
     config: kube::runtime::controller::Config,
 ) -> kube::runtime::Controller<K>
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     kube::runtime::Controller::for_stream(futures::stream::pending(), reader)
         .reconcile_on(triggers)
@@ -125,13 +143,7 @@ async fn drive<K, R, F>(
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     R: Fn(Arc<K>, Arc<Context>) -> F + Send + Sync + 'static,
     F: Future<Output = Result<kube::runtime::controller::Action, Error>> + Send + 'static,
 {

@@ -25,9 +25,10 @@ use crate::access::validate::{PortGrant, Violation, validate};
 use crate::api::INITIATE;
 use crate::api::JitRequest;
 use crate::api::conditions::{self, Decided, reason};
+use crate::api::convert::policy_protocol;
 use crate::api::jit_policy::{GrantState, GrantStateReason, PolicyProtocol};
 use crate::api::jit_request::{GrantStatus, JitRequestStatus, Phase};
-use crate::rules::{PortRange, Protocol, place};
+use crate::rules::{PortRange, place};
 
 pub const NAME: &str = "request";
 /// Revokes a granted request's rules before the request object disappears.
@@ -673,14 +674,6 @@ fn end_of(start: Timestamp, duration: Duration) -> Timestamp {
 /// `at` truncated to the second.
 fn whole_second(at: Timestamp) -> Timestamp {
     Timestamp::from_second(at.as_second()).unwrap_or(at)
-}
-
-fn policy_protocol(protocol: Protocol) -> PolicyProtocol {
-    match protocol {
-        Protocol::Tcp => PolicyProtocol::Tcp,
-        Protocol::Udp => PolicyProtocol::Udp,
-        Protocol::Icmp | Protocol::Any => PolicyProtocol::Any,
-    }
 }
 
 fn seconds_between(from: Timestamp, to: Timestamp) -> f64 {
