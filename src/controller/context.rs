@@ -319,8 +319,8 @@ impl Context {
     /// Whether the cached `object` is older than the operator's own last status write to
     /// it. A reconcile woken by a related object (a grant's rule appearing) can run before
     /// the watch delivers that write; deciding again from the older copy would repeat the
-    /// decision (a second status write, a second audit record). Such a reconcile is
-    /// skipped: the write's own watch event is on its way and wakes the object again.
+    /// decision (a second status write, a second audit record), so every controller skips
+    /// such a reconcile (`drive` in the controller module).
     ///
     /// Resource versions are compared as the numbers kube-apiserver makes them (etcd
     /// revisions); one that is not a number is never taken for stale.

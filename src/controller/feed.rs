@@ -6,6 +6,7 @@
 //! opens the gate and wakes every object once, so no reconcile acts on a partial view (a
 //! missing policy, a rule not seen yet) and none has to poll for readiness.
 
+use std::collections::HashSet;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -170,21 +171,9 @@ pub async fn watch<K>(
                 continue;
             }
             watcher::Event::InitDone => {
-                // A (re-)list replaces the cache at once; what it no longer holds was
-                // deleted while the watch was down, and must wake what depended on it.
                 let before = reader.state();
                 writer.apply_watcher_event(&event);
-                let after = reader.state();
-                let listed: std::collections::HashSet<Key> =
-                    after.iter().map(|o| key_of(o.as_ref())).collect();
-                let mut changes: Vec<Change<K>> = after.into_iter().map(Change::Applied).collect();
-                changes.extend(
-                    before
-                        .into_iter()
-                        .filter(|o| !listed.contains(&key_of(o.as_ref())))
-                        .map(|o| Change::Deleted(key_of(o.as_ref()), Some(o))),
-                );
-                changes
+                relisted(before, reader.state())
             }
         };
         changed(changes);
@@ -197,6 +186,21 @@ pub async fn watch<K>(
     }
 }
 
+/// The changes a (re-)list makes: it replaces the cache at once, so every listed object is
+/// applied, and what it no longer holds was deleted while the watch was down and must wake
+/// what depended on it.
+fn relisted<K: kube::Resource>(before: Vec<Arc<K>>, after: Vec<Arc<K>>) -> Vec<Change<K>> {
+    let listed: HashSet<Key> = after.iter().map(|o| key_of(o.as_ref())).collect();
+    let mut changes: Vec<Change<K>> = after.into_iter().map(Change::Applied).collect();
+    changes.extend(
+        before
+            .into_iter()
+            .filter(|o| !listed.contains(&key_of(o.as_ref())))
+            .map(|o| Change::Deleted(key_of(o.as_ref()), Some(o))),
+    );
+    changes
+}
+
 /// The cached copy of an object just applied (shared, not cloned again).
 fn cached<K>(reader: &Store<K>, object: &K) -> Arc<K>
 where
@@ -205,4 +209,51 @@ where
     reader
         .get(&ObjectRef::from_obj(object))
         .unwrap_or_else(|| Arc::new(object.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nsg(namespace: &str, name: &str) -> Arc<NetworkSecurityGroup> {
+        let mut nsg = NetworkSecurityGroup::new(
+            name,
+            crate::api::NetworkSecurityGroupSpec {
+                virtual_network_prefixes: Vec::new(),
+                load_balancer_prefixes: Vec::new(),
+                security_rules: Vec::new(),
+            },
+        );
+        nsg.metadata.namespace = Some(namespace.to_owned());
+        Arc::new(nsg)
+    }
+
+    #[test]
+    fn a_relist_applies_what_it_lists_and_deletes_what_it_lost() {
+        let before = vec![nsg("a", "kept"), nsg("a", "gone"), nsg("b", "kept")];
+        let after = vec![nsg("a", "kept"), nsg("b", "kept"), nsg("a", "new")];
+        let changes = relisted(before, after);
+        let applied: Vec<Key> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Applied(o) => Some(key_of(o.as_ref())),
+                Change::Deleted(..) => None,
+            })
+            .collect();
+        let deleted: Vec<(Key, bool)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Deleted(key, last) => Some((key.clone(), last.is_some())),
+                Change::Applied(_) => None,
+            })
+            .collect();
+        let key = |ns: &str, name: &str| (ns.to_owned(), name.to_owned());
+        assert_eq!(
+            applied,
+            [key("a", "kept"), key("b", "kept"), key("a", "new")]
+        );
+        // The same name in another namespace is another object; the lost one keeps its
+        // last state for whoever needs it (a deleted request's history record).
+        assert_eq!(deleted, [(key("a", "gone"), true)]);
+    }
 }

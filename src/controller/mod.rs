@@ -31,7 +31,6 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
-use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use index::{NsgEntry, PolicyEntry, RequestEntry, RuleEntry, Wake};
 
 pub use context::Context;
@@ -73,9 +72,6 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    /// Not a failure: the reconcile must wait for another controller (retried soon, quietly).
-    #[error("waiting: {0}")]
-    Waiting(String),
     /// The rule the operator would write exists and belongs to someone else: it is reported,
     /// never taken over.
     #[error("SecurityRule {rule} already exists and is not {owner}'s: {holder}")]
@@ -120,25 +116,18 @@ impl<K> Watched for K where
 {
 }
 
-/// A controller over the shared cache `reader`, reconciling what `triggers` names: the
-/// watches live in [`watch`], which wakes controllers only after the indexes are updated.
-fn controller_on<K>(
+/// Runs one controller over the shared cache `reader` until `shutdown`, reconciling what
+/// `triggers` names (the watches in [`feed`] wake controllers only after the indexes are
+/// updated); failures go through [`error_policy`].
+///
+/// A reconcile whose copy of the object is older than the operator's own last status write
+/// to it is skipped (see [`Context::stale`]): the write's watch event is on its way and
+/// wakes the object again. Deciding from the older copy would repeat the decision.
+async fn drive<K, R, F>(
+    name: &'static str,
     reader: reflector::Store<K>,
     triggers: UnboundedReceiver<ObjectRef<K>>,
     config: kube::runtime::controller::Config,
-) -> kube::runtime::Controller<K>
-where
-    K: Watched,
-{
-    kube::runtime::Controller::for_stream(futures::stream::pending(), reader)
-        .reconcile_on(triggers)
-        .with_config(config)
-}
-
-/// Runs one controller until `shutdown`; failures go through [`error_policy`].
-async fn drive<K, R, F>(
-    name: &'static str,
-    controller: kube::runtime::Controller<K>,
     reconcile: R,
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
@@ -147,10 +136,20 @@ async fn drive<K, R, F>(
     R: Fn(Arc<K>, Arc<Context>) -> F + Send + Sync + 'static,
     F: Future<Output = Result<kube::runtime::controller::Action, Error>> + Send + 'static,
 {
-    controller
+    kube::runtime::Controller::for_stream(futures::stream::pending(), reader)
+        .reconcile_on(triggers)
+        .with_config(config)
         .graceful_shutdown_on(shutdown)
         .run(
-            reconcile,
+            move |object, ctx| {
+                let fresh = (!ctx.stale(object.as_ref())).then(|| reconcile(object, ctx));
+                async move {
+                    match fresh {
+                        Some(reconciled) => reconciled.await,
+                        None => Ok(kube::runtime::controller::Action::await_change()),
+                    }
+                }
+            },
             move |object, error, ctx| error_policy(name, object.as_ref(), error, &ctx),
             ctx,
         )
@@ -160,7 +159,7 @@ async fn drive<K, R, F>(
 
 /// How long a failed reconcile waits before it is retried.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
-/// How long a reconcile that waits on another controller waits before it looks again.
+/// How soon a reconcile that met a cache one write behind looks again.
 const WAIT_AFTER: Duration = Duration::from_millis(250);
 
 /// The shared error policy: count, log, retry soon. One bad object never stops a watch.
@@ -176,10 +175,6 @@ where
     use kube::runtime::finalizer::Error as Finalizer;
     if let Error::Finalizer(inner) = error {
         match inner.as_ref() {
-            Finalizer::CleanupFailed(Error::Waiting(why)) => {
-                tracing::debug!(controller, why, "waiting");
-                return kube::runtime::controller::Action::requeue(WAIT_AFTER);
-            }
             // The finalizer patch tests the object's current finalizers; a reconcile that
             // ran on a cache one write behind fails that test. Not an error: the cache is
             // about to catch up, so look again soon.
@@ -220,30 +215,48 @@ fn name_and_namespace<K: kube::Resource>(
     Ok((name, namespace))
 }
 
-/// What a watch does with each batch of changes: index them with `index` under the
-/// index's lock, keep the active-grants gauge, and wake what they concern.
-fn indexing<K: kube::Resource<DynamicType = ()>>(
-    ctx: &Arc<Context>,
-    triggers: &Arc<feed::Triggers>,
-    index: impl Fn(&mut index::Index, &feed::Change<K>) -> Wake,
-) -> impl FnMut(Vec<feed::Change<K>>) {
-    let (ctx, triggers) = (ctx.clone(), triggers.clone());
-    move |changes| {
-        for change in &changes {
-            if let feed::Change::Deleted((namespace, name), _) = change {
-                ctx.forget_written::<K>(namespace, name);
-            }
-        }
-        let mut wake = Wake::default();
-        let granted = {
-            let mut locked = ctx.index.lock().expect("index lock");
+/// What every watch shares: see [`Feeding::watch`].
+struct Feeding<'a> {
+    client: &'a Client,
+    ctx: &'a Arc<Context>,
+    triggers: &'a Arc<feed::Triggers>,
+    all_synced: &'a Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Feeding<'_> {
+    /// The watch of kind `K` into the cache `writer`. Each batch of changes is indexed with
+    /// `index` under the index's lock; then the active-grants gauge is set and what the
+    /// changes concern is woken.
+    fn watch<K: Watched>(
+        &self,
+        writer: reflector::store::Writer<K>,
+        index: impl Fn(&mut index::Index, &feed::Change<K>) -> Wake,
+    ) -> impl Future<Output = ()> {
+        let (ctx, triggers) = (self.ctx.clone(), self.triggers.clone());
+        let changed = move |changes: Vec<feed::Change<K>>| {
             for change in &changes {
-                wake.merge(index(&mut locked, change));
+                if let feed::Change::Deleted((namespace, name), _) = change {
+                    ctx.forget_written::<K>(namespace, name);
+                }
             }
-            locked.granted()
+            let mut wake = Wake::default();
+            let granted = {
+                let mut locked = ctx.index.lock().expect("index lock");
+                for change in &changes {
+                    wake.merge(index(&mut locked, change));
+                }
+                locked.granted()
+            };
+            ctx.metrics.set_active_grants(granted as i64);
+            triggers.wake(wake);
         };
-        ctx.metrics.set_active_grants(granted as i64);
-        triggers.wake(wake);
+        feed::watch(
+            Api::<K>::all(self.client.clone()),
+            writer,
+            self.triggers.clone(),
+            changed,
+            self.all_synced.clone(),
+        )
     }
 }
 
@@ -320,89 +333,70 @@ pub async fn run(
             tracing::info!("caches synced; reconciling");
         })
     };
+    let feed = Feeding {
+        client: &client,
+        ctx: &ctx,
+        triggers: &triggers,
+        all_synced: &all_synced,
+    };
     let feeds = futures::future::join4(
-        feed::watch(
-            Api::<NetworkSecurityGroup>::all(client.clone()),
-            nsg_writer,
-            triggers.clone(),
-            {
-                let views = ctx.clone();
-                indexing(&ctx, &triggers, move |index, change| {
-                    if let feed::Change::Deleted((namespace, name), _) = change {
-                        views.forget_view(namespace, name);
+        feed.watch(nsg_writer, {
+            let views = ctx.clone();
+            move |index, change| {
+                if let feed::Change::Deleted((namespace, name), _) = change {
+                    views.forget_view(namespace, name);
+                }
+                let (key, entry) = change.entry(NsgEntry::of);
+                index.nsg(key, entry)
+            }
+        }),
+        feed.watch(policy_writer, |index, change| {
+            let (key, entry) = change.entry(PolicyEntry::of);
+            index.policy(key, entry)
+        }),
+        feed.watch(request_writer, {
+            let departed = ctx.departed.clone();
+            move |index, change| {
+                match change {
+                    feed::Change::Applied(request) | feed::Change::Deleted(_, Some(request)) => {
+                        departed.note(request)
                     }
-                    let (key, entry) = change.entry(NsgEntry::of);
-                    index.nsg(key, entry)
-                })
-            },
-            all_synced.clone(),
-        ),
-        feed::watch(
-            Api::<JitPolicy>::all(client.clone()),
-            policy_writer,
-            triggers.clone(),
-            indexing(&ctx, &triggers, |index, change| {
-                let (key, entry) = change.entry(PolicyEntry::of);
-                index.policy(key, entry)
-            }),
-            all_synced.clone(),
-        ),
-        feed::watch(
-            Api::<JitRequest>::all(client.clone()),
-            request_writer,
-            triggers.clone(),
-            {
-                let departed = ctx.departed.clone();
-                indexing(&ctx, &triggers, move |index, change| {
-                    match change {
-                        feed::Change::Applied(request)
-                        | feed::Change::Deleted(_, Some(request)) => departed.note(request),
-                        feed::Change::Deleted(_, None) => {}
-                    }
-                    let (key, entry) = change.entry(RequestEntry::of);
-                    index.request(key, entry)
-                })
-            },
-            all_synced.clone(),
-        ),
-        feed::watch(
-            Api::<SecurityRule>::all(client.clone()),
-            rule_writer,
-            triggers.clone(),
-            indexing(&ctx, &triggers, |index, change| {
-                let (key, entry) = change.entry(RuleEntry::of);
-                index.rule(key, entry)
-            }),
-            all_synced,
-        ),
+                    feed::Change::Deleted(_, None) => {}
+                }
+                let (key, entry) = change.entry(RequestEntry::of);
+                index.request(key, entry)
+            }
+        }),
+        feed.watch(rule_writer, |index, change| {
+            let (key, entry) = change.entry(RuleEntry::of);
+            index.rule(key, entry)
+        }),
     );
 
-    let nsg_controller = controller_on(stores.nsgs.clone(), nsg_rx, nsg::config(&config));
-    let policy_controller =
-        controller_on(stores.policies.clone(), policy_rx, policy::config(&config));
-    let request_controller = controller_on(
-        stores.requests.clone(),
-        request_rx,
-        request::config(&config),
-    );
     let controllers = futures::future::join3(
         drive(
             nsg::NAME,
-            nsg_controller,
+            stores.nsgs.clone(),
+            nsg_rx,
+            nsg::config(&config),
             nsg::reconcile,
             ctx.clone(),
             shutdown.clone(),
         ),
         drive(
             policy::NAME,
-            policy_controller,
+            stores.policies.clone(),
+            policy_rx,
+            policy::config(&config),
             policy::reconcile,
             ctx.clone(),
             shutdown.clone(),
         ),
         drive(
             request::NAME,
-            request_controller,
+            stores.requests.clone(),
+            request_rx,
+            request::config(&config),
             request::reconcile,
             ctx.clone(),
             shutdown.clone(),

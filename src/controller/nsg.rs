@@ -45,9 +45,6 @@ pub fn config(config: &Config) -> kube::runtime::controller::Config {
 }
 
 pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if ctx.stale(nsg.as_ref()) {
-        return Ok(Action::await_change());
-    }
     let now = ctx.now();
     let (name, namespace) = name_and_namespace(nsg.as_ref(), "NetworkSecurityGroup")?;
     let objects = ctx.rules_of(&namespace, &name);

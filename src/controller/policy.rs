@@ -42,9 +42,6 @@ pub fn config(config: &Config) -> kube::runtime::controller::Config {
 }
 
 pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if ctx.stale(policy.as_ref()) {
-        return Ok(Action::await_change());
-    }
     let now = ctx.now();
     let (name, namespace) = name_and_namespace(policy.as_ref(), "JitPolicy")?;
     let owner = policy

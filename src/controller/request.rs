@@ -40,9 +40,6 @@ pub fn config(config: &Config) -> kube::runtime::controller::Config {
 }
 
 pub async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if ctx.stale(request.as_ref()) {
-        return Ok(Action::await_change());
-    }
     let (_, namespace) = name_and_namespace(request.as_ref(), "JitRequest")?;
     let api: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, request, |event| async {

@@ -12,7 +12,7 @@ use portcullis::api::jit_request::Phase;
 use portcullis::api::nsg::RuleOrigin;
 use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 
-use crate::support::{Ctx, TestResult, eventually, failed, succeeded};
+use crate::support::{Ctx, TestResult, eventually, failed, inline_allow, succeeded, web_nsg};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
@@ -36,23 +36,10 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     ]
 }
 
-const NSG: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
-kind: NetworkSecurityGroup
-metadata:
-  name: nsg
-spec:
-  virtualNetworkPrefixes: ["198.18.0.0/24"]
-  securityRules:
-  - name: allow-http
-    priority: 300
-    direction: Inbound
-    access: Allow
-    protocol: Tcp
-    sourceAddressPrefix: Internet
-    sourcePortRange: "*"
-    destinationAddressPrefix: "*"
-    destinationPortRange: "80"
-"#;
+/// The tests' NSG, with `more` inline rules after `allow-http`.
+fn nsg(more: &str) -> String {
+    web_nsg("198.18.0.0/24", more)
+}
 
 /// A policy `web` with machines web-1 (198.18.0.10) and web-2 (198.18.0.11) on `nsg`:
 /// SSH from 198.19.0.0/16 for up to an hour, and 8080/TCP.
@@ -149,7 +136,7 @@ async fn deny_name(ctx: &Ctx, machine: &str) -> Result<String, String> {
 }
 
 async fn setup(ctx: &Ctx) -> TestResult {
-    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(&nsg("")))?;
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
     ctx.rule_named(&deny_name(ctx, "web-1").await?).await?;
     Ok(())
@@ -163,7 +150,7 @@ async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
         Some("PolicyNotFound")
     );
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
-    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(&nsg("")))?;
     let granted = ctx.phase_of("ask", Phase::Granted).await?;
     let status = granted.status.unwrap();
     let grant = &status.grants[0];
@@ -223,7 +210,7 @@ async fn policy_before_nsg_reports_it_then_configures(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
     let deny_1 = deny_name(&ctx, "web-1").await?;
     machine_state(&ctx, "web-1", MachineState::NetworkSecurityGroupNotFound).await?;
-    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(&nsg("")))?;
     machine_state(&ctx, "web-1", MachineState::Configured).await?;
     let deny = ctx.rule_named(&deny_1).await?;
     assert_eq!(
@@ -286,18 +273,7 @@ async fn deny_rule_edited_by_hand_is_refused(ctx: Ctx) -> TestResult {
 }
 
 async fn deny_goes_below_user_rules_on_the_same_port(ctx: Ctx) -> TestResult {
-    let with_ssh = format!(
-        "{NSG}  - name: allow-ssh-bastion
-    priority: 400
-    direction: Inbound
-    access: Allow
-    protocol: Tcp
-    sourceAddressPrefix: 198.18.0.5
-    sourcePortRange: \"*\"
-    destinationAddressPrefix: \"*\"
-    destinationPortRange: \"22\"
-"
-    );
+    let with_ssh = nsg(&inline_allow("allow-ssh-bastion", 400, "198.18.0.5", 22));
     succeeded(&ctx.apply(&with_ssh))?;
     succeeded(&ctx.apply(&policy(WEB_1_PORTS)))?;
     let deny_1 = deny_name(&ctx, "web-1").await?;
@@ -307,7 +283,7 @@ async fn deny_goes_below_user_rules_on_the_same_port(ctx: Ctx) -> TestResult {
         "the deny goes just below the user's SSH rule"
     );
     // Without a user rule on its ports the deny takes the top non-JIT priority.
-    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(&nsg("")))?;
     let rules: Api<SecurityRule> = ctx.api();
     eventually("the deny to move up to 101", || async {
         (rules.get(&deny_1).await.ok()?.spec.fields.priority == 101).then_some(())
@@ -545,18 +521,7 @@ async fn deleting_the_policy_cascades_and_revokes(ctx: Ctx) -> TestResult {
 }
 
 async fn nsg_reports_exposure_and_conflicts(ctx: Ctx) -> TestResult {
-    let exposed = format!(
-        "{NSG}  - name: ssh-from-anywhere
-    priority: 500
-    direction: Inbound
-    access: Allow
-    protocol: Tcp
-    sourceAddressPrefix: \"*\"
-    sourcePortRange: \"*\"
-    destinationAddressPrefix: \"*\"
-    destinationPortRange: \"22\"
-"
-    );
+    let exposed = nsg(&inline_allow("ssh-from-anywhere", 500, "*", 22));
     succeeded(&ctx.apply(&exposed))?;
     let nsgs: Api<NetworkSecurityGroup> = ctx.api();
     let status = eventually("exposure of port 22", || async {

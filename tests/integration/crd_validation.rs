@@ -12,7 +12,7 @@ use portcullis::api::validation::{
 use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule, convert};
 use portcullis::rules::{self, AddressPrefix, Origin, PortRange, Protocol, duration};
 
-use crate::support::{Ctx, TestResult, failed, succeeded};
+use crate::support::{Ctx, TestResult, failed, ssh_policy, succeeded, web_nsg};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
@@ -51,48 +51,12 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
 
 /// An NSG whose one inline rule has `field: value` on top of a valid rule.
 fn nsg_with(field: &str, value: &str) -> String {
-    format!(
-        r#"apiVersion: jit.portcullis.dev/v1alpha1
-kind: NetworkSecurityGroup
-metadata:
-  name: nsg
-spec:
-  virtualNetworkPrefixes: ["198.18.0.0/24"]
-  securityRules:
-  - name: allow-http
-    priority: 300
-    direction: Inbound
-    access: Allow
-    protocol: Tcp
-    sourceAddressPrefix: Internet
-    sourcePortRange: "*"
-    destinationAddressPrefix: "*"
-    destinationPortRange: "80"
-    {field}: {value}
-"#
-    )
+    web_nsg("198.18.0.0/24", &format!("    {field}: {value}\n"))
 }
 
 /// A policy whose one port has `field: value` on top of a valid port.
 fn policy_port_with(field: &str, value: &str) -> String {
-    format!(
-        r#"apiVersion: jit.portcullis.dev/v1alpha1
-kind: JitPolicy
-metadata:
-  name: web
-spec:
-  virtualMachines:
-  - name: web-1
-    address: 198.18.0.10
-    networkSecurityGroupName: nsg
-    ports:
-    - number: 22
-      protocol: TCP
-      allowedSourceAddressPrefix: 198.19.0.0/16
-      maxRequestAccessDuration: PT1H
-      {field}: {value}
-"#
-    )
+    ssh_policy("198.19.0.0/16", &format!("      {field}: {value}\n"))
 }
 
 /// A request whose one port has `field: value` on top of a valid port.

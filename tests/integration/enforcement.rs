@@ -29,7 +29,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpSocket;
 use tokio::process::{Child, Command};
 
-use crate::support::{Ctx, TestResult, eventually, succeeded};
+use crate::support::{Ctx, TestResult, eventually, ssh_policy, succeeded, web_nsg};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
@@ -56,40 +56,14 @@ const SLOW_CONNECT: Duration = Duration::from_secs(3);
 
 /// The NSG of the API-driven tests: the vm's /28 is the virtual network (so A and B are
 /// "Internet"), HTTP is open to the Internet, everything else falls to DenyAllInBound.
-const NSG: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
-kind: NetworkSecurityGroup
-metadata:
-  name: nsg
-spec:
-  virtualNetworkPrefixes: ["198.18.0.0/28"]
-  securityRules:
-  - name: allow-http
-    priority: 300
-    direction: Inbound
-    access: Allow
-    protocol: Tcp
-    sourceAddressPrefix: Internet
-    sourcePortRange: "*"
-    destinationAddressPrefix: "*"
-    destinationPortRange: "80"
-"#;
+fn nsg() -> String {
+    web_nsg("198.18.0.0/28", "")
+}
 
 /// SSH to the vm may be requested from the clients' /28 for up to an hour.
-const POLICY: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
-kind: JitPolicy
-metadata:
-  name: web
-spec:
-  virtualMachines:
-  - name: web-1
-    address: 198.18.0.10
-    networkSecurityGroupName: nsg
-    ports:
-    - number: 22
-      protocol: TCP
-      allowedSourceAddressPrefix: 198.18.0.16/28
-      maxRequestAccessDuration: PT1H
-"#;
+fn policy() -> String {
+    ssh_policy("198.18.0.16/28", "")
+}
 
 fn request(name: &str, source: Ipv4Addr, duration: &str) -> String {
     format!(
@@ -468,7 +442,7 @@ fn listen(lab: &Lab, port: u16) -> Result<tokio::task::JoinHandle<()>, Error> {
 
 /// Sets up the NSG and waits for the agent's report of it.
 async fn enforced(ctx: &Ctx, lab: &Lab, agent: &str) -> Result<(), Error> {
-    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(&nsg()))?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     eventually(&format!("agent {agent} to report"), || async {
         let nsg = nsgs.get_opt("nsg").await.ok().flatten()?;
@@ -513,7 +487,7 @@ async fn policy_closes_ssh_and_keeps_allowed_ports_open(ctx: Ctx) -> TestResult 
     }
     // The operator rewrites the NSG status on a spec change; the agent's entry survives
     // and follows the new generation.
-    succeeded(&ctx.apply(&NSG.replace("priority: 300", "priority: 310")))?;
+    succeeded(&ctx.apply(&nsg().replace("priority: 300", "priority: 310")))?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     eventually(
         "the agent to report generation 2 beside the operator's status",
@@ -538,7 +512,7 @@ async fn grant_admits_only_its_source_until_revoked(ctx: Ctx) -> TestResult {
     lab.start_sshd().await?;
     lab.start_agent(&ctx, "vm-1")?;
     enforced(&ctx, &lab, "vm-1").await?;
-    succeeded(&ctx.apply(POLICY))?;
+    succeeded(&ctx.apply(&policy()))?;
     lab.until(A, 22, false).await?;
     succeeded(&ctx.apply_as("alice", &["team-web"], &request("ssh-a", A, "PT10M")))?;
     granted(&ctx, "ssh-a").await?;
@@ -575,7 +549,7 @@ async fn established_session_survives_expiry(ctx: Ctx) -> TestResult {
     lab.start_sshd().await?;
     lab.start_agent(&ctx, "vm-1")?;
     enforced(&ctx, &lab, "vm-1").await?;
-    succeeded(&ctx.apply(POLICY))?;
+    succeeded(&ctx.apply(&policy()))?;
     succeeded(&ctx.apply_as("alice", &["team-web"], &request("short", A, "PT12S")))?;
     granted(&ctx, "short").await?;
     lab.until(A, 22, true).await?;
@@ -615,7 +589,7 @@ async fn grant_ends_on_time_with_the_agent_killed(ctx: Ctx) -> TestResult {
     lab.start_sshd().await?;
     lab.start_agent(&ctx, "vm-1")?;
     enforced(&ctx, &lab, "vm-1").await?;
-    succeeded(&ctx.apply(POLICY))?;
+    succeeded(&ctx.apply(&policy()))?;
     succeeded(&ctx.apply_as("alice", &["team-web"], &request("doomed", A, "PT10S")))?;
     granted(&ctx, "doomed").await?;
     lab.until(A, 22, true).await?;

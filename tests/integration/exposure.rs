@@ -11,7 +11,7 @@ use portcullis::api::conditions::{self, reason};
 use portcullis::api::jit_policy::MachineState;
 use portcullis::api::{JitPolicy, SecurityRule};
 
-use crate::support::{Ctx, TestResult, eventually, succeeded};
+use crate::support::{Ctx, TestResult, eventually, inline_allow, ssh_policy, succeeded, web_nsg};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
@@ -22,41 +22,12 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
 
 /// The NSG of the machines, with `rules` (YAML list items) inline.
 fn nsg(rules: &str) -> String {
-    format!(
-        r#"apiVersion: jit.portcullis.dev/v1alpha1
-kind: NetworkSecurityGroup
-metadata:
-  name: nsg
-spec:
-  virtualNetworkPrefixes: ["198.18.0.0/24"]
-  securityRules:
-  - name: allow-http
-    priority: 300
-    direction: Inbound
-    access: Allow
-    protocol: Tcp
-    sourceAddressPrefix: Internet
-    sourcePortRange: "*"
-    destinationAddressPrefix: "*"
-    destinationPortRange: "80"
-{rules}"#
-    )
+    web_nsg("198.18.0.0/24", rules)
 }
 
 /// The admin's SSH rule at priority 100, from `source`, as an inline rule.
 fn inline_ssh(source: &str) -> String {
-    format!(
-        r#"  - name: ssh-for-admins
-    priority: 100
-    direction: Inbound
-    access: Allow
-    protocol: Tcp
-    sourceAddressPrefix: "{source}"
-    sourcePortRange: "*"
-    destinationAddressPrefix: "*"
-    destinationPortRange: "22"
-"#
-    )
+    inline_allow("ssh-for-admins", 100, source, 22)
 }
 
 /// The same rule as a user's own `SecurityRule` object (no managed-by label).
@@ -81,21 +52,9 @@ spec:
 }
 
 /// SSH on web-1 (198.18.0.10) may be requested from 198.19.0.0/16 only.
-const POLICY: &str = r#"apiVersion: jit.portcullis.dev/v1alpha1
-kind: JitPolicy
-metadata:
-  name: web
-spec:
-  virtualMachines:
-  - name: web-1
-    address: 198.18.0.10
-    networkSecurityGroupName: nsg
-    ports:
-    - number: 22
-      protocol: TCP
-      allowedSourceAddressPrefix: 198.19.0.0/16
-      maxRequestAccessDuration: PT1H
-"#;
+fn policy() -> String {
+    ssh_policy("198.19.0.0/16", "")
+}
 
 /// The policy once web-1 is in state `wanted`.
 async fn web_1(ctx: &Ctx, wanted: MachineState) -> Result<JitPolicy, String> {
@@ -196,7 +155,7 @@ fn assert_protected(policy: &JitPolicy) -> TestResult {
 
 async fn inline_rule_exposes_until_fixed(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(&nsg(&inline_ssh("Internet"))))?;
-    succeeded(&ctx.apply(POLICY))?;
+    succeeded(&ctx.apply(&policy()))?;
     let policy = web_1(&ctx, MachineState::Exposed).await?;
     assert_exposed(&ctx, &policy, "NSG rule", "Internet").await?;
 
@@ -207,7 +166,7 @@ async fn inline_rule_exposes_until_fixed(ctx: Ctx) -> TestResult {
 
 async fn security_rule_exposes_until_fixed(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(&nsg("")))?;
-    succeeded(&ctx.apply(POLICY))?;
+    succeeded(&ctx.apply(&policy()))?;
     assert_protected(&web_1(&ctx, MachineState::Configured).await?)?;
 
     // A rule added later, as its own object, opens SSH to everyone above the deny.

@@ -298,3 +298,66 @@ pub fn allow_rules(rules: &[SecurityRule]) -> Vec<&SecurityRule> {
         })
         .collect()
 }
+
+/// The NSG `nsg` most tests use: `vnet` is its virtual network, and its inline rule
+/// `allow-http` (priority 300) opens TCP 80 to the Internet; `more` follows that rule, so it
+/// may add fields to it (indented four spaces) or further rules ([`inline_allow`]).
+pub fn web_nsg(vnet: &str, more: &str) -> String {
+    format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: NetworkSecurityGroup
+metadata:
+  name: nsg
+spec:
+  virtualNetworkPrefixes: ["{vnet}"]
+  securityRules:
+  - name: allow-http
+    priority: 300
+    direction: Inbound
+    access: Allow
+    protocol: Tcp
+    sourceAddressPrefix: Internet
+    sourcePortRange: "*"
+    destinationAddressPrefix: "*"
+    destinationPortRange: "80"
+{more}"#
+    )
+}
+
+/// An inline rule (a `securityRules` item) allowing TCP `port` from `source`.
+pub fn inline_allow(name: &str, priority: u32, source: &str, port: u16) -> String {
+    format!(
+        r#"  - name: {name}
+    priority: {priority}
+    direction: Inbound
+    access: Allow
+    protocol: Tcp
+    sourceAddressPrefix: "{source}"
+    sourcePortRange: "*"
+    destinationAddressPrefix: "*"
+    destinationPortRange: "{port}"
+"#
+    )
+}
+
+/// Policy `web` protecting SSH on web-1 (198.18.0.10, behind `nsg`) from `source` for up
+/// to an hour; `more` follows that port, so it may add fields to it (indented six spaces).
+pub fn ssh_policy(source: &str, more: &str) -> String {
+    format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitPolicy
+metadata:
+  name: web
+spec:
+  virtualMachines:
+  - name: web-1
+    address: 198.18.0.10
+    networkSecurityGroupName: nsg
+    ports:
+    - number: 22
+      protocol: TCP
+      allowedSourceAddressPrefix: {source}
+      maxRequestAccessDuration: PT1H
+{more}"#
+    )
+}

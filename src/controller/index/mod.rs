@@ -15,10 +15,12 @@ mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 
+use jiff::Timestamp;
 use kube::Resource;
 
-use crate::access::materialize::{LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY, ROLE_DENY};
+use crate::access::materialize::{LABEL_ROLE, ROLE_DENY};
 use crate::api::jit_request::Phase;
+use crate::api::nsg_model::is_managed;
 use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 
 /// An object's namespace and name.
@@ -71,7 +73,7 @@ pub struct RequestEntry {
     pub requestor: Option<String>,
     pub phase: Option<Phase>,
     /// What the policy's history shows of it; a change wakes the policy.
-    pub record: (Option<Phase>, Option<String>, Option<String>, bool),
+    pub record: (Option<Phase>, Option<Timestamp>, Option<Timestamp>, bool),
 }
 
 impl RequestEntry {
@@ -84,12 +86,8 @@ impl RequestEntry {
             phase,
             record: (
                 phase,
-                status
-                    .and_then(|s| s.start_time.as_ref())
-                    .map(|t| t.0.to_string()),
-                status
-                    .and_then(|s| s.expires_at.as_ref())
-                    .map(|t| t.0.to_string()),
+                status.and_then(|s| s.start_time.as_ref()).map(|t| t.0),
+                status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0),
                 request.metadata.deletion_timestamp.is_some(),
             ),
         }
@@ -129,8 +127,11 @@ pub struct RuleEntry {
 
 impl RuleEntry {
     pub fn of(rule: &SecurityRule) -> Self {
-        let labels = rule.metadata.labels.as_ref();
-        let label = |name: &str| labels.and_then(|l| l.get(name)).map(String::as_str);
+        let role = rule
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_ROLE));
         let owner = rule
             .metadata
             .owner_references
@@ -149,8 +150,8 @@ impl RuleEntry {
             });
         Self {
             nsg: rule.spec.network_security_group_name.clone(),
-            managed: label(LABEL_MANAGED_BY) == Some(MANAGED_BY),
-            deny: label(LABEL_ROLE) == Some(ROLE_DENY),
+            managed: is_managed(rule),
+            deny: role.is_some_and(|r| r == ROLE_DENY),
             owner,
         }
     }

@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::api::security_rule::{LABEL_MANAGED_BY, MANAGED_BY};
 
 const NS: &str = "team";
 
