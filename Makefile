@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/debug/portcullis
 
-.PHONY: help build test run demo crds crds-check lint fmt bench control-plane kind-up kind-down clean
+.PHONY: help build test run demo crds crds-check lint fmt bench bench-scale control-plane kind-up kind-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ fmt: ## Format the code
 
 bench: control-plane ## Benchmarks against the local control plane; tables in target/bench/
 	$(CARGO) bench --locked --bench operator --bench agent
+
+bench-scale: control-plane ## Only the operator's fleet-size scenario (100,000 grants, one NSG of 10,000 machines)
+	$(CARGO) bench --locked --bench operator -- scale
 
 control-plane: ## Build (once) and cache kube-apiserver, etcd, kube-controller-manager, kubectl
 	@hack/control-plane-bins.sh >/dev/null

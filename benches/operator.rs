@@ -1,6 +1,9 @@
-//! `make bench`: the operator against a real local control plane. Prints a table and writes
-//! it as JSON to `target/bench/operator.json`.
+//! `make bench`: the operator against a real local control plane. Two scenarios, each on a
+//! control plane of its own; each prints a table and writes it as JSON to
+//! `target/bench/{scenario}.json`. `cargo bench --bench operator -- scale` (or `standard`)
+//! runs one.
 //!
+//! `standard`:
 //! - floor: one plain write observed through a watch (the physical limit of one write here);
 //! - admission: a JitRequest create (requestor stamped, `initiate` authorized, by the
 //!   admission policies `deploy/` ships) beside a ConfigMap create, as the same requester;
@@ -10,8 +13,12 @@
 //!   number of API writes;
 //! - API writes per grant, from the apiserver's own request counters;
 //! - the operator's peak RSS with 10,000 active grants.
+//!
+//! `scale`: 100,000 grants over 10,000 machines, and 10,000 machines behind one NSG (see
+//! [`scale`]).
 
 mod report;
+mod scale;
 
 use report::{BenchResult, Row, percentile, percentiles, print_table};
 
@@ -43,10 +50,34 @@ const MACHINES_PER_POLICY: usize = 50;
 const PARALLEL: usize = 32;
 
 fn main() -> std::process::ExitCode {
-    report::execute(run())
+    let chosen: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |name: &str| chosen.is_empty() || chosen.iter().any(|c| c == name);
+    report::execute(async move {
+        if wants("standard") {
+            write("operator", &standard().await?)?;
+        }
+        if wants("scale") {
+            write("scale", &scale::run().await?)?;
+        }
+        Ok(())
+    })
 }
 
-async fn run() -> BenchResult<()> {
+/// Prints `rows` and writes them to `target/bench/{name}.json`.
+fn write(name: &str, rows: &[Row]) -> BenchResult<()> {
+    print_table(rows);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(rows)?)?;
+    println!("\nwritten to {}", path.display());
+    Ok(())
+}
+
+async fn standard() -> BenchResult<Vec<Row>> {
     let plane = ControlPlane::start().await?;
     portcullis::testenv::install::product(&plane).await?;
     let admin = plane.client(ADMIN).await?;
@@ -79,7 +110,7 @@ async fn run() -> BenchResult<()> {
     });
 
     let writes_before = api_writes(&admin).await?;
-    let grant = grant_latency(&admin, &requesters).await?;
+    let grant = grant_latency(&admin, &requesters, "bench-grant", GRANTS).await?;
     let writes = api_writes(&admin).await? - writes_before;
     let floor_p99 = percentile(&floor, 0.99);
     let grant_p99 = percentile(&grant, 0.99);
@@ -138,17 +169,8 @@ async fn run() -> BenchResult<()> {
         met: Some(rss <= 100.0),
     });
     operator.stop();
-
-    print_table(&rows);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("operator.json"),
-        serde_json::to_string_pretty(&rows)?,
-    )?;
-    println!("\nwritten to {}", dir.join("operator.json").display());
     drop(plane);
-    Ok(())
+    Ok(rows)
 }
 
 /// Clients acting as distinct requesters (`requester-N` in group `team-web`, which the
@@ -179,13 +201,18 @@ impl Requesters {
 
 /// The operator binary (built with the benchmark's optimizations) in its own process, as
 /// its own service account.
-struct Operator(Child);
+struct Operator {
+    child: Child,
+    /// Where it serves `/readyz` and `/metrics`.
+    http: std::net::SocketAddr,
+}
 
 impl Operator {
     fn start(plane: &ControlPlane) -> BenchResult<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        let http = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["controller", "--http-addr", &format!("127.0.0.1:{port}")])
             .env("KUBECONFIG", plane.kubeconfig(OPERATOR.name))
@@ -194,25 +221,51 @@ impl Operator {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        Ok(Self(child))
+        Ok(Self { child, http })
     }
 
     /// The kernel's high-water mark of the process's resident memory.
     fn peak_rss_mib(&self) -> BenchResult<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next())
-            .ok_or("no VmHWM")?
+        memory_mib(self.child.id(), "VmHWM")
+    }
+
+    /// `GET path` on the operator's HTTP endpoint: the status code and the body (`None`
+    /// while nothing listens yet).
+    async fn get(&self, path: &str) -> BenchResult<Option<(u16, String)>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut stream) = tokio::net::TcpStream::connect(self.http).await else {
+            return Ok(None);
+        };
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: operator\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .ok_or("empty HTTP response")?
             .parse()?;
-        Ok(kib / 1024.0)
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok(Some((code, body.to_owned())))
     }
 
     fn stop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// A memory figure of process `pid` from `/proc` (`VmRSS` now, `VmHWM` its peak), in MiB.
+fn memory_mib(pid: u32, field: &str) -> BenchResult<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .ok_or_else(|| format!("no {field} for process {pid}"))?
+        .parse()?;
+    Ok(kib / 1024.0)
 }
 
 impl Drop for Operator {
@@ -392,19 +445,25 @@ fn phase_is(request: &JitRequest, phase: Phase) -> bool {
     request.status.as_ref().and_then(|s| s.phase) == Some(phase)
 }
 
-async fn grant_latency(admin: &Client, requesters: &Requesters) -> BenchResult<Vec<f64>> {
-    namespace(admin, "bench-grant").await?;
-    policy(admin, "bench-grant", 1).await?;
-    let granted = observe(
-        Api::<JitRequest>::namespaced(admin.clone(), "bench-grant"),
-        |r| phase_is(r, Phase::Granted),
-    );
+/// `count` requests for one machine in a fresh namespace `ns`, one after another, each by
+/// its own requester: how long each takes from create to `Granted`.
+async fn grant_latency(
+    admin: &Client,
+    requesters: &Requesters,
+    ns: &str,
+    count: usize,
+) -> BenchResult<Vec<f64>> {
+    namespace(admin, ns).await?;
+    policy(admin, ns, 1).await?;
+    let granted = observe(Api::<JitRequest>::namespaced(admin.clone(), ns), |r| {
+        phase_is(r, Phase::Granted)
+    });
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut samples = Vec::new();
-    for i in 0..GRANTS {
+    for i in 0..count {
         let name = format!("grant-{i}");
         let start = Instant::now();
-        Api::<JitRequest>::namespaced(requesters.get(i).clone(), "bench-grant")
+        Api::<JitRequest>::namespaced(requesters.get(i).clone(), ns)
             .create(&PostParams::default(), &request(&name, i, 0, "PT24H")?)
             .await?;
         samples.push(

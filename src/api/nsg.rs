@@ -31,6 +31,12 @@ use super::validation::{ADDRESS_SPACE_MESSAGE, ADDRESS_SPACE_RULE};
         type_ = "integer",
         json_path = ".status.effectiveRuleCount"
     ),
+    printcolumn(
+        name = "Denies",
+        type_ = "integer",
+        json_path = ".status.jitDenyRules",
+        description = "JIT deny rules in force (one per protected machine and policy)"
+    ),
     printcolumn(name = "Grants", type_ = "integer", json_path = ".status.activeGrants"),
     printcolumn(
         name = "Exposed",
@@ -92,15 +98,19 @@ pub struct NetworkSecurityGroupStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// Inline rules, SecurityRule objects and the defaults, in evaluation order, except JIT
-    /// grants: those are counted in `activeGrants`, not listed, because an NSG may carry
-    /// thousands and the object must stay far below etcd's size limit. Each grant is a
+    /// Inline rules, the users' SecurityRule objects and the defaults, in evaluation order.
+    /// The operator's JIT rules are counted (`jitDenyRules`, `activeGrants`), not listed:
+    /// an NSG in front of thousands of machines carries a deny per machine and any number
+    /// of grants, and the object must stay far below etcd's size limit. Each is a
     /// SecurityRule of its own (`kubectl get nsgrule -l jit.portcullis.dev/nsg=NAME`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub effective_rules: Vec<EffectiveRule>,
     /// How many rules are in force, grants included (for `kubectl get`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_rule_count: Option<u32>,
+    /// How many JIT deny rules (one per protected machine) are in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jit_deny_rules: Option<u32>,
     /// How many JIT grants (allow rules of granted requests) are in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_grants: Option<u32>,

@@ -126,9 +126,15 @@ impl Context {
         cached(&self.stores.requests, namespace, names)
     }
 
-    /// The granted requests of `requestor`.
-    pub fn granted_by(&self, namespace: &str, requestor: &str) -> Vec<Arc<JitRequest>> {
-        let names = self.index().granted_by(namespace, requestor);
+    /// The granted requests of `requestor` in `namespace` holding `port` on `machine` open.
+    pub fn granted_on(
+        &self,
+        namespace: &str,
+        requestor: &str,
+        machine: &str,
+        port: u16,
+    ) -> Vec<Arc<JitRequest>> {
+        let names = self.index().granted_on(namespace, requestor, machine, port);
         cached(&self.stores.requests, namespace, names)
     }
 
@@ -386,17 +392,7 @@ impl Context {
             .stores
             .rules
             .get(&ObjectRef::new(&desired.name).within(namespace));
-        let object = serde_json::json!({
-            "apiVersion": SecurityRule::api_version(&()),
-            "kind": SecurityRule::kind(&()),
-            "metadata": {
-                "name": desired.name,
-                "namespace": namespace,
-                "labels": desired.labels,
-                "ownerReferences": [owner],
-            },
-            "spec": desired.spec,
-        });
+        let object = rule_manifest(namespace, desired, &owner);
         if current.is_none() {
             let new: SecurityRule =
                 serde_json::from_value(object.clone()).expect("a materialized rule deserializes");
@@ -489,6 +485,27 @@ impl NsgView {
             invalid: model.invalid,
         }
     }
+}
+
+/// The SecurityRule object the operator writes for `desired`, controlled by `owner`: one
+/// definition for its create, its server-side apply, and tools that seed a cluster with the
+/// operator's objects (the scale bench).
+pub fn rule_manifest(
+    namespace: &str,
+    desired: &crate::access::materialize::Materialized,
+    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": SecurityRule::api_version(&()),
+        "kind": SecurityRule::kind(&()),
+        "metadata": {
+            "name": desired.name,
+            "namespace": namespace,
+            "labels": desired.labels,
+            "ownerReferences": [owner],
+        },
+        "spec": desired.spec,
+    })
 }
 
 #[cfg(test)]

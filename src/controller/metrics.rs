@@ -34,6 +34,7 @@ pub struct Metrics {
     active_grants: Gauge<i64, AtomicI64>,
     grant_latency: Histogram,
     revoke_lateness: Histogram,
+    reconciles: Family<ControllerLabel, Counter>,
     reconcile_errors: Family<ControllerLabel, Counter>,
     events_dropped: Counter,
     leader: Gauge<i64, AtomicI64>,
@@ -58,6 +59,7 @@ impl Metrics {
         let revoke_lateness = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 13),
         );
+        let reconciles = Family::<ControllerLabel, Counter>::default();
         let reconcile_errors = Family::<ControllerLabel, Counter>::default();
         registry.register(
             "grants",
@@ -78,6 +80,12 @@ impl Metrics {
             "revoke_lateness_seconds",
             "From a grant's expiresAt to its allow rules being deleted",
             revoke_lateness.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconciliations run (a copy older than the operator's own write is skipped, and \
+             counted), by controller",
+            reconciles.clone(),
         );
         registry.register(
             "reconcile_errors",
@@ -103,6 +111,7 @@ impl Metrics {
             active_grants,
             grant_latency,
             revoke_lateness,
+            reconciles,
             reconcile_errors,
             events_dropped,
         }
@@ -138,6 +147,13 @@ impl Metrics {
         self.active_grants.set(count);
     }
 
+    /// A reconcile of `controller` ran.
+    pub fn reconciled(&self, controller: &'static str) {
+        self.reconciles
+            .get_or_create(&ControllerLabel { controller })
+            .inc();
+    }
+
     /// A reconcile of `controller` failed.
     pub fn reconcile_error(&self, controller: &'static str) {
         self.reconcile_errors
@@ -167,6 +183,7 @@ mod tests {
         metrics.set_active_grants(3);
         metrics.grant_latency(0.02);
         metrics.revoke_lateness(-1.0);
+        metrics.reconciled("nsg");
         metrics.reconcile_error("request");
         metrics.event_dropped();
         metrics.set_leader(true);
@@ -177,6 +194,7 @@ mod tests {
             "portcullis_active_grants 3",
             "portcullis_grant_latency_seconds_count 1",
             "portcullis_revoke_lateness_seconds_bucket{le=\"0.005\"} 1",
+            "portcullis_reconciles_total{controller=\"nsg\"} 1",
             "portcullis_reconcile_errors_total{controller=\"request\"} 1",
             "portcullis_events_dropped_total 1",
             "portcullis_leader 1",

@@ -142,6 +142,7 @@ async fn drive<K, R, F>(
         .graceful_shutdown_on(shutdown)
         .run(
             move |object, ctx| {
+                ctx.metrics.reconciled(name);
                 let fresh = (!ctx.stale(object.as_ref())).then(|| reconcile(object, ctx));
                 async move {
                     match fresh {

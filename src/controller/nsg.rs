@@ -1,9 +1,10 @@
 //! The NSG controller: computes each NSG's effective rules (inline rules, `SecurityRule`
 //! objects that have not expired, Azure's defaults), priority conflicts, and the management
-//! ports exposed to the Internet, and writes them to status only when they change. Grants
-//! are counted there, not listed: the status stays small however many are open.
+//! ports exposed to the Internet, and writes them to status only when they change. The
+//! operator's own JIT rules (denies and grants) are counted there, not listed: the status
+//! stays small however many machines and grants an NSG has.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,10 +120,16 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
             .map(|d| d.into_condition(&previous.conditions, generation, &now_time))
             .collect(),
         effective_rule_count: Some(effective.len() as u32),
+        jit_deny_rules: Some(
+            effective
+                .iter()
+                .filter(|r| r.jit && r.access == rules::Access::Deny)
+                .count() as u32,
+        ),
         active_grants: Some(effective.iter().filter(|r| is_grant(r)).count() as u32),
         effective_rules: effective
             .iter()
-            .filter(|r| !is_grant(r))
+            .filter(|r| !r.jit)
             .map(|r| {
                 let expires_at = match &r.origin {
                     Origin::SecurityRule { name } => expiries.get(name).map(|at| Time(*at)),
@@ -153,7 +160,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
     Ok(Action::requeue(wait))
 }
 
-/// Whether `rule` is a JIT grant: summarized by count in the status, never listed.
+/// Whether `rule` is a JIT grant (counted in the status, like the JIT denies).
 fn is_grant(rule: &rules::Rule) -> bool {
     rule.jit && rule.access == rules::Access::Allow
 }
@@ -198,9 +205,10 @@ fn management_ports(
     ports
 }
 
-/// Management ports that a packet from the Internet would reach, each with the rule that
-/// lets it in. It asks the evaluation (the oracle) rather than scanning rules, so shadowed
-/// allows are not reported and a JIT deny above them hides them.
+/// Management ports that a packet from the Internet would reach without JIT, each with the
+/// rule that lets it in. It asks the evaluation (first matching rule in effective order)
+/// rather than scanning rules, so shadowed allows are not reported and a JIT deny above them
+/// hides them. Grants are left out: a port open by a grant is open *with* JIT, until it ends.
 fn exposure(
     effective: &[rules::Rule],
     scope: &Scope,
@@ -213,6 +221,7 @@ fn exposure(
     else {
         return Vec::new();
     };
+    let probed = Probed::new(effective);
     let generic_destinations = destinations(effective, scope);
     let mut found: Vec<Exposure> = Vec::new();
     for (port, protocol, machine) in ports {
@@ -229,16 +238,16 @@ fn exposure(
                 destination,
                 destination_port: *port,
             };
-            let verdict = rules::evaluate(effective, &packet, scope);
-            if verdict.access != rules::Access::Allow {
-                continue;
-            }
-            let Some(rule) = effective
-                .iter()
-                .find(|r| r.name == verdict.rule && r.direction == Direction::Inbound)
+            let Some(rule) = probed
+                .toward(destination)
+                .map(|i| &effective[i])
+                .find(|r| r.matches(&packet, scope))
             else {
                 continue;
             };
+            if rule.access != rules::Access::Allow {
+                continue;
+            }
             let exposure = Exposure {
                 port: *port,
                 protocol: convert::rule_protocol(*protocol),
@@ -258,13 +267,76 @@ fn exposure(
     found
 }
 
-/// One address per place an inbound allow could point at: each virtual-network prefix
-/// and each concrete destination prefix, or the unspecified address when there is none.
+/// The effective rules an exposure probe can meet, as positions in effective order. An NSG
+/// in front of 10,000 machines has 10,000 JIT denies, each aimed at one machine's address;
+/// probing every machine against all of them would cost O(machines²). A rule aimed only at
+/// single hosts can match only packets to those hosts, so it is kept with each host and
+/// met by that host's probes alone, which decides exactly as the full scan would.
+struct Probed {
+    /// Rules that may match any destination (the users' rules, the defaults).
+    base: Vec<usize>,
+    /// Rules aimed only at single hosts, by host.
+    by_host: HashMap<IpAddr, Vec<usize>>,
+}
+
+impl Probed {
+    fn new(effective: &[rules::Rule]) -> Self {
+        let mut probed = Self {
+            base: Vec::new(),
+            by_host: HashMap::new(),
+        };
+        for (i, rule) in effective.iter().enumerate() {
+            if rule.jit && rule.access == rules::Access::Allow {
+                continue;
+            }
+            let hosts: Option<Vec<IpAddr>> = rule
+                .destination_prefixes
+                .iter()
+                .map(|p| match p {
+                    AddressPrefix::Net(net) if net.prefix_len() == net.max_prefix_len() => {
+                        Some(net.addr())
+                    }
+                    _ => None,
+                })
+                .collect();
+            match hosts {
+                Some(hosts) if !hosts.is_empty() => {
+                    for host in hosts {
+                        probed.by_host.entry(host).or_default().push(i);
+                    }
+                }
+                _ => probed.base.push(i),
+            }
+        }
+        probed
+    }
+
+    /// The positions of the rules a packet to `host` can meet, in effective order.
+    fn toward(&self, host: IpAddr) -> impl Iterator<Item = usize> + '_ {
+        let mut own = self
+            .by_host
+            .get(&host)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .copied()
+            .peekable();
+        let mut base = self.base.iter().copied().peekable();
+        std::iter::from_fn(move || match (own.peek(), base.peek()) {
+            (Some(a), Some(b)) if a < b => own.next(),
+            (Some(_), None) => own.next(),
+            _ => base.next(),
+        })
+    }
+}
+
+/// One address per place an inbound allow (a grant aside) could point at: each
+/// virtual-network prefix and each concrete destination prefix, or the unspecified address
+/// when there is none.
 fn destinations(effective: &[rules::Rule], scope: &Scope) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = scope.virtual_network.iter().map(|n| n.network()).collect();
     for rule in effective
         .iter()
-        .filter(|r| r.direction == Direction::Inbound && r.access == rules::Access::Allow)
+        .filter(|r| r.direction == Direction::Inbound && r.access == rules::Access::Allow && !r.jit)
     {
         for prefix in &rule.destination_prefixes {
             if let AddressPrefix::Net(net) = prefix {
@@ -355,6 +427,71 @@ mod tests {
             rule("ssh-anywhere", 200, Access::Allow, "*", "22", false),
         ]);
         assert!(exposure(&effective, &scope(), &[(22, Protocol::Tcp, None)]).is_empty());
+    }
+
+    fn aimed(mut rule: rules::Rule, host: &str) -> rules::Rule {
+        rule.destination_prefixes = vec![host.parse().unwrap()];
+        rule
+    }
+
+    #[test]
+    fn host_rules_decide_only_probes_to_their_host() {
+        let effective = rules::effective([
+            // vm-1's JIT deny hides the user's allow to it; vm-2 has no deny.
+            aimed(
+                rule("deny-vm-1", 150, Access::Deny, "*", "22", true),
+                "198.18.0.1",
+            ),
+            aimed(
+                rule("ssh-vm-1", 200, Access::Allow, "Internet", "22", false),
+                "198.18.0.1",
+            ),
+            aimed(
+                rule("ssh-vm-2", 210, Access::Allow, "Internet", "22", false),
+                "198.18.0.2",
+            ),
+            // A grant open to everyone is access with JIT, not exposure.
+            aimed(
+                rule("grant", 100, Access::Allow, "*", "3389", true),
+                "198.18.0.3",
+            ),
+        ]);
+        let machine = |last: &str| Some(format!("198.18.0.{last}").parse().unwrap());
+        let ports = [
+            (22, Protocol::Tcp, machine("1")),
+            (3389, Protocol::Tcp, machine("3")),
+        ];
+        assert!(exposure(&effective, &scope(), &ports).is_empty());
+        let ports = [(22, Protocol::Tcp, None)];
+        let found = exposure(&effective, &scope(), &ports);
+        let rules: Vec<&str> = found.iter().map(|e| e.rule.as_str()).collect();
+        assert_eq!(rules, vec!["ssh-vm-2"]);
+        // Every probe decides as the scan of all rules but grants would.
+        let without_grants: Vec<rules::Rule> = effective
+            .iter()
+            .filter(|r| !(r.jit && r.access == Access::Allow))
+            .cloned()
+            .collect();
+        let probed = Probed::new(&effective);
+        for host in ["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.0"] {
+            for port in [22, 3389, 80] {
+                let packet = Packet {
+                    direction: Direction::Inbound,
+                    protocol: Protocol::Tcp,
+                    source: "203.0.113.1".parse().unwrap(),
+                    source_port: 49152,
+                    destination: host.parse().unwrap(),
+                    destination_port: port,
+                };
+                let scanned = rules::evaluate(&without_grants, &packet, &scope()).rule;
+                let met = probed
+                    .toward(packet.destination)
+                    .map(|i| &effective[i])
+                    .find(|r| r.matches(&packet, &scope()))
+                    .map(|r| r.name.clone());
+                assert_eq!(met, Some(scanned), "{host}:{port}");
+            }
+        }
     }
 
     #[test]

@@ -307,6 +307,17 @@ impl ControlPlane {
             .collect()
     }
 
+    /// The process id of component `name` (`etcd`, `kube-apiserver`, ...), for benchmarks
+    /// that report what the control plane itself needs.
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        self.components
+            .lock()
+            .expect("components lock")
+            .iter()
+            .find(|c| c.name() == name)
+            .map(Component::pid)
+    }
+
     /// Stops every component (last started first) and removes the directory. Idempotent.
     pub fn stop(&self) {
         let mut components = self.components.lock().expect("components lock");

@@ -64,6 +64,11 @@ impl Component {
         Ok(Self { name, child, log })
     }
 
+    /// The component's name, which is also its program's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// The component's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

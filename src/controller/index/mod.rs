@@ -19,12 +19,25 @@ use jiff::Timestamp;
 use kube::Resource;
 
 use crate::access::materialize::{LABEL_ROLE, ROLE_DENY};
+use crate::api::jit_policy::GrantState;
 use crate::api::jit_request::Phase;
 use crate::api::nsg_model::is_managed;
 use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 
 /// An object's namespace and name.
 pub type Key = (String, String);
+
+/// A namespace, a requestor, a machine and a port: what one grant holds open.
+type PortKey = (String, String, String, u16);
+
+fn port_key(namespace: &str, requestor: &str, (machine, port): &(String, u16)) -> PortKey {
+    (
+        namespace.to_owned(),
+        requestor.to_owned(),
+        machine.clone(),
+        *port,
+    )
+}
 
 fn key(namespace: &str, name: &str) -> Key {
     (namespace.to_owned(), name.to_owned())
@@ -74,6 +87,9 @@ pub struct RequestEntry {
     pub phase: Option<Phase>,
     /// What the policy's history shows of it; a change wakes the policy.
     pub record: (Option<Phase>, Option<Timestamp>, Option<Timestamp>, bool),
+    /// The (machine, port) pairs its open grants hold: where a newer request by the same
+    /// requestor supersedes it.
+    pub open: BTreeSet<(String, u16)>,
 }
 
 impl RequestEntry {
@@ -90,6 +106,15 @@ impl RequestEntry {
                 status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0),
                 request.metadata.deletion_timestamp.is_some(),
             ),
+            open: match status {
+                Some(status) if phase == Some(Phase::Granted) => status
+                    .grants
+                    .iter()
+                    .filter(|g| g.status == GrantState::Initiated)
+                    .map(|g| (g.virtual_machine.clone(), g.number))
+                    .collect(),
+                _ => BTreeSet::new(),
+            },
         }
     }
 
@@ -227,8 +252,8 @@ pub struct Index {
     live_by_policy: Multi<Key, String>,
     /// (namespace, policy) → its requests not granted yet.
     waiting_by_policy: Multi<Key, String>,
-    /// (namespace, requestor) → their granted requests.
-    granted_by_requestor: Multi<Key, String>,
+    /// (namespace, requestor, machine, port) → granted requests holding that port open.
+    granted_by_port: Multi<PortKey, String>,
     /// (namespace, NSG) → every SecurityRule naming it.
     rules_by_nsg: Multi<Key, String>,
     /// (namespace, NSG) → users' SecurityRules naming it (what JIT placement works around).
@@ -324,11 +349,13 @@ impl Index {
             self.waiting_by_policy
                 .set(policy, name.clone(), present && entry.waiting());
             if let Some(requestor) = &entry.requestor {
-                self.granted_by_requestor.set(
-                    key_in(&key, requestor),
-                    name.clone(),
-                    present && entry.granted(),
-                );
+                for open in &entry.open {
+                    self.granted_by_port.set(
+                        port_key(namespace, requestor, open),
+                        name.clone(),
+                        present,
+                    );
+                }
             }
             if entry.granted() {
                 if present {
@@ -348,17 +375,23 @@ impl Index {
                     .map(|e| key_in(&key, &e.policy)),
             );
         }
-        // A request just granted supersedes its requestor's older grants of the same
-        // ports: those look at it now.
-        let newly_granted = entry.as_ref().is_some_and(RequestEntry::granted)
-            && !before.is_some_and(|b| b.granted());
-        if newly_granted && let Some(requestor) = entry.and_then(|e| e.requestor) {
-            wake.requests.extend(
-                self.granted_by_requestor
-                    .get(&(namespace.clone(), requestor))
-                    .filter(|peer| *peer != name)
-                    .map(|peer| key_in(&key, peer)),
-            );
+        // A request that just opened a port supersedes its requestor's older grants of the
+        // same port: those look at it now.
+        if let Some(entry) = &entry
+            && let Some(requestor) = &entry.requestor
+        {
+            for open in entry
+                .open
+                .iter()
+                .filter(|o| !before.as_ref().is_some_and(|b| b.open.contains(*o)))
+            {
+                wake.requests.extend(
+                    self.granted_by_port
+                        .get(&port_key(namespace, requestor, open))
+                        .filter(|peer| *peer != name)
+                        .map(|peer| key_in(&key, peer)),
+                );
+            }
         }
         wake
     }
@@ -425,10 +458,16 @@ impl Index {
             .collect()
     }
 
-    /// The granted requests of `requestor` in `namespace`.
-    pub fn granted_by(&self, namespace: &str, requestor: &str) -> Vec<String> {
-        self.granted_by_requestor
-            .get(&key(namespace, requestor))
+    /// The granted requests of `requestor` in `namespace` holding `port` on `machine` open.
+    pub fn granted_on(
+        &self,
+        namespace: &str,
+        requestor: &str,
+        machine: &str,
+        port: u16,
+    ) -> Vec<String> {
+        self.granted_by_port
+            .get(&port_key(namespace, requestor, &(machine.to_owned(), port)))
             .cloned()
             .collect()
     }

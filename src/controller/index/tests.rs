@@ -26,6 +26,11 @@ fn request(policy: &str, requestor: &str, phase: Option<Phase>) -> Option<Reques
         requestor: Some(requestor.into()),
         phase,
         record: (phase, None, None, false),
+        open: if phase == Some(Phase::Granted) {
+            BTreeSet::from([("vm".to_owned(), 22)])
+        } else {
+            BTreeSet::new()
+        },
     })
 }
 
@@ -107,16 +112,17 @@ fn requests_are_indexed_by_policy_and_phase() {
     let mut index = populated();
     assert_eq!(index.requests_of(NS, "p1"), vec!["done", "open", "waits"]);
     assert_eq!(index.granted(), 1);
-    assert_eq!(index.granted_by(NS, "bob"), vec!["open"]);
+    assert_eq!(index.granted_on(NS, "bob", "vm", 22), vec!["open"]);
+    assert!(index.granted_on(NS, "bob", "vm", 3389).is_empty());
     // Granting `waits` moves it out of the waiting set and into alice's grants.
     index.request(k("waits"), request("p1", "alice", Some(Phase::Granted)));
     assert_eq!(index.granted(), 2);
-    assert_eq!(index.granted_by(NS, "alice"), vec!["waits"]);
+    assert_eq!(index.granted_on(NS, "alice", "vm", 22), vec!["waits"]);
     assert!(index.nsg(k("a"), nsg(9)).requests.is_empty());
     // Expiry takes it out again; deletion out of the history.
     index.request(k("waits"), request("p1", "alice", Some(Phase::Expired)));
     assert_eq!(index.granted(), 1);
-    assert!(index.granted_by(NS, "alice").is_empty());
+    assert!(index.granted_on(NS, "alice", "vm", 22).is_empty());
     index.request(k("waits"), None);
     assert_eq!(index.requests_of(NS, "p1"), vec!["done", "open"]);
 }
@@ -144,6 +150,11 @@ fn a_new_grant_wakes_the_requestors_other_grants_only() {
     // Staying granted wakes no peer.
     let wake = index.request(k("newer"), request("p1", "bob", Some(Phase::Granted)));
     assert_eq!(wake.requests, keys(&["newer"]));
+    // A grant of another port on the same machine supersedes nothing.
+    let mut rdp = request("p1", "bob", Some(Phase::Granted)).unwrap();
+    rdp.open = BTreeSet::from([("vm".to_owned(), 3389)]);
+    let wake = index.request(k("rdp"), Some(rdp));
+    assert_eq!(wake.requests, keys(&["rdp"]));
 }
 
 #[test]

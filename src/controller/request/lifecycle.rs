@@ -1,0 +1,408 @@
+//! What a reconcile decides for a request: grant, wait or deny one not granted yet; close
+//! what expired, was superseded or is no longer allowed; revoke on deletion.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Resource;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+
+use super::finish;
+use super::status::{Outcome, denied, describe, grant_status, pending, settle};
+use crate::access::materialize;
+use crate::access::validate::{PortGrant, Violation, validate};
+use crate::api::INITIATE;
+use crate::api::JitRequest;
+use crate::api::conditions::reason;
+use crate::api::convert::policy_protocol;
+use crate::api::jit_policy::{GrantState, GrantStateReason, PolicyProtocol};
+use crate::api::jit_request::{JitRequestStatus, Phase};
+use crate::controller::context::Context;
+use crate::controller::{Error, name_and_namespace};
+use crate::rules::{PortRange, place};
+
+/// A request not granted yet: wait, deny, or grant.
+pub(super) async fn evaluate(
+    request: &JitRequest,
+    previous: &JitRequestStatus,
+    now: Timestamp,
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Outcome, Error> {
+    let Some(recorded) = &request.spec.requestor else {
+        return Ok(denied(
+            previous,
+            &[Violation::RequestorMissing],
+            reason::REQUESTOR_MISSING,
+            now,
+        ));
+    };
+    let Some(policy) = ctx.policy(namespace, &request.spec.policy_name) else {
+        return Ok(pending(
+            previous,
+            reason::POLICY_NOT_FOUND,
+            format!(
+                "JitPolicy {:?} not found in {namespace}; waiting for it",
+                request.spec.policy_name
+            ),
+            now,
+        ));
+    };
+    let grants = match validate(&policy.spec, &request.spec) {
+        Ok(grants) => grants,
+        Err(violations) => return Ok(denied(previous, &violations, reason::POLICY_VIOLATION, now)),
+    };
+    let mut placed = Vec::with_capacity(grants.len());
+    for grant in grants {
+        match allow_priority(ctx, namespace, &grant, now) {
+            Ok(priority) => placed.push((grant, priority)),
+            Err((why, message)) => return Ok(pending(previous, why, message, now)),
+        }
+    }
+    // Admission checked the caller when the request was created; the request may have
+    // waited since, so the requestor is authorized again now, just before anything opens.
+    if let Some(refusal) = ctx
+        .may(recorded, INITIATE, namespace, &request.spec.policy_name)
+        .await?
+    {
+        return Ok(denied(previous, &[refusal], reason::NOT_AUTHORIZED, now));
+    }
+
+    // A lost status write leaves the rules as the only record of when the grant started.
+    let owned = ctx.rules_owned_by(
+        namespace,
+        request.metadata.uid.as_deref().unwrap_or_default(),
+    );
+    let start = placed
+        .iter()
+        .filter_map(|(grant, _)| {
+            let rule_name = allow_name(request, name, grant);
+            let rule = owned
+                .iter()
+                .find(|r| r.metadata.name.as_deref() == Some(rule_name.as_str()))?;
+            let expires = rule.spec.expires_at.as_ref()?.0;
+            expires
+                .checked_sub(jiff::SignedDuration::try_from(grant.duration).ok()?)
+                .ok()
+        })
+        .min()
+        .unwrap_or_else(|| whole_second(now));
+
+    let owner = owner_ref(request)?;
+    let mut grants_opened = Vec::with_capacity(placed.len());
+    for (grant, priority) in &placed {
+        let end = end_of(start, grant.duration);
+        let rule = materialize::allow_rule(
+            rule_owner(request, name),
+            &request.spec.policy_name,
+            grant,
+            *priority,
+            end,
+        );
+        let closed = end <= now;
+        if closed {
+            ctx.delete_rule(namespace, &rule.name).await?;
+        } else {
+            match ctx.ensure_rule(namespace, &rule, owner.clone()).await {
+                Ok(_) => {}
+                Err(conflict @ Error::RuleConflict { .. }) => {
+                    return Ok(pending(
+                        previous,
+                        reason::RULE_CONFLICT,
+                        conflict.to_string(),
+                        now,
+                    ));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        grants_opened.push(grant_status(grant, rule.name, end, closed));
+    }
+    let who = requestor(request).unwrap_or("unknown requestor").to_owned();
+    let mut outcome = settle(previous, grants_opened, Some(Time(start)), now);
+    if outcome.status.phase == Some(Phase::Granted) {
+        let what = describe(&outcome.status.grants);
+        let until = outcome
+            .status
+            .expires_at
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default();
+        let why = request
+            .spec
+            .justification
+            .as_deref()
+            .unwrap_or("no justification given");
+        outcome.events.insert(
+            0,
+            (
+                EventType::Normal,
+                "Granted",
+                format!("{who} granted {what} until {until}: {why}"),
+            ),
+        );
+    }
+    Ok(outcome)
+}
+
+/// A granted request: close what expired, was superseded or is no longer allowed.
+pub(super) async fn review(
+    request: &JitRequest,
+    previous: &JitRequestStatus,
+    now: Timestamp,
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Outcome, Error> {
+    let still_allowed: Option<Vec<PortGrant>> = ctx
+        .policy(namespace, &request.spec.policy_name)
+        .and_then(|policy| validate(&policy.spec, &request.spec).ok());
+    let newer = newer_grants(request, ctx, namespace);
+    let owner = owner_ref(request)?;
+    let mut grants = previous.grants.clone();
+    for grant in grants
+        .iter_mut()
+        .filter(|g| g.status == GrantState::Initiated)
+    {
+        let current = still_allowed.as_ref().and_then(|all| {
+            all.iter().find(|p| {
+                p.machine == grant.virtual_machine
+                    && p.number == grant.number
+                    && policy_protocol(p.protocol) == grant.protocol
+            })
+        });
+        let close = if grant.end_time.0 <= now {
+            Some(GrantStateReason::Expired)
+        } else if current.is_none() {
+            Some(GrantStateReason::PolicyChanged)
+        } else if newer.contains(&(grant.virtual_machine.clone(), grant.number, grant.protocol)) {
+            Some(GrantStateReason::NewerRequestInitiated)
+        } else {
+            None
+        };
+        match (close, current) {
+            (Some(why), _) => {
+                ctx.delete_rule(namespace, &grant.rule).await?;
+                if why == GrantStateReason::Expired {
+                    ctx.metrics
+                        .revoke_lateness(seconds_between(grant.end_time.0, Timestamp::now()));
+                }
+                grant.status = GrantState::Revoked;
+                grant.status_reason = Some(why);
+            }
+            (None, Some(allowed)) => {
+                // Still open: make sure its rule is there and placed right (a rule deleted
+                // by hand comes back until the grant ends; deleting the request revokes).
+                let priority = match allow_priority(ctx, namespace, allowed, now) {
+                    Ok(priority) => priority,
+                    Err(_) => continue,
+                };
+                let rule = materialize::allow_rule(
+                    rule_owner(request, name),
+                    &request.spec.policy_name,
+                    allowed,
+                    priority,
+                    grant.end_time.0,
+                );
+                ctx.ensure_rule(namespace, &rule, owner.clone()).await?;
+            }
+            (None, None) => {}
+        }
+    }
+    let mut outcome = settle(previous, grants, previous.start_time.clone(), now);
+    if let Some(Phase::Expired | Phase::Revoked) = outcome.status.phase {
+        let who = requestor(request).unwrap_or("unknown requestor");
+        let what = describe(&previous.grants);
+        let reason = outcome.status.reason.clone().unwrap_or_default();
+        let (event_reason, type_) = if outcome.status.phase == Some(Phase::Expired) {
+            ("Expired", EventType::Normal)
+        } else {
+            ("Revoked", EventType::Normal)
+        };
+        outcome.events.push((
+            type_,
+            event_reason,
+            format!("access of {who} to {what} closed: {reason}"),
+        ));
+    }
+    Ok(outcome)
+}
+
+/// Deletion: rules go before the object does, and the revocation is recorded (status, Event,
+/// audit line). Nothing else is waited for: the policy's history is bounded and may never
+/// show this request, so the lasting record is the Event and the audit line.
+pub(super) async fn cleanup(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {
+    let now = ctx.now();
+    let (_, namespace) = name_and_namespace(request, "JitRequest")?;
+    for rule in ctx.rules_owned_by(
+        &namespace,
+        request.metadata.uid.as_deref().unwrap_or_default(),
+    ) {
+        ctx.delete_rule(
+            &namespace,
+            rule.metadata.name.as_deref().unwrap_or_default(),
+        )
+        .await?;
+    }
+    let previous = request.status.clone().unwrap_or_default();
+    if previous.phase == Some(Phase::Granted) {
+        let mut grants = previous.grants.clone();
+        for grant in grants
+            .iter_mut()
+            .filter(|g| g.status == GrantState::Initiated)
+        {
+            grant.status = GrantState::Revoked;
+            grant.status_reason = Some(GrantStateReason::UserRequested);
+        }
+        let mut outcome = settle(&previous, grants, previous.start_time.clone(), now);
+        outcome.events.push((
+            EventType::Normal,
+            "Revoked",
+            format!(
+                "access of {} to {} revoked: the request was deleted",
+                requestor(request).unwrap_or("unknown requestor"),
+                describe(&previous.grants)
+            ),
+        ));
+        finish(request, previous.clone(), outcome, ctx).await?;
+    }
+    Ok(Action::await_change())
+}
+
+/// The open grants of `request` that newer granted requests by the same requestor also
+/// hold: `(machine, port, protocol)`.
+fn newer_grants(
+    request: &JitRequest,
+    ctx: &Context,
+    namespace: &str,
+) -> BTreeSet<(String, u16, PolicyProtocol)> {
+    let Some(me) = requestor(request) else {
+        return BTreeSet::new();
+    };
+    let mine = order_key(request);
+    let open = request
+        .status
+        .iter()
+        .flat_map(|s| &s.grants)
+        .filter(|g| g.status == GrantState::Initiated);
+    let mut newer = BTreeSet::new();
+    for grant in open {
+        let held = ctx
+            .granted_on(namespace, me, &grant.virtual_machine, grant.number)
+            .into_iter()
+            .filter(|r| r.spec.policy_name == request.spec.policy_name)
+            .filter(|r| phase(r) == Some(Phase::Granted) && order_key(r) > mine)
+            .any(|r| {
+                r.status.iter().flat_map(|s| &s.grants).any(|g| {
+                    g.status == GrantState::Initiated
+                        && g.virtual_machine == grant.virtual_machine
+                        && g.number == grant.number
+                        && g.protocol == grant.protocol
+                })
+            });
+        if held {
+            newer.insert((grant.virtual_machine.clone(), grant.number, grant.protocol));
+        }
+    }
+    newer
+}
+
+/// Which of two requests is newer: start of access, then creation, then name.
+fn order_key(request: &JitRequest) -> (Option<Timestamp>, Option<Timestamp>, String) {
+    (
+        request
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| t.0),
+        request.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        request.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The allow band's priority in the grant's NSG, or why there is none yet.
+fn allow_priority(
+    ctx: &Context,
+    namespace: &str,
+    grant: &PortGrant,
+    now: Timestamp,
+) -> Result<u32, (&'static str, String)> {
+    let Some(nsg) = ctx.nsg(namespace, &grant.network_security_group) else {
+        return Err((
+            reason::NSG_NOT_FOUND,
+            format!(
+                "NetworkSecurityGroup {:?} not found in {namespace}; waiting for it",
+                grant.network_security_group
+            ),
+        ));
+    };
+    let view = ctx.nsg_view(&nsg, now);
+    place(
+        &view.user_rules,
+        grant.address,
+        &[(PortRange::single(grant.number), grant.protocol)],
+        &view.scope,
+    )
+    .map(|p| p.allow)
+    .map_err(|e| (reason::NO_PRIORITY_AVAILABLE, e.to_string()))
+}
+
+fn allow_name(request: &JitRequest, name: &str, grant: &PortGrant) -> String {
+    materialize::allow_rule_name(
+        rule_owner(request, name),
+        &grant.machine,
+        grant.number,
+        grant.protocol,
+    )
+}
+
+/// The request as the owner of its allow rules (see [`materialize::Owner`]).
+fn rule_owner<'a>(request: &'a JitRequest, name: &'a str) -> materialize::Owner<'a> {
+    materialize::Owner {
+        name,
+        uid: request.metadata.uid.as_deref().unwrap_or_default(),
+    }
+}
+
+fn owner_ref(
+    request: &JitRequest,
+) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference, Error> {
+    request
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField {
+            kind: "JitRequest",
+            field: "metadata.uid",
+        })
+}
+
+/// When a grant that started at `start` ends, on a whole second: the API stores times to
+/// the second, and the stored `expiresAt` must be exactly when access closes (it is what
+/// agents give the kernel and what users read), never later.
+pub(super) fn end_of(start: Timestamp, duration: Duration) -> Timestamp {
+    let end = jiff::SignedDuration::try_from(duration)
+        .ok()
+        .and_then(|d| start.checked_add(d).ok())
+        .unwrap_or(start);
+    whole_second(end)
+}
+
+/// `at` truncated to the second.
+pub(super) fn whole_second(at: Timestamp) -> Timestamp {
+    Timestamp::from_second(at.as_second()).unwrap_or(at)
+}
+
+pub(super) fn seconds_between(from: Timestamp, to: Timestamp) -> f64 {
+    to.duration_since(from).as_secs_f64()
+}
+
+fn phase(request: &JitRequest) -> Option<Phase> {
+    request.status.as_ref().and_then(|s| s.phase)
+}
+
+pub(super) fn requestor(request: &JitRequest) -> Option<&str> {
+    request.spec.requestor.as_ref().map(|r| r.username.as_str())
+}
