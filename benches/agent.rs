@@ -706,6 +706,8 @@ async fn measure_end_to_end(
             .args(["agent", "--nsg", &format!("{ns}/nsg")])
             .args(["--address", &VM.to_string(), "--agent-name", "bench"])
             .args(["--netns", &lab.vm])
+            .arg("--state-dir")
+            .arg(lab.dir.path().join("state"))
             .env("KUBECONFIG", plane.kubeconfig(ADMIN.name))
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())

@@ -104,14 +104,14 @@ pub struct AgentArgs {
     /// The NSG to enforce, as NAMESPACE/NAME.
     #[arg(long, env = "PORTCULLIS_NSG", required_unless_present = "cleanup")]
     pub nsg: Option<String>,
-    /// The machine's addresses the NSG protects (comma-separated or repeated).
-    #[arg(
-        long,
-        env = "PORTCULLIS_ADDRESS",
-        value_delimiter = ',',
-        required_unless_present = "cleanup"
-    )]
+    /// The machine's addresses the NSG protects (comma-separated or repeated). Default:
+    /// every address of the machine, IPv4 and IPv6, read again as they change.
+    #[arg(long, env = "PORTCULLIS_ADDRESS", value_delimiter = ',')]
     pub address: Vec<std::net::IpAddr>,
+    /// Where the applied ruleset is kept, to be restored at start before the apiserver is
+    /// reached (a reboot or an apiserver outage must open nothing).
+    #[arg(long, env = "PORTCULLIS_STATE_DIR", default_value = agent::state::DEFAULT_DIR)]
+    pub state_dir: std::path::PathBuf,
     /// Remove the agent's nftables table (and nothing else), then exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -149,6 +149,7 @@ async fn run_agent(
         namespace,
         nsg: name,
         addresses: args.address,
+        state_dir: args.state_dir,
         table: args.table,
         agent: args.agent_name.unwrap_or_else(|| host.clone()),
         host,

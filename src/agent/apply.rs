@@ -54,6 +54,11 @@ impl Nft {
         })
     }
 
+    /// The network namespace `nft` runs in, when not the agent's own.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
     /// Runs one transaction.
     pub async fn run(&self, batch: &Nftables<'_>) -> Result<(), Error> {
         let result = match &self.netns {

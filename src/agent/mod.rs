@@ -9,15 +9,25 @@
 //! Failure behaviour, by design:
 //! - API server unreachable: the watches retry with backoff and nothing is re-applied; the
 //!   kernel keeps the last ruleset, and grants still expire there (element timeouts).
-//! - restart: the old table stays in force until the first full replace, which swaps it in
-//!   one transaction, so no closed port is ever open in between.
+//! - restart or reboot: the ruleset last applied is kept on disk ([`state`], written before
+//!   each change reaches the kernel) and put back at start, before the agent contacts the
+//!   apiserver, grants with the time they have left; then the first full replace from the
+//!   watches swaps in the current state in one transaction, so no closed port is ever open
+//!   in between.
+//! - an NSG it cannot use (missing, unreadable rules): the last good table stays and the
+//!   error is reported.
+//! - addresses: with no `--address`, every local address is protected ([`addresses`]), and
+//!   a JIT rule aimed at the machine covers all of them (see [`render`]).
 //! - SIGTERM: the table stays (a stopped agent must not open the machine); `--cleanup`
 //!   removes it explicitly.
 
+pub mod addresses;
 pub mod apply;
 pub mod render;
+pub mod state;
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::pin::pin;
 use std::time::Duration;
 
@@ -35,7 +45,8 @@ use crate::api::nsg_model::NsgModel;
 use crate::api::{NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self};
 use apply::{Applied, Enforcer, Nft};
-use render::{Policy, Target};
+use render::{Policy, Ruleset, Target};
+use state::State;
 
 /// The table name when `--table` is not given.
 pub const DEFAULT_TABLE: &str = "portcullis";
@@ -50,8 +61,12 @@ const RETRY: Duration = Duration::from_secs(2);
 pub enum Error {
     #[error("invalid NSG reference {0:?}: expected NAMESPACE/NAME")]
     NsgRef(String),
-    #[error("at least one address to protect is needed")]
+    #[error("no address to protect: none given and none found on the machine")]
     NoAddress,
+    #[error("addresses: {0}")]
+    Addresses(String),
+    #[error("state: {0}")]
+    State(String),
     #[error("invalid network namespace name {0:?}")]
     Netns(String),
     #[error("nft: {0}")]
@@ -67,8 +82,11 @@ pub struct Config {
     pub namespace: String,
     /// Name of the NSG.
     pub nsg: String,
-    /// The machine's addresses (what the NSG's destinations are matched against).
+    /// The machine's addresses (what the NSG's destinations are matched against); empty:
+    /// every address the machine has, read again each round.
     pub addresses: Vec<IpAddr>,
+    /// Where the applied ruleset is kept across restarts.
+    pub state_dir: PathBuf,
     /// The nftables table the agent owns (family `inet`).
     pub table: String,
     /// The agent's identity: key of its `status.enforcement` entry and suffix of its field
@@ -98,11 +116,17 @@ impl Config {
         format!("portcullis-agent-{}", self.agent)
     }
 
-    fn target(&self) -> Target {
-        Target {
-            table: self.table.clone(),
-            addresses: self.addresses.clone(),
+    /// The addresses to protect now: those given, or the machine's own.
+    async fn current_addresses(&self) -> Result<Vec<IpAddr>, Error> {
+        let addresses = if self.addresses.is_empty() {
+            addresses::local(self.nft.netns()).await?
+        } else {
+            self.addresses.clone()
+        };
+        if addresses.is_empty() {
+            return Err(Error::NoAddress);
         }
+        Ok(addresses)
     }
 }
 
@@ -154,9 +178,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    if config.addresses.is_empty() {
-        return Err(Error::NoAddress);
-    }
+    // Before anything talks to the apiserver: what was enforced before the restart.
+    let state = State::new(&config.state_dir, &config.table);
+    let mut enforcer = Enforcer::new(config.nft.clone());
+    restore(&state, &mut enforcer).await;
+    notify_ready();
+    let addresses = config.current_addresses().await?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), &config.namespace);
     let objects: Api<SecurityRule> = Api::namespaced(client, &config.namespace);
     let (nsg_store, nsg_writer) = reflector::store();
@@ -185,7 +212,10 @@ pub async fn run(
     let mut shutdown = pin!(shutdown);
     let mut synced = [false, false];
     let mut agent = Agent {
-        enforcer: Enforcer::new(config.nft.clone()),
+        enforcer,
+        state,
+        unstored: None,
+        addresses,
         nsg_store,
         rule_store,
         nsgs,
@@ -197,7 +227,8 @@ pub async fn run(
     tracing::info!(
         nsg = %format!("{}/{}", agent.config.namespace, agent.config.nsg),
         table = agent.config.table,
-        addresses = ?agent.config.addresses,
+        addresses = ?agent.addresses,
+        state = %agent.state.path().display(),
         "agent started"
     );
     let mut wake = tokio::time::Instant::now() + RESYNC;
@@ -230,9 +261,55 @@ pub async fn run(
     Ok(())
 }
 
+/// Puts the stored ruleset back into the kernel. A failure is logged, not fatal: the agent
+/// goes on to enforce from the apiserver as soon as it answers.
+async fn restore(state: &State, enforcer: &mut Enforcer) {
+    let now = Timestamp::now();
+    match state.load(now) {
+        Ok(None) => tracing::info!("no stored ruleset; enforcing once the NSG is read"),
+        Ok(Some(ruleset)) => {
+            let grants = ruleset.grant_count();
+            match enforcer.apply(ruleset, now).await {
+                Ok(_) => tracing::info!(grants, "stored ruleset restored"),
+                Err(error) => tracing::warn!(%error, "cannot restore the stored ruleset"),
+            }
+        }
+        Err(error) => tracing::warn!(%error, "stored ruleset unusable"),
+    }
+}
+
+/// Tells systemd (`Type=notify`) that the stored ruleset is back in the kernel, so the
+/// units ordered after the agent (the network) start only then. Does nothing outside
+/// systemd (no `NOTIFY_SOCKET`).
+fn notify_ready() {
+    if let Some(target) = std::env::var_os("NOTIFY_SOCKET")
+        && let Err(error) = notify(&target, "READY=1")
+    {
+        tracing::warn!(%error, "cannot notify systemd");
+    }
+}
+
+/// Sends `state` to the notification socket `target` (a path, or `@name` for an abstract
+/// socket, as systemd passes it).
+fn notify(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let address = match target.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(target)?,
+    };
+    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &address)?;
+    Ok(())
+}
+
 struct Agent {
     config: Config,
     enforcer: Enforcer,
+    state: State,
+    /// Why the ruleset in force is not on disk, until a store succeeds.
+    unstored: Option<String>,
+    /// The addresses protected in the last round.
+    addresses: Vec<IpAddr>,
     nsg_store: Store<NetworkSecurityGroup>,
     rule_store: Store<SecurityRule>,
     nsgs: Api<NetworkSecurityGroup>,
@@ -276,10 +353,18 @@ impl Agent {
                     .collect::<Vec<_>>()
                     .join("; "),
             )),
-            Ok(policy) => {
-                let desired = render::render(&policy, &self.config.target(), now);
-                self.enforcer.apply(desired, now).await
-            }
+            Ok(policy) => match self.config.current_addresses().await {
+                Ok(addresses) => {
+                    self.addresses = addresses;
+                    let target = Target {
+                        table: self.config.table.clone(),
+                        addresses: self.addresses.clone(),
+                    };
+                    let desired = render::render(&policy, &target, now);
+                    self.enforce(desired, now).await
+                }
+                Err(error) => Err(error),
+            },
         };
         let error = match outcome {
             Ok(Applied::Unchanged) => None,
@@ -299,6 +384,7 @@ impl Agent {
                 Some(error.to_string())
             }
         };
+        let error = error.or_else(|| self.unstored.clone());
         let failed = error.is_some();
         let reported = self.report(&nsg, error).await;
         let until_expiry = next_expiry
@@ -309,6 +395,34 @@ impl Agent {
         } else {
             until_expiry
         }
+    }
+
+    /// Stores `desired`, then applies it: on disk first, so that a crash in between
+    /// restores the new state rather than one a revocation already shrank. A ruleset the
+    /// kernel refused is not left on disk; the one in force is stored again. A failed store
+    /// does not stop enforcement; it is reported, and retried each round until it succeeds.
+    async fn enforce(&mut self, desired: Ruleset, now: Timestamp) -> Result<Applied, Error> {
+        let must_store = self.unstored.is_some() || self.enforcer.applied() != Some(&desired);
+        let mut stored = if must_store {
+            self.state.save(&desired)
+        } else {
+            Ok(())
+        };
+        let applied = self.enforcer.apply(desired, now).await;
+        if applied.is_err()
+            && must_store
+            && let Some(in_force) = self.enforcer.applied()
+        {
+            stored = self.state.save(in_force);
+        }
+        self.unstored = match stored {
+            Ok(()) => None,
+            Err(error) => {
+                tracing::warn!(%error, "ruleset enforced but not stored; a restart would not restore it");
+                Some(format!("enforced but not stored: {error}"))
+            }
+        };
+        applied
     }
 
     /// Writes this agent's `status.enforcement` entry when it changed; false if the write
@@ -329,12 +443,7 @@ impl Agent {
         let entry = EnforcementReport {
             agent: self.config.agent.clone(),
             host: self.config.host.clone(),
-            addresses: self
-                .config
-                .addresses
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            addresses: self.addresses.iter().map(ToString::to_string).collect(),
             observed_generation: current.generation,
             rules_hash: current.hash.clone(),
             applied_at: Time(self.applied_at.unwrap_or_else(Timestamp::now)),
@@ -360,5 +469,22 @@ impl Agent {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_hears_ready_on_its_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        notify(path.as_os_str(), "READY=1").unwrap();
+        let mut buffer = [0; 16];
+        let read = socket.recv(&mut buffer).unwrap();
+        assert_eq!(&buffer[..read], b"READY=1");
+        assert!(notify(std::ffi::OsStr::new("/nonexistent/notify"), "READY=1").is_err());
     }
 }

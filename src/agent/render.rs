@@ -10,7 +10,9 @@
 //! 2. loopback and IPv6 neighbour discovery are accepted: they never cross an Azure NSG
 //!    (host-local traffic and the link layer are below it), and dropping ND breaks IPv6.
 //! 3. packets to an address that is not one of the agent's `return` (the policy accepts them):
-//!    the NSG governs the machine's addresses, nothing else on the host.
+//!    the NSG governs the machine's addresses, nothing else on the host. A family in which
+//!    the machine has no address is left alone likewise, which is why the agent protects
+//!    every local address by default (see [`machine_wide`]).
 //! 4. the NSG rules in evaluation order, each as one or more nft rules with the rule's
 //!    verdict (Allow = accept, Deny = drop); a final `drop` mirrors [`rules::evaluate`],
 //!    which fails closed when no rule matches.
@@ -20,6 +22,7 @@
 //! does not grow with the number of grants, a grant closes in the kernel even when nothing
 //! else runs, and adding or removing one is an element update, not a reload.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -211,11 +214,13 @@ pub fn render(policy: &Policy, target: &Target, now: Timestamp) -> Ruleset {
     }));
     builder.preamble();
 
-    let inbound: Vec<&Rule> = policy
+    let widened: Vec<Cow<'_, Rule>> = policy
         .rules
         .iter()
         .filter(|r| r.direction == Direction::Inbound)
+        .map(|r| machine_wide(r, &target.addresses, &policy.scope))
         .collect();
+    let inbound: Vec<&Rule> = widened.iter().map(AsRef::as_ref).collect();
     let expiry = |rule: &Rule| match &rule.origin {
         Origin::SecurityRule { name } => policy.expiries.get(name).copied(),
         _ => None,
@@ -255,6 +260,45 @@ pub fn render(policy: &Policy, target: &Target, now: Timestamp) -> Ruleset {
         builder.grant_elements(run, &pending, now);
     }
     builder.finish()
+}
+
+/// The policy's rules as they apply to a machine with `addresses` (see [`machine_wide`]),
+/// in evaluation order: what [`crate::rules::evaluate`] must be asked for the verdicts the
+/// rendered ruleset gives.
+pub fn as_enforced(policy: &Policy, addresses: &[IpAddr]) -> Vec<Rule> {
+    policy
+        .rules
+        .iter()
+        .map(|r| machine_wide(r, addresses, &policy.scope).into_owned())
+        .collect()
+}
+
+/// A JIT rule aimed at one of the machine's addresses, aimed at all of them.
+///
+/// The operator's rules name the one address a policy gives the machine, but the machine
+/// answers on every address it has: its IPv6 addresses, a second IPv4 address. A JIT deny
+/// that closed the port on one of them only would be walked around with `ssh -6`, so a JIT
+/// rule that concerns this machine concerns all of it: the deny closes every address, and a
+/// grant opens the port on the machine's addresses of the grant's source family (a grant
+/// names a machine, a port and a source; it never opens more than those). Users' rules
+/// are enforced as written.
+fn machine_wide<'a>(rule: &'a Rule, addresses: &[IpAddr], scope: &Scope) -> Cow<'a, Rule> {
+    let aimed_here = rule.jit
+        && addresses.iter().any(|a| {
+            rule.destination_prefixes
+                .iter()
+                .any(|p| p.matches(*a, scope))
+        });
+    if !aimed_here {
+        return Cow::Borrowed(rule);
+    }
+    Cow::Owned(Rule {
+        destination_prefixes: addresses
+            .iter()
+            .map(|a| AddressPrefix::Net(IpNet::from(*a)))
+            .collect(),
+        ..rule.clone()
+    })
 }
 
 /// Whether a rule is rendered as set elements: an operator-made allow with ports and

@@ -44,15 +44,15 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
 }
 
 /// The protected machine.
-const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// Client source A (gets the grant) and B (does not).
-const A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
-const B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
+pub const A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+pub const B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
 /// How long a SYN may go unanswered before the verdict is "dropped". On a veth pair an
 /// accepted SYN is answered in microseconds; a timeout that looks like a drop where an
 /// accept was expected is re-checked with [`SLOW_CONNECT`] before it counts.
-const DROP_TIMEOUT: Duration = Duration::from_millis(300);
-const SLOW_CONNECT: Duration = Duration::from_secs(3);
+pub const DROP_TIMEOUT: Duration = Duration::from_millis(300);
+pub const SLOW_CONNECT: Duration = Duration::from_secs(3);
 
 /// The NSG of the API-driven tests: the vm's /28 is the virtual network (so A and B are
 /// "Internet"), HTTP is open to the Internet, everything else falls to DenyAllInBound.
@@ -61,11 +61,11 @@ fn nsg() -> String {
 }
 
 /// SSH to the vm may be requested from the clients' /28 for up to an hour.
-fn policy() -> String {
+pub fn policy() -> String {
     ssh_policy("198.18.0.16/28", "")
 }
 
-fn request(name: &str, source: Ipv4Addr, duration: &str) -> String {
+pub fn request(name: &str, source: IpAddr, duration: &str) -> String {
     format!(
         r#"apiVersion: jit.portcullis.dev/v1alpha1
 kind: JitRequest
@@ -119,7 +119,7 @@ fn unsupported() -> Option<String> {
 
 /// Prints the loud skip line; true when the test must stop here (and pass). The probe
 /// runs once per process (tests run in parallel and would race on it).
-fn skipped(test: &str) -> bool {
+pub fn skipped(test: &str) -> bool {
     static UNSUPPORTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     match UNSUPPORTED.get_or_init(unsupported) {
         None => false,
@@ -130,10 +130,10 @@ fn skipped(test: &str) -> bool {
     }
 }
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs `ip ARGS`, failing with its standard error.
-fn ip(args: &[&str]) -> Result<(), Error> {
+pub fn ip(args: &[&str]) -> Result<(), Error> {
     let out = std::process::Command::new("ip").args(args).output()?;
     if out.status.success() {
         Ok(())
@@ -149,17 +149,17 @@ fn ip(args: &[&str]) -> Result<(), Error> {
 
 /// The two namespaces, the files of the SSH setup and the processes started in them, all
 /// removed on drop, whatever path the test took.
-struct Lab {
-    vm: String,
-    client: String,
+pub struct Lab {
+    pub vm: String,
+    pub client: String,
     dir: tempfile::TempDir,
     sshd: Option<Child>,
-    agent: Option<Child>,
+    pub agent: Option<Child>,
 }
 
 impl Lab {
     /// Two namespaces joined by a veth pair: the vm has [`VM`], the client `sources`.
-    fn new(sources: &[Ipv4Addr]) -> Result<Self, Error> {
+    pub fn new(sources: &[Ipv4Addr]) -> Result<Self, Error> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let id = format!(
             "{}x{}",
@@ -209,7 +209,7 @@ impl Lab {
         Ok(lab)
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
@@ -260,17 +260,34 @@ impl Lab {
         Ok(())
     }
 
-    /// The agent binary for `ctx`'s NSG `nsg`, its log in the lab directory.
-    fn start_agent(&mut self, ctx: &Ctx, name: &str) -> Result<(), Error> {
+    /// The agent binary for `ctx`'s NSG `nsg`, protecting [`VM`], its log and its state in
+    /// the lab directory.
+    pub fn start_agent(&mut self, ctx: &Ctx, name: &str) -> Result<(), Error> {
+        let kubeconfig = ctx.plane.kubeconfig("admin");
+        self.start_agent_with(ctx, name, &["--address", &VM.to_string()], &kubeconfig)
+    }
+
+    /// The agent with `args` (on top of the NSG, its name, the namespace and the state
+    /// directory), reaching the apiserver through `kubeconfig`.
+    pub fn start_agent_with(
+        &mut self,
+        ctx: &Ctx,
+        name: &str,
+        args: &[&str],
+        kubeconfig: &Path,
+    ) -> Result<(), Error> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("agent.log"))?;
         let agent = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["agent", "--nsg", &format!("{}/nsg", ctx.ns)])
-            .args(["--address", &VM.to_string(), "--agent-name", name])
+            .args(["--agent-name", name])
+            .args(args)
             .args(["--netns", &self.vm])
-            .env("KUBECONFIG", ctx.plane.kubeconfig("admin"))
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -281,29 +298,55 @@ impl Lab {
         Ok(())
     }
 
-    fn agent_log(&self) -> String {
+    pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
     }
 
     /// A TCP connect from `source` in the client namespace to the vm's `port`.
     async fn connect(&self, source: Ipv4Addr, port: u16, timeout: Duration) -> Verdict {
-        match client_sockets(&self.client, &[IpAddr::V4(source)]) {
+        self.connect_to(source.into(), VM.into(), port, timeout)
+            .await
+    }
+
+    /// A TCP connect from `source` in the client namespace to `destination`'s `port`.
+    pub async fn connect_to(
+        &self,
+        source: IpAddr,
+        destination: IpAddr,
+        port: u16,
+        timeout: Duration,
+    ) -> Verdict {
+        match client_sockets(&self.client, &[source]) {
             Ok(mut sockets) => {
                 let (socket, _) = sockets.remove(0);
-                connect(socket, port, timeout).await
+                connect(socket, SocketAddr::new(destination, port), timeout).await
             }
             Err(error) => Verdict::Error(error.to_string()),
         }
     }
 
-    /// Waits until connects from `source` to `port` get `wanted` (passes or drops).
-    async fn until(&self, source: Ipv4Addr, port: u16, passes: bool) -> Result<(), Error> {
+    /// Waits until connects from `source` to the vm's `port` get `wanted` (passes or drops).
+    pub async fn until(&self, source: Ipv4Addr, port: u16, passes: bool) -> Result<(), Error> {
+        self.until_to(source.into(), VM.into(), port, passes).await
+    }
+
+    /// Waits until connects from `source` to `destination`'s `port` pass, or are dropped.
+    pub async fn until_to(
+        &self,
+        source: IpAddr,
+        destination: IpAddr,
+        port: u16,
+        passes: bool,
+    ) -> Result<(), Error> {
         let what = format!(
-            "{port} to be {} from {source}",
+            "{destination} port {port} to be {} from {source}",
             if passes { "reachable" } else { "dropped" }
         );
         eventually(&what, || async {
-            (self.connect(source, port, DROP_TIMEOUT).await.passed() == passes).then_some(())
+            let verdict = self
+                .connect_to(source, destination, port, DROP_TIMEOUT)
+                .await;
+            (verdict.passed() == passes).then_some(())
         })
         .await
         .map_err(|e| format!("{e}\nagent log:\n{}", self.agent_log()))?;
@@ -368,7 +411,7 @@ impl Drop for Lab {
 
 /// What a connect attempt saw.
 #[derive(Debug, PartialEq, Eq)]
-enum Verdict {
+pub enum Verdict {
     /// The handshake completed.
     Connected,
     /// A RST came back: the SYN passed the firewall, nothing listens.
@@ -379,7 +422,7 @@ enum Verdict {
 }
 
 impl Verdict {
-    fn passed(&self) -> bool {
+    pub fn passed(&self) -> bool {
         matches!(self, Verdict::Connected | Verdict::Refused)
     }
 }
@@ -399,7 +442,11 @@ fn client_sockets(netns: &str, sources: &[IpAddr]) -> Result<Vec<(TcpSocket, u16
         sources
             .iter()
             .map(|source| {
-                let socket = TcpSocket::new_v4()?;
+                let socket = if source.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
                 socket.bind(SocketAddr::new(*source, 0))?;
                 let port = socket.local_addr()?.port();
                 Ok((socket, port))
@@ -410,8 +457,8 @@ fn client_sockets(netns: &str, sources: &[IpAddr]) -> Result<Vec<(TcpSocket, u16
     .map_err(|_| "socket thread panicked")?
 }
 
-async fn connect(socket: TcpSocket, port: u16, timeout: Duration) -> Verdict {
-    match tokio::time::timeout(timeout, socket.connect(SocketAddr::from((VM, port)))).await {
+async fn connect(socket: TcpSocket, destination: SocketAddr, timeout: Duration) -> Verdict {
+    match tokio::time::timeout(timeout, socket.connect(destination)).await {
         Err(_) => Verdict::TimedOut,
         Ok(Ok(_)) => Verdict::Connected,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Verdict::Refused,
@@ -441,7 +488,7 @@ fn listen(lab: &Lab, port: u16) -> Result<tokio::task::JoinHandle<()>, Error> {
 }
 
 /// Sets up the NSG and waits for the agent's report of it.
-async fn enforced(ctx: &Ctx, lab: &Lab, agent: &str) -> Result<(), Error> {
+pub async fn enforced(ctx: &Ctx, lab: &Lab, agent: &str) -> Result<(), Error> {
     succeeded(&ctx.apply(&nsg()))?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     eventually(&format!("agent {agent} to report"), || async {
@@ -457,7 +504,7 @@ async fn enforced(ctx: &Ctx, lab: &Lab, agent: &str) -> Result<(), Error> {
     Ok(())
 }
 
-async fn granted(ctx: &Ctx, name: &str) -> Result<(), Error> {
+pub async fn granted(ctx: &Ctx, name: &str) -> Result<(), Error> {
     let requests: Api<portcullis::api::JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     eventually(&format!("jitr/{name} to be granted"), || async {
         let request = requests.get_opt(name).await.ok().flatten()?;
@@ -514,7 +561,7 @@ async fn grant_admits_only_its_source_until_revoked(ctx: Ctx) -> TestResult {
     enforced(&ctx, &lab, "vm-1").await?;
     succeeded(&ctx.apply(&policy()))?;
     lab.until(A, 22, false).await?;
-    succeeded(&ctx.apply_as("alice", &["team-web"], &request("ssh-a", A, "PT10M")))?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("ssh-a", A.into(), "PT10M")))?;
     granted(&ctx, "ssh-a").await?;
     lab.until(A, 22, true).await?;
     if !lab.ssh_logs_in(A).await? {
@@ -550,7 +597,7 @@ async fn established_session_survives_expiry(ctx: Ctx) -> TestResult {
     lab.start_agent(&ctx, "vm-1")?;
     enforced(&ctx, &lab, "vm-1").await?;
     succeeded(&ctx.apply(&policy()))?;
-    succeeded(&ctx.apply_as("alice", &["team-web"], &request("short", A, "PT12S")))?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("short", A.into(), "PT12S")))?;
     granted(&ctx, "short").await?;
     lab.until(A, 22, true).await?;
     let mut session = lab
@@ -590,7 +637,11 @@ async fn grant_ends_on_time_with_the_agent_killed(ctx: Ctx) -> TestResult {
     lab.start_agent(&ctx, "vm-1")?;
     enforced(&ctx, &lab, "vm-1").await?;
     succeeded(&ctx.apply(&policy()))?;
-    succeeded(&ctx.apply_as("alice", &["team-web"], &request("doomed", A, "PT10S")))?;
+    succeeded(&ctx.apply_as(
+        "alice",
+        &["team-web"],
+        &request("doomed", A.into(), "PT10S"),
+    ))?;
     granted(&ctx, "doomed").await?;
     lab.until(A, 22, true).await?;
     let requests: Api<portcullis::api::JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
@@ -719,7 +770,7 @@ fn random_nsg(random: &mut Random, now: Timestamp) -> Policy {
         "198.19.0.0/24",
         "198.18.1.0/24",
         "198.18.0.0/28",
-        "2001:db8::/48",
+        "2001:2::/48",
     ];
     let sources = [
         "*",
@@ -734,7 +785,7 @@ fn random_nsg(random: &mut Random, now: Timestamp) -> Policy {
         "198.18.0.0/15",
         "198.18.0.64/26",
         "203.0.113.0/24",
-        "2001:db8::/32",
+        "2001:2:0:1::/64",
     ];
     let destinations = [
         "*",
@@ -743,7 +794,7 @@ fn random_nsg(random: &mut Random, now: Timestamp) -> Policy {
         "Internet",
         "198.18.0.0/24",
         "198.19.0.0/16",
-        "2001:db8::10",
+        "2001:2::10",
     ];
     let destination_ports = [
         "*",
@@ -861,7 +912,7 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
     // carry its IPv6 half too, which nft must accept.
     let target = Target {
         table: "portcullis".into(),
-        addresses: vec![IpAddr::V4(VM), "2001:db8::10".parse()?],
+        addresses: vec![IpAddr::V4(VM), "2001:2::10".parse()?],
     };
     const NSGS: usize = 10;
     const PACKETS: usize = 40;
@@ -871,6 +922,9 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
         let now = Timestamp::now();
         let policy = random_nsg(&mut random, now);
         let ruleset = render::render(&policy, &target, now);
+        // The oracle sees the rules as they apply to this machine: JIT rules aimed at one
+        // of its addresses cover all of them.
+        let enforced = render::as_enforced(&policy, &target.addresses);
         enforcer.apply(ruleset, now).await?;
         let picks: Vec<(Ipv4Addr, u16)> = (0..PACKETS)
             .map(|_| (*random.pick(&SOURCES), *random.pick(&PORTS)))
@@ -892,14 +946,19 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
                 async move {
                     (
                         packet,
-                        connect(socket, packet.destination_port, DROP_TIMEOUT).await,
+                        connect(
+                            socket,
+                            SocketAddr::from((VM, packet.destination_port)),
+                            DROP_TIMEOUT,
+                        )
+                        .await,
                     )
                 }
             });
         let results = futures::future::join_all(attempts).await;
         for (packet, seen) in results {
             checked += 1;
-            let want = rules::evaluate(&policy.rules, &packet, &policy.scope);
+            let want = rules::evaluate(&enforced, &packet, &policy.scope);
             let mut passed = seen.passed();
             if let Verdict::Error(error) = &seen {
                 return Err(format!("connect failed: {error}").into());
@@ -913,10 +972,14 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
                     source_port: sport,
                     ..packet
                 };
-                if rules::evaluate(&policy.rules, &retry, &policy.scope).access == Access::Allow {
-                    passed = connect(socket, packet.destination_port, SLOW_CONNECT)
-                        .await
-                        .passed();
+                if rules::evaluate(&enforced, &retry, &policy.scope).access == Access::Allow {
+                    passed = connect(
+                        socket,
+                        SocketAddr::from((VM, packet.destination_port)),
+                        SLOW_CONNECT,
+                    )
+                    .await
+                    .passed();
                 }
             }
             if passed != (want.access == Access::Allow) {
@@ -949,7 +1012,7 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
                 "seed {seed}: {} mismatches:\n{}\nrules: {:#?}\nscope: {:?}\nkernel:\n{}",
                 mismatches.len(),
                 mismatches.join("\n"),
-                policy.rules,
+                enforced,
                 policy.scope,
                 String::from_utf8_lossy(&table.stdout)
             )

@@ -10,6 +10,7 @@ mod deploy;
 mod enforcement;
 mod examples;
 mod exposure;
+mod failclosed;
 mod harness;
 mod leader;
 mod make_run;
@@ -39,13 +40,14 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 11] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 12] = [
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
         ("enforcement", enforcement::tests()),
         ("examples", examples::tests()),
         ("exposure", exposure::tests()),
+        ("failclosed", failclosed::tests()),
         ("harness", harness::tests()),
         ("leader", leader::tests()),
         ("restart", restart::tests()),

@@ -171,7 +171,7 @@ fn internet_is_the_negated_virtual_network_set() {
 #[test]
 fn a_rule_without_family_specific_matches_is_pinned_to_its_family() {
     let mut target = target();
-    target.addresses.push("2001:db8::10".parse().unwrap());
+    target.addresses.push("2001:2::10".parse().unwrap());
     let ruleset = render(
         &policy(vec![rule("any-80", 300, Access::Allow, "*", "80")], &[]),
         &target,
@@ -243,7 +243,7 @@ fn overlapping_lists_are_merged() {
         [
             "198.18.0.0/24".parse().unwrap(),
             "198.18.0.16/28".parse().unwrap(),
-            "2001:db8::/32".parse().unwrap(),
+            "2001:2::/32".parse().unwrap(),
         ],
         Family::V4,
     );
@@ -310,5 +310,66 @@ fn any_protocol_grants_cover_tcp_udp_and_icmp() {
     assert_eq!(
         protocols,
         vec![(1, (0, 65535)), (6, (22, 22)), (17, (22, 22))]
+    );
+}
+
+#[test]
+fn a_jit_rule_aimed_at_the_machine_covers_all_its_addresses() {
+    let target = Target {
+        table: "portcullis".into(),
+        addresses: ["198.18.0.10", "198.18.0.11", "2001:2::10"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect(),
+    };
+    let aimed = |rule: Rule| Rule {
+        destination_prefixes: vec!["198.18.0.10".parse().unwrap()],
+        ..rule
+    };
+    let deny = aimed(Rule {
+        jit: true,
+        origin: Origin::SecurityRule {
+            name: "jit-deny".into(),
+        },
+        ..rule("jit-deny", 150, Access::Deny, "*", "22")
+    });
+    let user = aimed(rule("user-https", 200, Access::Allow, "Internet", "443"));
+    let v6_grant = aimed(grant("g6", 100, "2001:2::20", "22"));
+    let ruleset = render(
+        &policy(vec![deny, user, v6_grant], &[("g6", 60)]),
+        &target,
+        now(),
+    );
+    let rules = chain(&ruleset);
+    // The deny covers every address of each family: its destination match, reduced to
+    // the agent's own addresses, disappears (packets to other addresses returned earlier).
+    let drops: Vec<&String> = rules.iter().filter(|r| r.contains("drop")).collect();
+    for (family, addresses) in [
+        ("ipv4", &["198.18.0.10", "198.18.0.11"][..]),
+        ("ipv6", &["2001:2::10"][..]),
+    ] {
+        assert!(
+            drops.iter().any(|r| r.contains(family)
+                && r.contains("\"right\":22")
+                && (!r.contains("daddr") || addresses.iter().all(|a| r.contains(a)))),
+            "the JIT deny does not close port 22 on every {family} address: {drops:#?}"
+        );
+    }
+    // The user's rule stays aimed where the user aimed it.
+    let https: Vec<&String> = rules.iter().filter(|r| r.contains("443")).collect();
+    assert!(
+        https
+            .iter()
+            .all(|r| !r.contains("198.18.0.11") && !r.contains("2001:2::10"))
+    );
+    // The IPv6 grant opens the machine's IPv6 address only.
+    let opened: Vec<(String, IpAddr)> = ruleset
+        .grants
+        .iter()
+        .flat_map(|(set, elements)| elements.keys().map(|k| (set.clone(), k.destination)))
+        .collect();
+    assert_eq!(
+        opened,
+        vec![("jit_allow_v6".to_owned(), "2001:2::10".parse().unwrap())]
     );
 }

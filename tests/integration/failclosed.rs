@@ -1,0 +1,210 @@
+//! The agent failing closed: a restart with the apiserver out of reach puts the stored
+//! table back (a reboot opens nothing), and a protected port is closed on every address
+//! of the machine, IPv4 and IPv6, not only the one the policy names. Same lab as
+//! [`crate::enforcement`]; addresses from 198.18.0.0/15 and 2001:2::/48 only.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Instant;
+
+use jiff::Timestamp;
+use kube::api::Api;
+use portcullis::api::NetworkSecurityGroup;
+
+use crate::enforcement::{
+    A, B, Error, Lab, SLOW_CONNECT, VM, enforced, granted, ip, policy, request, skipped,
+};
+use crate::support::{Ctx, TestResult, eventually, succeeded};
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
+    crate::tests![
+        a_restart_without_apiserver_restores_the_table,
+        every_address_of_the_machine_is_protected,
+    ]
+}
+
+/// The vm's second IPv4 address and its IPv6 address; the clients' IPv6 addresses.
+const VM_2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+const VM_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
+const A_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x20);
+const B_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x21);
+
+/// The expiry of `name`'s first grant.
+async fn expiry(ctx: &Ctx, name: &str) -> Result<Timestamp, Error> {
+    let requests: Api<portcullis::api::JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    requests
+        .get(name)
+        .await?
+        .status
+        .and_then(|s| s.grants.first().map(|g| g.end_time.0))
+        .ok_or_else(|| format!("{name} has no grant").into())
+}
+
+async fn a_restart_without_apiserver_restores_the_table(ctx: Ctx) -> TestResult {
+    if skipped("a_restart_without_apiserver_restores_the_table") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    succeeded(&ctx.apply(&policy()))?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("ssh-a", A.into(), "PT30S")))?;
+    granted(&ctx, "ssh-a").await?;
+    let expires = expiry(&ctx, "ssh-a").await?;
+    // Nothing listens on 22: a SYN that passes is answered by a reset.
+    lab.until(A, 22, true).await?;
+    lab.until(B, 22, false).await?;
+
+    // A reboot: the agent gone, the kernel's table gone, the apiserver out of reach.
+    let mut agent = lab.agent.take().ok_or("no agent")?;
+    agent.kill().await?;
+    agent.wait().await?;
+    let deleted = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.vm,
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "portcullis",
+        ])
+        .status()?;
+    if !deleted.success() {
+        return Err("cannot delete the agent's table".into());
+    }
+    if !lab
+        .connect_to(B.into(), VM.into(), 22, SLOW_CONNECT)
+        .await
+        .passed()
+    {
+        return Err("port 22 is still closed without the table: the test proves nothing".into());
+    }
+    let admin = std::fs::read_to_string(ctx.plane.kubeconfig("admin"))?;
+    let unreachable = lab.path("unreachable.kubeconfig");
+    // Port 9 on loopback: nothing listens, every connect is refused.
+    std::fs::write(
+        &unreachable,
+        admin.replace(ctx.plane.server(), "https://127.0.0.1:9"),
+    )?;
+    let started = Instant::now();
+    lab.start_agent_with(&ctx, "vm-1", &["--address", &VM.to_string()], &unreachable)?;
+    lab.until(B, 22, false).await?;
+    let closed_after = started.elapsed();
+    if closed_after.as_secs_f64() > 2.0 {
+        return Err(format!("port 22 closed {closed_after:?} after the agent started").into());
+    }
+    // The grant still works, and still ends on time, with nobody to ask.
+    if !lab
+        .connect_to(A.into(), VM.into(), 22, SLOW_CONNECT)
+        .await
+        .passed()
+    {
+        return Err(format!("the restored grant does not admit A:\n{}", lab.agent_log()).into());
+    }
+    lab.until(A, 22, false).await?;
+    let late = Timestamp::now().duration_since(expires).as_secs_f64();
+    if !(-0.5..=2.5).contains(&late) {
+        return Err(format!("the restored grant ended {late:.2} s after its expiry").into());
+    }
+    if !lab.agent_log().contains("stored ruleset restored") {
+        return Err(format!("no restore in the agent log:\n{}", lab.agent_log()).into());
+    }
+    Ok(())
+}
+
+/// The vm gets [`VM_2`] and [`VM_6`], the client [`A_6`] and [`B_6`] (no duplicate address
+/// detection, so they are usable at once).
+fn dual_stack(lab: &Lab) -> Result<(), Error> {
+    let (vm, client) = (lab.vm.as_str(), lab.client.as_str());
+    ip(&[
+        "-n",
+        vm,
+        "addr",
+        "add",
+        &format!("{VM_2}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        client,
+        "route",
+        "add",
+        &format!("{VM_2}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        vm,
+        "addr",
+        "add",
+        &format!("{VM_6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    for address in [A_6, B_6] {
+        ip(&[
+            "-n",
+            client,
+            "addr",
+            "add",
+            &format!("{address}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    Ok(())
+}
+
+async fn every_address_of_the_machine_is_protected(ctx: Ctx) -> TestResult {
+    if skipped("every_address_of_the_machine_is_protected") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    dual_stack(&lab)?;
+    // No --address: the agent protects whatever the machine has.
+    let kubeconfig = ctx.plane.kubeconfig("admin");
+    lab.start_agent_with(&ctx, "vm-1", &[], &kubeconfig)?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    eventually("the agent to report every address", || async {
+        let status = nsgs.get_opt("nsg").await.ok().flatten()?.status?;
+        let mine = status.enforcement.iter().find(|r| r.agent == "vm-1")?;
+        [VM.to_string(), VM_2.to_string(), VM_6.to_string()]
+            .iter()
+            .all(|a| mine.addresses.contains(a))
+            .then_some(())
+    })
+    .await?;
+    // The policy names 198.18.0.10 only, and lets IPv6 clients ask too.
+    let dual = policy().replace(
+        "allowedSourceAddressPrefix: 198.18.0.16/28",
+        "allowedSourceAddressPrefixes: [198.18.0.16/28, \"2001:2::/48\"]",
+    );
+    if dual == policy() {
+        return Err("the policy template changed; the test would not test IPv6".into());
+    }
+    succeeded(&ctx.apply(&dual))?;
+    let (a, a_6, b_6): (IpAddr, IpAddr, IpAddr) = (A.into(), A_6.into(), B_6.into());
+    for (source, destination) in [(a, VM.into()), (a, VM_2.into()), (a_6, VM_6.into())] {
+        lab.until_to(source, destination, 22, false).await?;
+    }
+    // An IPv6 grant opens the machine's IPv6 address to that source, and nothing else.
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("ssh-6", a_6, "PT10M")))?;
+    granted(&ctx, "ssh-6").await?;
+    lab.until_to(a_6, VM_6.into(), 22, true).await?;
+    for (source, destination) in [(b_6, VM_6.into()), (a, VM.into()), (a, VM_2.into())] {
+        if lab
+            .connect_to(source, destination, 22, crate::enforcement::DROP_TIMEOUT)
+            .await
+            .passed()
+        {
+            return Err(format!("{source} reached {destination}:22 with another's grant").into());
+        }
+    }
+    Ok(())
+}
