@@ -61,6 +61,12 @@ pub async fn run() -> BenchResult<Vec<Row>> {
     let mut rows = Vec::new();
 
     // 1. Baseline.
+    let floor_small = floor(&admin, "scale-floor-baseline").await?;
+    rows.push(percentiles(
+        "floor: write → watch event, small cluster",
+        &floor_small,
+        None,
+    ));
     grant_latency(&admin, &requesters, "scale-baseline", BASELINE_ACTIVE).await?;
     let baseline = timed_grants(&admin, &requesters, "scale-baseline-timed").await?;
     let baseline_p99 = percentile(&baseline, 0.99);
@@ -122,6 +128,14 @@ pub async fn run() -> BenchResult<Vec<Row>> {
         target: "-".into(),
         met: None,
     });
+    // What the control plane itself costs at this size: the same plain writes as above.
+    let floor_at_size = floor(&admin, "scale-floor-at-size").await?;
+    rows.push(percentiles(
+        "floor: write → watch event, at size",
+        &floor_at_size,
+        None,
+    ));
+    requesters.warm().await?;
     let at_size = timed_grants(&admin, &requesters, "scale-at-size-timed").await?;
     let at_size_p99 = percentile(&at_size, 0.99);
     rows.push(Row {
@@ -138,7 +152,10 @@ pub async fn run() -> BenchResult<Vec<Row>> {
     let rss = operator.peak_rss_mib()?;
     rows.push(Row {
         name: "operator peak RSS at size",
-        value: format!("{rss:.0} MiB"),
+        value: format!(
+            "{rss:.0} MiB (now {:.0} MiB)",
+            memory_mib(operator.pid(), "VmRSS")?
+        ),
         target: "≤ 1 GiB".into(),
         met: Some(rss <= 1024.0),
     });

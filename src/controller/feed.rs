@@ -127,6 +127,23 @@ impl Triggers {
     }
 }
 
+/// What `kubectl apply` keeps on every object it applies: a second copy of the object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Leaves out of the cache what no reconciler reads and what can be as large as the object
+/// itself: `managedFields`, and the copy `kubectl apply` keeps in an annotation. Policies,
+/// requests and NSGs are applied with kubectl; at 100,000 requests that halves the cache.
+fn slim<K: Watched>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
 /// Watches `api` for as long as the stream lasts (it retries with backoff, never ends on
 /// its own): each batch of changes goes to `changed` after the cache `writer` holds it;
 /// the first full list calls `all_synced` if it was the last of the kinds to list.
@@ -143,7 +160,7 @@ pub async fn watch<K>(
     let mut events = pin!(
         watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+            .modify(slim::<K>)
     );
     let mut first_list = true;
     while let Some(event) = events.next().await {
@@ -255,5 +272,25 @@ mod tests {
         // The same name in another namespace is another object; the lost one keeps its
         // last state for whoever needs it (a deleted request's history record).
         assert_eq!(deleted, [(key("a", "gone"), true)]);
+    }
+
+    #[test]
+    fn the_cache_keeps_no_copy_of_the_object_and_the_users_annotations() {
+        let mut object = Arc::unwrap_or_clone(nsg("a", "web"));
+        object.metadata.managed_fields = Some(vec![Default::default()]);
+        object.metadata.annotations = Some(
+            [
+                (LAST_APPLIED.to_owned(), "{\"a copy\": true}".to_owned()),
+                ("team".to_owned(), "web".to_owned()),
+            ]
+            .into(),
+        );
+        slim(&mut object);
+        assert_eq!(object.metadata.managed_fields, None);
+        let annotations = object.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
+        object.metadata.annotations = Some([(LAST_APPLIED.to_owned(), String::new())].into());
+        slim(&mut object);
+        assert_eq!(object.metadata.annotations, None);
     }
 }
