@@ -98,10 +98,10 @@ pub struct NetworkSecurityGroupStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// Inline rules, the users' SecurityRule objects and the defaults, in evaluation order.
-    /// The operator's JIT rules are counted (`jitDenyRules`, `activeGrants`), not listed:
-    /// an NSG in front of thousands of machines carries a deny per machine and any number
-    /// of grants, and the object must stay far below etcd's size limit. Each is a
+    /// Inline rules, SecurityRule objects and the defaults, in evaluation order. JIT grants
+    /// are counted in `activeGrants`, not listed, and JIT denies (one per protected machine)
+    /// are listed up to 256 and only counted in `jitDenyRules` beyond: an NSG may carry
+    /// thousands of each, and the object must stay far below etcd's size limit. Each is a
     /// SecurityRule of its own (`kubectl get nsgrule -l jit.portcullis.dev/nsg=NAME`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub effective_rules: Vec<EffectiveRule>,

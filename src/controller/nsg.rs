@@ -1,8 +1,8 @@
 //! The NSG controller: computes each NSG's effective rules (inline rules, `SecurityRule`
 //! objects that have not expired, Azure's defaults), priority conflicts, and the management
-//! ports exposed to the Internet, and writes them to status only when they change. The
-//! operator's own JIT rules (denies and grants) are counted there, not listed: the status
-//! stays small however many machines and grants an NSG has.
+//! ports exposed to the Internet, and writes them to status only when they change. Grants
+//! are counted there, not listed, and so are the JIT denies of an NSG in front of many
+//! machines: the status stays small however many machines and grants an NSG has.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -28,6 +28,8 @@ const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 /// Coalesces a burst of rule changes (many grants at once) into one status write; the
 /// status is a view for people, enforcement does not wait for it.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How many JIT deny rules the status lists before it only counts them (see [`listed`]).
+const MAX_LISTED_DENIES: usize = 256;
 /// A safety net: even with no change and no expiry ahead, look again this often.
 const RESYNC: Duration = Duration::from_secs(600);
 /// Addresses from the documentation ranges, used as "somebody on the Internet" when
@@ -120,16 +122,10 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
             .map(|d| d.into_condition(&previous.conditions, generation, &now_time))
             .collect(),
         effective_rule_count: Some(effective.len() as u32),
-        jit_deny_rules: Some(
-            effective
-                .iter()
-                .filter(|r| r.jit && r.access == rules::Access::Deny)
-                .count() as u32,
-        ),
+        jit_deny_rules: Some(effective.iter().filter(|r| is_jit_deny(r)).count() as u32),
         active_grants: Some(effective.iter().filter(|r| is_grant(r)).count() as u32),
-        effective_rules: effective
-            .iter()
-            .filter(|r| !r.jit)
+        effective_rules: listed(&effective)
+            .into_iter()
             .map(|r| {
                 let expires_at = match &r.origin {
                     Origin::SecurityRule { name } => expiries.get(name).map(|at| Time(*at)),
@@ -160,7 +156,24 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
     Ok(Action::requeue(wait))
 }
 
-/// Whether `rule` is a JIT grant (counted in the status, like the JIT denies).
+/// The effective rules the status lists: every rule but the grants (counted, never listed),
+/// with the JIT denies while there are at most [`MAX_LISTED_DENIES`] of them. Past that
+/// they are only counted too: an NSG in front of 10,000 machines carries 10,000 denies,
+/// about 3 MiB of status, and etcd refuses objects over 1.5 MiB.
+fn listed(effective: &[rules::Rule]) -> Vec<&rules::Rule> {
+    let denies = effective.iter().filter(|r| is_jit_deny(r)).count();
+    effective
+        .iter()
+        .filter(|r| !is_grant(r))
+        .filter(|r| denies <= MAX_LISTED_DENIES || !is_jit_deny(r))
+        .collect()
+}
+
+fn is_jit_deny(rule: &rules::Rule) -> bool {
+    rule.jit && rule.access == rules::Access::Deny
+}
+
+/// Whether `rule` is a JIT grant (counted in the status, never listed).
 fn is_grant(rule: &rules::Rule) -> bool {
     rule.jit && rule.access == rules::Access::Allow
 }
@@ -492,6 +505,38 @@ mod tests {
                 assert_eq!(met, Some(scanned), "{host}:{port}");
             }
         }
+    }
+
+    #[test]
+    fn grants_are_counted_and_denies_listed_until_there_are_too_many() {
+        let deny = |i: u32| {
+            aimed(
+                rule(&format!("deny-{i}"), 150, Access::Deny, "*", "22", true),
+                &format!("198.18.{}.{}", i / 250, i % 250 + 1),
+            )
+        };
+        let user = rule("http", 300, Access::Allow, "Internet", "80", false);
+        let grant = rule("grant", 100, Access::Allow, "198.19.0.1", "22", true);
+        let few: Vec<rules::Rule> = (0..MAX_LISTED_DENIES as u32)
+            .map(deny)
+            .chain([user.clone(), grant.clone()])
+            .collect();
+        let effective = rules::effective(few);
+        let names: Vec<&str> = listed(&effective).iter().map(|r| r.name.as_str()).collect();
+        assert!(names.contains(&"deny-0") && names.contains(&"http"));
+        assert!(!names.contains(&"grant"));
+        assert_eq!(
+            names.len(),
+            MAX_LISTED_DENIES + 1 + rules::default_rules().len()
+        );
+        let many: Vec<rules::Rule> = (0..=MAX_LISTED_DENIES as u32)
+            .map(deny)
+            .chain([user, grant])
+            .collect();
+        let effective = rules::effective(many);
+        let names: Vec<&str> = listed(&effective).iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names.len(), 1 + rules::default_rules().len());
+        assert!(names.contains(&"http"));
     }
 
     #[test]

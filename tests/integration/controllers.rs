@@ -181,27 +181,25 @@ async fn request_before_policy_waits_then_is_granted(ctx: Ctx) -> TestResult {
         ("JitRequest", Some(true))
     );
 
-    // The NSG's effective view: the user rules and defaults listed, the operator's denies
-    // (web-1, web-2) and grant counted, not listed (an NSG may carry thousands of each). The
-    // deny sits above the user rule, the grant above the deny.
+    // The NSG's effective view: the denies (web-1, web-2) listed and counted, above the
+    // user rules; the grant counted, not listed (an NSG may carry thousands), above them.
     let nsgs: Api<NetworkSecurityGroup> = ctx.api();
-    let status = eventually("the grant and the denies counted", || async {
+    let status = eventually("the grant counted and the denies listed", || async {
         let status = nsgs.get("nsg").await.ok()?.status?;
-        (status.active_grants == Some(1) && status.jit_deny_rules == Some(2)).then_some(status)
+        let denied = status.effective_rules.iter().any(|r| r.name == deny_1);
+        (status.active_grants == Some(1) && status.jit_deny_rules == Some(2) && denied)
+            .then_some(status)
     })
     .await?;
     let view = status.effective_rules;
     assert!(
-        !view
-            .iter()
-            .any(|r| r.name == grant.rule || r.name == deny_1),
-        "a JIT rule is listed in the NSG status"
+        !view.iter().any(|r| r.name == grant.rule),
+        "a grant is listed in the NSG status"
     );
-    assert_eq!(status.effective_rule_count, Some(view.len() as u32 + 3));
-    let deny = ctx.rule_named(&deny_1).await?;
-    let user = view.iter().find(|r| r.name == "allow-http").unwrap();
-    assert!(deny.spec.fields.priority < user.priority);
-    assert!(allow.spec.fields.priority < deny.spec.fields.priority);
+    assert_eq!(status.effective_rule_count, Some(view.len() as u32 + 1));
+    let position = |name: &str| view.iter().position(|r| r.name == name).unwrap();
+    assert!(position(&deny_1) < position("allow-http"));
+    assert!(allow.spec.fields.priority < view[position(&deny_1)].priority);
     assert!(
         view.iter()
             .any(|r| r.name == "DenyAllInBound" && r.origin == RuleOrigin::Default)

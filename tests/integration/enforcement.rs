@@ -9,7 +9,7 @@
 //! prints a loud SKIPPED line and passes.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -207,6 +207,33 @@ impl Lab {
             "eth0",
         ])?;
         Ok(lab)
+    }
+
+    /// IPv6 on the veth pair: `vm` on the vm, `clients` on the client, all in
+    /// 2001:2::/48 and routed over the link (no duplicate address detection, so they are
+    /// usable at once).
+    pub fn add_ipv6(&self, vm: Ipv6Addr, clients: &[Ipv6Addr]) -> Result<(), Error> {
+        let (vm_ns, client_ns) = (self.vm.as_str(), self.client.as_str());
+        ip(&[
+            "-n",
+            vm_ns,
+            "addr",
+            "add",
+            &format!("{vm}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        for address in clients {
+            let address = format!("{address}/128");
+            ip(&[
+                "-n", client_ns, "addr", "add", &address, "dev", "eth0", "nodad",
+            ])?;
+        }
+        for ns in [vm_ns, client_ns] {
+            ip(&["-n", ns, "-6", "route", "add", "2001:2::/48", "dev", "eth0"])?;
+        }
+        Ok(())
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -742,6 +769,18 @@ impl Random {
     }
 }
 
+/// The vm's IPv6 address in the IPv6 labs.
+pub const VM_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
+
+/// The IPv6 client addresses of the differential test, in and out of the prefixes its NSGs
+/// name.
+const SOURCES_6: [Ipv6Addr; 4] = [
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x20),
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x21),
+    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x9),
+    Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x5),
+];
+
 /// The client addresses of the differential test, spread over 198.18.0.0/15 so that
 /// prefixes and tags cut between them.
 const SOURCES: [Ipv4Addr; 12] = [
@@ -786,6 +825,8 @@ fn random_nsg(random: &mut Random, now: Timestamp) -> Policy {
         "198.18.0.64/26",
         "203.0.113.0/24",
         "2001:2:0:1::/64",
+        "2001:2::/64",
+        "2001:2::20",
     ];
     let destinations = [
         "*",
@@ -907,15 +948,16 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
     );
     let mut random = Random(seed);
     let lab = Lab::new(&SOURCES)?;
+    lab.add_ipv6(VM_6, &SOURCES_6)?;
     let mut enforcer = Enforcer::new(Nft::in_netns(&lab.vm)?);
     // The IPv6 address is only in the ruleset (no host has it): it makes every ruleset
     // carry its IPv6 half too, which nft must accept.
     let target = Target {
         table: "portcullis".into(),
-        addresses: vec![IpAddr::V4(VM), "2001:2::10".parse()?],
+        addresses: vec![IpAddr::V4(VM), IpAddr::V6(VM_6)],
     };
     const NSGS: usize = 10;
-    const PACKETS: usize = 40;
+    const PACKETS: usize = 60;
     let mut mismatches = Vec::new();
     let mut checked = 0;
     for round in 0..NSGS {
@@ -926,21 +968,33 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
         // of its addresses cover all of them.
         let enforced = render::as_enforced(&policy, &target.addresses);
         enforcer.apply(ruleset, now).await?;
-        let picks: Vec<(Ipv4Addr, u16)> = (0..PACKETS)
-            .map(|_| (*random.pick(&SOURCES), *random.pick(&PORTS)))
+        // One packet in three over IPv6, to the vm's IPv6 address.
+        let picks: Vec<(IpAddr, u16)> = (0..PACKETS)
+            .map(|_| {
+                let source = if random.chance(33) {
+                    IpAddr::V6(*random.pick(&SOURCES_6))
+                } else {
+                    IpAddr::V4(*random.pick(&SOURCES))
+                };
+                (source, *random.pick(&PORTS))
+            })
             .collect();
-        let sources: Vec<IpAddr> = picks.iter().map(|(s, _)| IpAddr::V4(*s)).collect();
+        let sources: Vec<IpAddr> = picks.iter().map(|(s, _)| *s).collect();
         let sockets = client_sockets(&lab.client, &sources)?;
         let attempts = sockets
             .into_iter()
             .zip(&picks)
             .map(|((socket, sport), (source, port))| {
+                let destination = match source {
+                    IpAddr::V4(_) => IpAddr::V4(VM),
+                    IpAddr::V6(_) => IpAddr::V6(VM_6),
+                };
                 let packet = Packet {
                     direction: Direction::Inbound,
                     protocol: Protocol::Tcp,
-                    source: IpAddr::V4(*source),
+                    source: *source,
                     source_port: sport,
-                    destination: IpAddr::V4(VM),
+                    destination,
                     destination_port: *port,
                 };
                 async move {
@@ -948,7 +1002,7 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
                         packet,
                         connect(
                             socket,
-                            SocketAddr::from((VM, packet.destination_port)),
+                            SocketAddr::new(destination, packet.destination_port),
                             DROP_TIMEOUT,
                         )
                         .await,
@@ -975,7 +1029,7 @@ async fn kernel_verdicts_equal_the_evaluation(_ctx: Ctx) -> TestResult {
                 if rules::evaluate(&enforced, &retry, &policy.scope).access == Access::Allow {
                     passed = connect(
                         socket,
-                        SocketAddr::from((VM, packet.destination_port)),
+                        SocketAddr::new(packet.destination, packet.destination_port),
                         SLOW_CONNECT,
                     )
                     .await

@@ -11,7 +11,7 @@ use kube::api::Api;
 use portcullis::api::NetworkSecurityGroup;
 
 use crate::enforcement::{
-    A, B, Error, Lab, SLOW_CONNECT, VM, enforced, granted, ip, policy, request, skipped,
+    A, B, Error, Lab, SLOW_CONNECT, VM, VM_6, enforced, granted, ip, policy, request, skipped,
 };
 use crate::support::{Ctx, TestResult, eventually, succeeded};
 
@@ -22,9 +22,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     ]
 }
 
-/// The vm's second IPv4 address and its IPv6 address; the clients' IPv6 addresses.
+/// The vm's second IPv4 address; the clients' IPv6 addresses.
 const VM_2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
-const VM_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
 const A_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x20);
 const B_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x21);
 
@@ -113,8 +112,7 @@ async fn a_restart_without_apiserver_restores_the_table(ctx: Ctx) -> TestResult 
     Ok(())
 }
 
-/// The vm gets [`VM_2`] and [`VM_6`], the client [`A_6`] and [`B_6`] (no duplicate address
-/// detection, so they are usable at once).
+/// The vm gets [`VM_2`] and [`VM_6`], the client [`A_6`] and [`B_6`].
 fn dual_stack(lab: &Lab) -> Result<(), Error> {
     let (vm, client) = (lab.vm.as_str(), lab.client.as_str());
     ip(&[
@@ -135,29 +133,7 @@ fn dual_stack(lab: &Lab) -> Result<(), Error> {
         "dev",
         "eth0",
     ])?;
-    ip(&[
-        "-n",
-        vm,
-        "addr",
-        "add",
-        &format!("{VM_6}/64"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    for address in [A_6, B_6] {
-        ip(&[
-            "-n",
-            client,
-            "addr",
-            "add",
-            &format!("{address}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-    }
-    Ok(())
+    lab.add_ipv6(VM_6, &[A_6, B_6])
 }
 
 async fn every_address_of_the_machine_is_protected(ctx: Ctx) -> TestResult {

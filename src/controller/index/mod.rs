@@ -87,9 +87,9 @@ pub struct RequestEntry {
     pub phase: Option<Phase>,
     /// What the policy's history shows of it; a change wakes the policy.
     pub record: (Option<Phase>, Option<Timestamp>, Option<Timestamp>, bool),
-    /// The (machine, port) pairs its open grants hold: where a newer request by the same
-    /// requestor supersedes it.
-    pub open: BTreeSet<(String, u16)>,
+    /// The (machine, port) pairs its open grants hold, sorted: where a newer request by the
+    /// same requestor supersedes it. A vector, not a set: it holds one or a few pairs.
+    pub open: Vec<(String, u16)>,
 }
 
 impl RequestEntry {
@@ -107,13 +107,18 @@ impl RequestEntry {
                 request.metadata.deletion_timestamp.is_some(),
             ),
             open: match status {
-                Some(status) if phase == Some(Phase::Granted) => status
-                    .grants
-                    .iter()
-                    .filter(|g| g.status == GrantState::Initiated)
-                    .map(|g| (g.virtual_machine.clone(), g.number))
-                    .collect(),
-                _ => BTreeSet::new(),
+                Some(status) if phase == Some(Phase::Granted) => {
+                    let mut open: Vec<(String, u16)> = status
+                        .grants
+                        .iter()
+                        .filter(|g| g.status == GrantState::Initiated)
+                        .map(|g| (g.virtual_machine.clone(), g.number))
+                        .collect();
+                    open.sort();
+                    open.dedup();
+                    open
+                }
+                _ => Vec::new(),
             },
         }
     }
@@ -200,8 +205,19 @@ impl Wake {
 }
 
 /// A set-valued map whose empty sets are removed, so it never grows with keys gone.
+///
+/// Most keys hold one value (an owner's one rule, a requestor's one grant of a port), and a
+/// one-element `BTreeSet` allocates a whole node (eleven slots): at 100,000 grants that is
+/// a tenth of the operator's memory. So a lone value is kept as itself.
 #[derive(Debug)]
-struct Multi<K, V>(HashMap<K, BTreeSet<V>>);
+struct Multi<K, V>(HashMap<K, Bucket<V>>);
+
+/// The values under one key of a [`Multi`]: never empty.
+#[derive(Debug)]
+enum Bucket<V> {
+    One(V),
+    Many(BTreeSet<V>),
+}
 
 impl<K, V> Default for Multi<K, V> {
     fn default() -> Self {
@@ -211,15 +227,43 @@ impl<K, V> Default for Multi<K, V> {
 
 impl<K: std::hash::Hash + Eq, V: Ord + Clone> Multi<K, V> {
     fn insert(&mut self, key: K, value: V) {
-        self.0.entry(key).or_default().insert(value);
+        use std::collections::hash_map::Entry;
+        match self.0.entry(key) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Bucket::One(value));
+            }
+            Entry::Occupied(mut occupied) => match occupied.get_mut() {
+                Bucket::One(one) if *one == value => {}
+                Bucket::One(one) => {
+                    let first = one.clone();
+                    *occupied.get_mut() = Bucket::Many(BTreeSet::from([first, value]));
+                }
+                Bucket::Many(many) => {
+                    many.insert(value);
+                }
+            },
+        }
     }
 
     fn remove(&mut self, key: &K, value: &V) {
-        if let Some(set) = self.0.get_mut(key) {
-            set.remove(value);
-            if set.is_empty() {
-                self.0.remove(key);
+        let Some(bucket) = self.0.get_mut(key) else {
+            return;
+        };
+        let gone = match bucket {
+            Bucket::One(one) => one == value,
+            Bucket::Many(many) => {
+                many.remove(value);
+                // A `Many` holds two or more, so one removal leaves at least one.
+                if many.len() == 1
+                    && let Some(last) = many.pop_first()
+                {
+                    *bucket = Bucket::One(last);
+                }
+                false
             }
+        };
+        if gone {
+            self.0.remove(key);
         }
     }
 
@@ -232,8 +276,14 @@ impl<K: std::hash::Hash + Eq, V: Ord + Clone> Multi<K, V> {
         }
     }
 
+    /// The values under `key`, in order.
     fn get<'a>(&'a self, key: &K) -> impl Iterator<Item = &'a V> + use<'a, K, V> {
-        self.0.get(key).into_iter().flatten()
+        let (one, many) = match self.0.get(key) {
+            None => (None, None),
+            Some(Bucket::One(one)) => (Some(one), None),
+            Some(Bucket::Many(many)) => (None, Some(many)),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
     }
 }
 

@@ -27,9 +27,9 @@ fn request(policy: &str, requestor: &str, phase: Option<Phase>) -> Option<Reques
         phase,
         record: (phase, None, None, false),
         open: if phase == Some(Phase::Granted) {
-            BTreeSet::from([("vm".to_owned(), 22)])
+            vec![("vm".to_owned(), 22)]
         } else {
-            BTreeSet::new()
+            Vec::new()
         },
     })
 }
@@ -152,7 +152,7 @@ fn a_new_grant_wakes_the_requestors_other_grants_only() {
     assert_eq!(wake.requests, keys(&["newer"]));
     // A grant of another port on the same machine supersedes nothing.
     let mut rdp = request("p1", "bob", Some(Phase::Granted)).unwrap();
-    rdp.open = BTreeSet::from([("vm".to_owned(), 3389)]);
+    rdp.open = vec![("vm".to_owned(), 3389)];
     let wake = index.request(k("rdp"), Some(rdp));
     assert_eq!(wake.requests, keys(&["rdp"]));
 }
@@ -229,4 +229,23 @@ fn entries_read_labels_and_controlling_owner() {
             owner: Some((OwnerKind::Policy, "p".into(), "u1".into())),
         }
     );
+}
+
+#[test]
+fn a_multi_map_keeps_its_values_in_order_and_forgets_empty_keys() {
+    let mut multi: Multi<&str, u32> = Multi::default();
+    let all = |m: &Multi<&str, u32>| m.get(&"k").copied().collect::<Vec<_>>();
+    multi.insert("k", 2);
+    multi.insert("k", 2);
+    assert_eq!(all(&multi), [2]);
+    multi.insert("k", 1);
+    multi.insert("k", 3);
+    assert_eq!(all(&multi), [1, 2, 3]);
+    multi.remove(&"k", &9);
+    multi.remove(&"k", &2);
+    multi.remove(&"k", &1);
+    assert_eq!(all(&multi), [3]);
+    assert!(matches!(multi.0.get("k"), Some(Bucket::One(3))));
+    multi.remove(&"k", &3);
+    assert!(multi.0.is_empty());
 }
