@@ -397,23 +397,32 @@ impl Agent {
         }
     }
 
-    /// Stores `desired`, then applies it: on disk first, so that a crash in between
-    /// restores the new state rather than one a revocation already shrank. A ruleset the
-    /// kernel refused is not left on disk; the one in force is stored again. A failed store
-    /// does not stop enforcement; it is reported, and retried each round until it succeeds.
+    /// Applies `desired` and stores it. A change that closes anything (a revoked grant, a
+    /// new deny) is stored first, so that a crash in between restores the new state rather
+    /// than one the change already shrank; a change that only adds grants is applied first,
+    /// since a store that lacks them restores less access, never more, and the grant need
+    /// not wait for the disk. A ruleset the kernel refused is not left on disk; the one in
+    /// force is stored again. A failed store does not stop enforcement; it is reported, and
+    /// retried each round until it succeeds.
     async fn enforce(&mut self, desired: Ruleset, now: Timestamp) -> Result<Applied, Error> {
-        let must_store = self.unstored.is_some() || self.enforcer.applied() != Some(&desired);
-        let mut stored = if must_store {
+        let changed = self.enforcer.applied() != Some(&desired);
+        let must_store = self.unstored.is_some() || changed;
+        let store_first = changed
+            && !self
+                .enforcer
+                .applied()
+                .is_some_and(|applied| render::only_adds_grants(applied, &desired));
+        let mut stored = if store_first {
             self.state.save(&desired)
         } else {
             Ok(())
         };
         let applied = self.enforcer.apply(desired, now).await;
-        if applied.is_err()
-            && must_store
-            && let Some(in_force) = self.enforcer.applied()
-        {
-            stored = self.state.save(in_force);
+        if must_store && (applied.is_err() || !store_first) {
+            // After a refused change: what is in force; after an added grant: the new state.
+            if let Some(in_force) = self.enforcer.applied() {
+                stored = self.state.save(in_force);
+            }
         }
         self.unstored = match stored {
             Ok(()) => None,

@@ -192,6 +192,20 @@ impl Ruleset {
     }
 }
 
+/// Whether going from `applied` to `desired` only adds grant elements: same skeleton, same
+/// grant sets, and every element in force still there with the same expiry.
+pub fn only_adds_grants(applied: &Ruleset, desired: &Ruleset) -> bool {
+    applied.table == desired.table
+        && applied.skeleton == desired.skeleton
+        && applied.grants.keys().eq(desired.grants.keys())
+        && applied.grants.iter().all(|(set, elements)| {
+            let wanted = &desired.grants[set];
+            elements
+                .iter()
+                .all(|(key, expires)| wanted.get(key) == Some(expires))
+        })
+}
+
 /// Builds the ruleset enforcing `policy` on `target` at `now`.
 pub fn render(policy: &Policy, target: &Target, now: Timestamp) -> Ruleset {
     let mut builder = Builder {

@@ -373,3 +373,46 @@ fn a_jit_rule_aimed_at_the_machine_covers_all_its_addresses() {
         vec![("jit_allow_v6".to_owned(), "2001:2::10".parse().unwrap())]
     );
 }
+
+#[test]
+fn only_an_added_grant_counts_as_only_adding() {
+    let user = rule("http", 300, Access::Allow, "Internet", "80");
+    let one = |expiry: i64| {
+        render(
+            &policy(
+                vec![user.clone(), grant("g", 100, "198.18.0.20", "22")],
+                &[("g", expiry)],
+            ),
+            &target(),
+            now(),
+        )
+    };
+    let none = render(&policy(vec![user.clone()], &[]), &target(), now());
+    let two = render(
+        &policy(
+            vec![
+                user.clone(),
+                grant("g", 100, "198.18.0.20", "22"),
+                grant("h", 100, "198.18.0.21", "22"),
+            ],
+            &[("g", 60), ("h", 60)],
+        ),
+        &target(),
+        now(),
+    );
+    assert!(only_adds_grants(&none, &one(60)));
+    assert!(only_adds_grants(&one(60), &two));
+    assert!(only_adds_grants(&two, &two));
+    // A revoke, an extension and a new user rule all take something away or change it.
+    assert!(!only_adds_grants(&two, &one(60)));
+    assert!(!only_adds_grants(&one(60), &one(90)));
+    let more = render(
+        &policy(
+            vec![user, rule("deny-ssh", 200, Access::Deny, "*", "22")],
+            &[],
+        ),
+        &target(),
+        now(),
+    );
+    assert!(!only_adds_grants(&none, &more));
+}
