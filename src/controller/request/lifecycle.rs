@@ -24,6 +24,20 @@ use crate::controller::context::Context;
 use crate::controller::{Error, name_and_namespace};
 use crate::rules::{PortRange, place};
 
+/// Deletes every rule `request` controls.
+pub(super) async fn close_all(
+    request: &JitRequest,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<(), Error> {
+    let uid = request.metadata.uid.as_deref().unwrap_or_default();
+    for rule in ctx.rules_owned_by(namespace, uid) {
+        ctx.delete_rule(namespace, rule.metadata.name.as_deref().unwrap_or_default())
+            .await?;
+    }
+    Ok(())
+}
+
 /// A request not granted yet: wait, deny, or grant.
 pub(super) async fn evaluate(
     request: &JitRequest,
@@ -238,16 +252,7 @@ pub(super) async fn review(
 pub(super) async fn cleanup(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {
     let now = ctx.now();
     let (_, namespace) = name_and_namespace(request, "JitRequest")?;
-    for rule in ctx.rules_owned_by(
-        &namespace,
-        request.metadata.uid.as_deref().unwrap_or_default(),
-    ) {
-        ctx.delete_rule(
-            &namespace,
-            rule.metadata.name.as_deref().unwrap_or_default(),
-        )
-        .await?;
-    }
+    close_all(request, ctx, &namespace).await?;
     let previous = request.status.clone().unwrap_or_default();
     if previous.phase == Some(Phase::Granted) {
         let mut grants = previous.grants.clone();

@@ -25,7 +25,7 @@ use super::metrics::GrantResult;
 use super::{Config, Error, name_and_namespace};
 use crate::api::JitRequest;
 use crate::api::jit_request::{JitRequestStatus, Phase};
-use lifecycle::{cleanup, evaluate, review, seconds_between};
+use lifecycle::{cleanup, close_all, evaluate, review, seconds_between};
 use status::Outcome;
 
 pub use audit::AUDIT_TARGET;
@@ -59,16 +59,7 @@ async fn apply(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {
     let outcome = match previous.phase {
         Some(p) if p.is_terminal() => {
             // Nothing is open once terminal; rules left by a crash mid-revoke go now.
-            for rule in ctx.rules_owned_by(
-                &namespace,
-                request.metadata.uid.as_deref().unwrap_or_default(),
-            ) {
-                ctx.delete_rule(
-                    &namespace,
-                    rule.metadata.name.as_deref().unwrap_or_default(),
-                )
-                .await?;
-            }
+            close_all(request, ctx, &namespace).await?;
             return Ok(Action::await_change());
         }
         Some(Phase::Granted) => review(request, &previous, now, ctx, &namespace, &name).await?,
