@@ -10,7 +10,8 @@
 //! - API server unreachable: the watches retry with backoff and nothing is re-applied; the
 //!   kernel keeps the last ruleset, and grants still expire there (element timeouts).
 //! - restart or reboot: the ruleset last applied is kept on disk ([`state`], written before
-//!   each change reaches the kernel) and put back at start, before the agent contacts the
+//!   a change that closes anything reaches the kernel, just after one that only adds a
+//!   grant) and put back at start, before the agent contacts the
 //!   apiserver, grants with the time they have left; then the first full replace from the
 //!   watches swaps in the current state in one transaction, so no closed port is ever open
 //!   in between.

@@ -3,9 +3,10 @@
 //!
 //! nftables tables do not survive a reboot, and an agent that waited for the apiserver
 //! would leave every protected port open until it answered (indefinitely, if it is down).
-//! So the ruleset is written *before* each change reaches the kernel (a crash in between
-//! restores the newer state, never an older one that a revocation had already shrunk) and
-//! read back at start. Grants keep their absolute expiry: those that ended while the agent
+//! So the ruleset is written *before* any change that closes something reaches the kernel (a
+//! crash in between restores the newer state, never an older one that a revocation had
+//! already shrunk), and just after a change that only adds a grant (an older file restores
+//! less access, never more), and read back at start. Grants keep their absolute expiry: those that ended while the agent
 //! was down are dropped, the others get the time they have left.
 //!
 //! The file is replaced atomically (written beside, synced, renamed, directory synced): a
