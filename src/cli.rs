@@ -105,7 +105,7 @@ pub struct AgentArgs {
     #[arg(long, env = "PORTCULLIS_NSG", required_unless_present = "cleanup")]
     pub nsg: Option<String>,
     /// The machine's addresses the NSG protects (comma-separated or repeated). Default:
-    /// every address of the machine, IPv4 and IPv6, read again as they change.
+    /// every address of the machine, IPv4 and IPv6, read again every 5 s.
     #[arg(long, env = "PORTCULLIS_ADDRESS", value_delimiter = ',')]
     pub address: Vec<std::net::IpAddr>,
     /// Where the applied ruleset is kept, to be restored at start before the apiserver is

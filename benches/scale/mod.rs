@@ -355,20 +355,16 @@ async fn largest_object(admin: &Client, ns: &str) -> BenchResult<(String, usize)
             serde_json::to_vec(&object)?.len(),
         ));
     }
-    let requests = Api::<JitRequest>::namespaced(admin.clone(), ns)
+    for object in Api::<JitRequest>::namespaced(admin.clone(), ns)
         .list(&ListParams::default())
-        .await?;
-    if let Some(object) = requests
-        .items
-        .iter()
-        .max_by_key(|r| serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0))
+        .await?
     {
         sizes.push((
             format!(
                 "jitrequest/{}",
                 object.metadata.name.clone().unwrap_or_default()
             ),
-            serde_json::to_vec(object)?.len(),
+            serde_json::to_vec(&object)?.len(),
         ));
     }
     sizes

@@ -3,8 +3,8 @@
 //!
 //! Every address counts, IPv4 and IPv6, link-local included (a neighbour on the link can
 //! reach a port through it); only host-scoped ones (loopback) are left out, since loopback
-//! traffic never crosses an NSG. They are read again each round, so an address added later
-//! (DHCP, a second interface) is protected from the next round on.
+//! traffic never crosses an NSG. The agent reads them again every few seconds, so an address
+//! added later (DHCP, a second interface) is protected soon after it appears.
 
 use std::net::IpAddr;
 

@@ -54,6 +54,11 @@ pub const DEFAULT_TABLE: &str = "portcullis";
 /// The full table is re-asserted this often even without a change, so an out-of-band edit
 /// of the table does not last.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How often the machine's own addresses are read again when no `--address` is given: a
+/// round triggered by a grant reuses what was read less than this long ago (no process on
+/// the grant path), and the agent wakes at least this often, so an address that appears
+/// without any NSG change is protected within this time.
+const ADDRESS_POLL: Duration = Duration::from_secs(5);
 /// How soon a failed apply or status report is retried.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -84,7 +89,7 @@ pub struct Config {
     /// Name of the NSG.
     pub nsg: String,
     /// The machine's addresses (what the NSG's destinations are matched against); empty:
-    /// every address the machine has, read again each round.
+    /// every address the machine has, read again every [`ADDRESS_POLL`].
     pub addresses: Vec<IpAddr>,
     /// Where the applied ruleset is kept across restarts.
     pub state_dir: PathBuf,
@@ -217,6 +222,7 @@ pub async fn run(
         state,
         unstored: None,
         addresses,
+        addresses_read: tokio::time::Instant::now(),
         nsg_store,
         rule_store,
         nsgs,
@@ -311,6 +317,8 @@ struct Agent {
     unstored: Option<String>,
     /// The addresses protected in the last round.
     addresses: Vec<IpAddr>,
+    /// When they were read (without `--address`).
+    addresses_read: tokio::time::Instant,
     nsg_store: Store<NetworkSecurityGroup>,
     rule_store: Store<SecurityRule>,
     nsgs: Api<NetworkSecurityGroup>,
@@ -354,9 +362,8 @@ impl Agent {
                     .collect::<Vec<_>>()
                     .join("; "),
             )),
-            Ok(policy) => match self.config.current_addresses().await {
-                Ok(addresses) => {
-                    self.addresses = addresses;
+            Ok(policy) => match self.refresh_addresses().await {
+                Ok(()) => {
                     let target = Target {
                         table: self.config.table.clone(),
                         addresses: self.addresses.clone(),
@@ -388,14 +395,27 @@ impl Agent {
         let error = error.or_else(|| self.unstored.clone());
         let failed = error.is_some();
         let reported = self.report(&nsg, error).await;
-        let until_expiry = next_expiry
+        let mut until_expiry = next_expiry
             .and_then(|at| Duration::try_from(at.duration_since(now)).ok())
             .unwrap_or(RESYNC);
+        if self.config.addresses.is_empty() {
+            until_expiry = until_expiry.min(ADDRESS_POLL);
+        }
         if failed || !reported {
             until_expiry.min(RETRY)
         } else {
             until_expiry
         }
+    }
+
+    /// Reads the machine's addresses again if they are read at all (no `--address`) and the
+    /// last reading is [`ADDRESS_POLL`] old.
+    async fn refresh_addresses(&mut self) -> Result<(), Error> {
+        if self.config.addresses.is_empty() && self.addresses_read.elapsed() >= ADDRESS_POLL {
+            self.addresses = self.config.current_addresses().await?;
+            self.addresses_read = tokio::time::Instant::now();
+        }
+        Ok(())
     }
 
     /// Applies `desired` and stores it. A change that closes anything (a revoked grant, a

@@ -115,6 +115,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
         .iter()
         .map(|e| format!("{}/{:?}", e.port, e.protocol))
         .collect();
+    let denies = jit_denies(&effective);
     let status = NetworkSecurityGroupStatus {
         observed_generation: generation,
         conditions: [ready, conflict]
@@ -122,9 +123,9 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
             .map(|d| d.into_condition(&previous.conditions, generation, &now_time))
             .collect(),
         effective_rule_count: Some(effective.len() as u32),
-        jit_deny_rules: Some(effective.iter().filter(|r| is_jit_deny(r)).count() as u32),
+        jit_deny_rules: Some(denies as u32),
         active_grants: Some(effective.iter().filter(|r| is_grant(r)).count() as u32),
-        effective_rules: listed(&effective)
+        effective_rules: listed(&effective, denies)
             .into_iter()
             .map(|r| {
                 let expires_at = match &r.origin {
@@ -157,16 +158,20 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
 }
 
 /// The effective rules the status lists: every rule but the grants (counted, never listed),
-/// with the JIT denies while there are at most [`MAX_LISTED_DENIES`] of them. Past that
+/// with the JIT denies (`denies` of them) while there are at most [`MAX_LISTED_DENIES`] of them. Past that
 /// they are only counted too: an NSG in front of 10,000 machines carries 10,000 denies,
 /// about 3 MiB of status, and etcd refuses objects over 1.5 MiB.
-fn listed(effective: &[rules::Rule]) -> Vec<&rules::Rule> {
-    let denies = effective.iter().filter(|r| is_jit_deny(r)).count();
+fn listed(effective: &[rules::Rule], denies: usize) -> Vec<&rules::Rule> {
     effective
         .iter()
         .filter(|r| !is_grant(r))
         .filter(|r| denies <= MAX_LISTED_DENIES || !is_jit_deny(r))
         .collect()
+}
+
+/// How many JIT denies `effective` holds.
+fn jit_denies(effective: &[rules::Rule]) -> usize {
+    effective.iter().filter(|r| is_jit_deny(r)).count()
 }
 
 fn is_jit_deny(rule: &rules::Rule) -> bool {
@@ -522,7 +527,10 @@ mod tests {
             .chain([user.clone(), grant.clone()])
             .collect();
         let effective = rules::effective(few);
-        let names: Vec<&str> = listed(&effective).iter().map(|r| r.name.as_str()).collect();
+        let names: Vec<&str> = listed(&effective, jit_denies(&effective))
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
         assert!(names.contains(&"deny-0") && names.contains(&"http"));
         assert!(!names.contains(&"grant"));
         assert_eq!(
@@ -534,7 +542,10 @@ mod tests {
             .chain([user, grant])
             .collect();
         let effective = rules::effective(many);
-        let names: Vec<&str> = listed(&effective).iter().map(|r| r.name.as_str()).collect();
+        let names: Vec<&str> = listed(&effective, jit_denies(&effective))
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
         assert_eq!(names.len(), 1 + rules::default_rules().len());
         assert!(names.contains(&"http"));
     }

@@ -24,6 +24,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
 
 /// The vm's second IPv4 address; the clients' IPv6 addresses.
 const VM_2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+/// An address the vm gets while the agent runs.
+const VM_3: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
 const A_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x20);
 const B_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x21);
 
@@ -181,5 +183,26 @@ async fn every_address_of_the_machine_is_protected(ctx: Ctx) -> TestResult {
             return Err(format!("{source} reached {destination}:22 with another's grant").into());
         }
     }
+    // An address that appears later, with no NSG change to wake the agent, is closed too.
+    let (vm, client) = (lab.vm.as_str(), lab.client.as_str());
+    ip(&[
+        "-n",
+        vm,
+        "addr",
+        "add",
+        &format!("{VM_3}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        client,
+        "route",
+        "add",
+        &format!("{VM_3}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    lab.until_to(a, VM_3.into(), 22, false).await?;
     Ok(())
 }

@@ -70,13 +70,7 @@ pub(super) fn settle(
         .iter()
         .flat_map(|g| g.allowed_source_address_prefixes.clone())
         .collect();
-    let condition = Decided {
-        type_: conditions::GRANTED,
-        status: granted,
-        reason: why,
-        message: message.clone(),
-    }
-    .into_condition(&previous.conditions, None, &Time(now));
+    let condition = granted_condition(previous, granted, why, &message, now);
     Outcome {
         status: JitRequestStatus {
             observed_generation: None,
@@ -101,13 +95,7 @@ pub(super) fn pending(
     message: String,
     now: Timestamp,
 ) -> Outcome {
-    let condition = Decided {
-        type_: conditions::GRANTED,
-        status: false,
-        reason: why,
-        message: message.clone(),
-    }
-    .into_condition(&previous.conditions, None, &Time(now));
+    let condition = granted_condition(previous, false, why, &message, now);
     let changed = previous.reason.as_deref() != Some(why);
     Outcome {
         status: JitRequestStatus {
@@ -133,13 +121,7 @@ pub(super) fn denied(
 ) -> Outcome {
     let messages: Vec<String> = violations.iter().map(ToString::to_string).collect();
     let message = format!("denied: {}", messages.join("; "));
-    let condition = Decided {
-        type_: conditions::GRANTED,
-        status: false,
-        reason: why,
-        message: message.clone(),
-    }
-    .into_condition(&previous.conditions, None, &Time(now));
+    let condition = granted_condition(previous, false, why, &message, now);
     Outcome {
         status: JitRequestStatus {
             phase: Some(Phase::Denied),
@@ -209,4 +191,21 @@ pub fn granted(
     let mut status = settle(&JitRequestStatus::default(), grants, Some(start), now).status;
     status.observed_generation = generation;
     status
+}
+
+/// The `Granted` condition, keeping its transition time while its status stays.
+fn granted_condition(
+    previous: &JitRequestStatus,
+    status: bool,
+    why: &'static str,
+    message: &str,
+    now: Timestamp,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    Decided {
+        type_: conditions::GRANTED,
+        status,
+        reason: why,
+        message: message.to_owned(),
+    }
+    .into_condition(&previous.conditions, None, &Time(now))
 }
