@@ -421,6 +421,7 @@ fn target() -> Target {
     Target {
         table: TABLE.into(),
         addresses: vec![IpAddr::V4(VM)],
+        mode: render::Mode::Host,
     }
 }
 
@@ -561,6 +562,7 @@ fn granted(grants: &[(Rule, Timestamp)], now: Timestamp) -> Ruleset {
             .iter()
             .map(|(rule, expires)| (rule.name.clone(), *expires))
             .collect(),
+        closing: Default::default(),
     };
     render::render(&policy, &target(), now)
 }

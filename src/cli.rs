@@ -105,9 +105,16 @@ pub struct AgentArgs {
     #[arg(long, env = "PORTCULLIS_NSG", required_unless_present = "cleanup")]
     pub nsg: Option<String>,
     /// The machine's addresses the NSG protects (comma-separated or repeated). Default:
-    /// every address of the machine, IPv4 and IPv6, read again every 5 s.
+    /// every address of the machine, IPv4 and IPv6, read again every 5 s. With
+    /// `--gateway`: machine addresses protected in addition to those of the NSG's policies.
     #[arg(long, env = "PORTCULLIS_ADDRESS", value_delimiter = ',')]
     pub address: Vec<std::net::IpAddr>,
+    /// Enforce on traffic this router or firewall forwards to the machines (hook
+    /// `forward`) instead of traffic to this machine: every machine address the NSG's JIT
+    /// rules name is protected, so machines that cannot run an agent are protected by the
+    /// box in front of them.
+    #[arg(long, env = "PORTCULLIS_GATEWAY")]
+    pub gateway: bool,
     /// Where the applied ruleset is kept, to be restored at start before the apiserver is
     /// reached (a reboot or an apiserver outage must open nothing).
     #[arg(long, env = "PORTCULLIS_STATE_DIR", default_value = agent::state::DEFAULT_DIR)]
@@ -160,6 +167,11 @@ async fn run_agent(
         namespace,
         nsg: name,
         addresses: args.address,
+        mode: if args.gateway {
+            agent::render::Mode::Gateway
+        } else {
+            agent::render::Mode::Host
+        },
         state_dir: args.state_dir,
         table: args.table,
         agent: args.agent_name.unwrap_or_else(|| host.clone()),

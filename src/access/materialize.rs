@@ -11,6 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::validate::{PortGrant, model_protocol, policy_ports};
 use crate::api::SecurityRuleSpec;
+#[cfg(test)]
+use crate::api::jit_policy::EstablishedConnections;
 use crate::api::jit_policy::PolicyVirtualMachine;
 use crate::api::rule_fields::{Access, Direction, RuleFields, RuleProtocol};
 use crate::rules::Protocol;
@@ -240,6 +242,7 @@ pub fn deny_rule(policy: Owner<'_>, machine: &PolicyVirtualMachine, priority: u3
                 ))),
             },
             expires_at: None,
+            established_connections: None,
         },
     }
 }
@@ -293,6 +296,8 @@ pub fn allow_rule(
                 ))),
             },
             expires_at: Some(Time(expires_at)),
+            established_connections: (!grant.established_connections.is_keep())
+                .then_some(grant.established_connections),
         },
     }
 }
@@ -554,6 +559,7 @@ mod tests {
             protocol: Protocol::Tcp,
             sources: sources.iter().map(|x| x.parse().unwrap()).collect(),
             duration: Duration::from_secs(3600),
+            established_connections: EstablishedConnections::Keep,
         }
     }
 

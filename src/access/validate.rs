@@ -13,7 +13,8 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::api::jit_policy::{
-    DEFAULT_MAX_DURATION, DEFAULT_PORTS, PolicyProtocol, PolicyVirtualMachine,
+    DEFAULT_MAX_DURATION, DEFAULT_PORTS, EstablishedConnections, PolicyProtocol,
+    PolicyVirtualMachine,
 };
 use crate::api::jit_request::RequestPort;
 use crate::api::rule_fields::either;
@@ -41,6 +42,8 @@ pub struct PortGrant {
     pub sources: Vec<IpNet>,
     /// How long the port stays open, at most the policy's `maxRequestAccessDuration`.
     pub duration: Duration,
+    /// What the grant's connections do when it ends (the policy port's setting).
+    pub established_connections: EstablishedConnections,
 }
 
 /// Why a request may not be granted. Each message is what a user reads in
@@ -209,6 +212,8 @@ pub struct AllowedPort {
     pub allowed_sources: Vec<String>,
     /// The longest access one request may get, as written.
     pub max_duration: String,
+    /// What a grant's connections do when it ends.
+    pub established_connections: EstablishedConnections,
 }
 
 /// The machine's JIT ports with defaults applied: when `ports` is omitted, Azure's defaults
@@ -223,6 +228,7 @@ pub fn policy_ports(machine: &PolicyVirtualMachine) -> Vec<AllowedPort> {
                 protocol: PolicyProtocol::Tcp,
                 allowed_sources: vec!["*".to_owned()],
                 max_duration: DEFAULT_MAX_DURATION.to_owned(),
+                established_connections: EstablishedConnections::Keep,
             })
             .collect(),
         Some(ports) => ports
@@ -241,6 +247,7 @@ pub fn policy_ports(machine: &PolicyVirtualMachine) -> Vec<AllowedPort> {
                         sources.into_iter().map(str::to_owned).collect()
                     },
                     max_duration: p.max_request_access_duration.clone(),
+                    established_connections: p.established_connections,
                 }
             })
             .collect(),
@@ -314,7 +321,9 @@ pub fn validate(
         let allowed = policy_ports(policy_vm);
         for port in &vm.ports {
             let checked = check_port(machine, port, &allowed, seen, &mut violations);
-            if let (Some((protocol, sources, duration)), Some(address)) = (checked, address) {
+            if let (Some((protocol, sources, duration, established)), Some(address)) =
+                (checked, address)
+            {
                 grants.push(PortGrant {
                     machine: machine.to_owned(),
                     address,
@@ -323,6 +332,7 @@ pub fn validate(
                     protocol,
                     sources,
                     duration,
+                    established_connections: established,
                 });
             }
         }
@@ -348,8 +358,8 @@ impl Violations {
     }
 }
 
-/// Checks one requested port; returns its grant protocol, sources and duration when it
-/// passes, after recording every violation it finds. `seen` holds the (port, protocol)
+/// Checks one requested port; returns its grant protocol, sources, duration and the policy
+/// entry's fate of established connections when it passes, after recording every violation it finds. `seen` holds the (port, protocol)
 /// pairs already requested on the machine.
 fn check_port(
     machine: &str,
@@ -357,7 +367,7 @@ fn check_port(
     allowed: &[AllowedPort],
     seen: &mut Vec<(u16, Protocol)>,
     violations: &mut Violations,
-) -> Option<(Protocol, Vec<IpNet>, Duration)> {
+) -> Option<(Protocol, Vec<IpNet>, Duration, EstablishedConnections)> {
     let number = port.number;
     let (entry, protocol) = resolve_entry(machine, port, allowed, violations)?;
     let before = violations.0.len();
@@ -378,7 +388,7 @@ fn check_port(
 
     let clean = violations.0.len() == before;
     match (duration, sources) {
-        (Some(d), Some(s)) if clean => Some((protocol, s, d)),
+        (Some(d), Some(s)) if clean => Some((protocol, s, d, entry.established_connections)),
         _ => None,
     }
 }

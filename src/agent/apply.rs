@@ -314,7 +314,7 @@ impl Enforcer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::render::{Policy, Target, render};
+    use crate::agent::render::{Mode, Policy, Target, render};
     use crate::rules::{
         Access, AddressPrefix, Direction, Origin, PortRange, Protocol, Rule, Scope, effective,
     };
@@ -354,10 +354,12 @@ mod tests {
                     )
                 })
                 .collect(),
+            closing: Default::default(),
         };
         let target = Target {
             table: "portcullis".into(),
             addresses: vec!["198.18.0.10".parse().unwrap()],
+            mode: Mode::Host,
         };
         render(&policy, &target, now())
     }

@@ -46,7 +46,7 @@ use crate::api::nsg_model::NsgModel;
 use crate::api::{NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self};
 use apply::{Applied, Enforcer, Nft};
-use render::{Policy, Ruleset, Target};
+use render::{Mode, Policy, Ruleset, Target};
 use state::State;
 
 /// The table name when `--table` is not given.
@@ -89,8 +89,11 @@ pub struct Config {
     /// Name of the NSG.
     pub nsg: String,
     /// The machine's addresses (what the NSG's destinations are matched against); empty:
-    /// every address the machine has, read again every [`ADDRESS_POLL`].
+    /// every address the machine has, read again every [`ADDRESS_POLL`]. A gateway
+    /// protects these and every machine address the NSG's JIT rules name.
     pub addresses: Vec<IpAddr>,
+    /// On the machine, or in front of machines (`--gateway`).
+    pub mode: Mode,
     /// Where the applied ruleset is kept across restarts.
     pub state_dir: PathBuf,
     /// The nftables table the agent owns (family `inet`).
@@ -122,8 +125,12 @@ impl Config {
         format!("portcullis-agent-{}", self.agent)
     }
 
-    /// The addresses to protect now: those given, or the machine's own.
+    /// The addresses to protect now: those given, or the machine's own. A gateway's come
+    /// from the NSG ([`render::machine_addresses`]) and may be none yet.
     async fn current_addresses(&self) -> Result<Vec<IpAddr>, Error> {
+        if self.mode == Mode::Gateway {
+            return Ok(self.addresses.clone());
+        }
         let addresses = if self.addresses.is_empty() {
             addresses::local(self.nft.netns()).await?
         } else {
@@ -161,6 +168,7 @@ pub fn policy(
         rules: rules::effective(model.rules),
         scope: model.scope,
         expiries: model.expiries,
+        closing: model.closing,
     })
 }
 
@@ -362,11 +370,12 @@ impl Agent {
                     .collect::<Vec<_>>()
                     .join("; "),
             )),
-            Ok(policy) => match self.refresh_addresses().await {
+            Ok(policy) => match self.refresh_addresses(&policy).await {
                 Ok(()) => {
                     let target = Target {
                         table: self.config.table.clone(),
                         addresses: self.addresses.clone(),
+                        mode: self.config.mode,
                     };
                     let desired = render::render(&policy, &target, now);
                     self.enforce(desired, now).await
@@ -398,7 +407,7 @@ impl Agent {
         let mut until_expiry = next_expiry
             .and_then(|at| Duration::try_from(at.duration_since(now)).ok())
             .unwrap_or(RESYNC);
-        if self.config.addresses.is_empty() {
+        if self.reads_addresses() {
             until_expiry = until_expiry.min(ADDRESS_POLL);
         }
         if failed || !reported {
@@ -408,10 +417,22 @@ impl Agent {
         }
     }
 
-    /// Reads the machine's addresses again if they are read at all (no `--address`) and the
-    /// last reading is [`ADDRESS_POLL`] old.
-    async fn refresh_addresses(&mut self) -> Result<(), Error> {
-        if self.config.addresses.is_empty() && self.addresses_read.elapsed() >= ADDRESS_POLL {
+    /// Whether the machine's own addresses are read (on the machine, no `--address`).
+    fn reads_addresses(&self) -> bool {
+        self.config.mode == Mode::Host && self.config.addresses.is_empty()
+    }
+
+    /// A gateway's addresses: those given and the machines' of `policy`. On the machine:
+    /// its addresses read again if they are read at all and the last reading is
+    /// [`ADDRESS_POLL`] old.
+    async fn refresh_addresses(&mut self, policy: &Policy) -> Result<(), Error> {
+        if self.config.mode == Mode::Gateway {
+            let mut addresses = self.config.addresses.clone();
+            addresses.extend(render::machine_addresses(policy));
+            addresses.sort_unstable();
+            addresses.dedup();
+            self.addresses = addresses;
+        } else if self.reads_addresses() && self.addresses_read.elapsed() >= ADDRESS_POLL {
             self.addresses = self.config.current_addresses().await?;
             self.addresses_read = tokio::time::Instant::now();
         }

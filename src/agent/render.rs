@@ -4,16 +4,26 @@
 //! with real packets in the integration tests.
 //!
 //! The table (family `inet`, so one ruleset covers IPv4 and IPv6) has one base chain,
-//! `input`, hooked at filter priority with policy accept. Its rules, in order:
+//! hooked at filter priority with policy accept: `input` on the machine itself, `forward`
+//! on a gateway in front of machines ([`Mode`]). Its rules, in order:
 //!
-//! 1. `ct state established,related accept`: a revoke or an expiry never cuts a live session.
-//! 2. loopback and IPv6 neighbour discovery are accepted: they never cross an Azure NSG
-//!    (host-local traffic and the link layer are below it), and dropping ND breaks IPv6.
-//! 3. packets to an address that is not one of the agent's `return` (the policy accepts them):
+//! 1. `ct state established,related accept` for flows without the [`CLOSE_MARK`]: a revoke
+//!    or an expiry never cuts a live session (Azure's promise).
+//! 2. flows a `Close` grant let in carry the mark; their packets pass only while a grant
+//!    still covers them (the same set lookup as a new connection, in the flow's original
+//!    direction), else TCP gets a reset and the rest is dropped. That is how such flows are
+//!    cut within a second of the end even with the agent dead: the check is the kernel's,
+//!    on every packet, against elements the kernel itself expires. Marks rather than
+//!    deleting conntrack entries, because a deleted entry is re-created by the flow's next
+//!    packet (loose TCP tracking) and would need the agent alive at the instant of expiry.
+//! 3. on the machine: loopback and IPv6 neighbour discovery are accepted: they never cross
+//!    an Azure NSG (host-local traffic and the link layer are below it), and dropping ND
+//!    breaks IPv6.
+//! 4. packets to an address that is not one of the agent's `return` (the policy accepts them):
 //!    the NSG governs the machine's addresses, nothing else on the host. A family in which
 //!    the machine has no address is left alone likewise, which is why the agent protects
 //!    every local address by default (see [`machine_wide`]).
-//! 4. the NSG rules in evaluation order, each as one or more nft rules with the rule's
+//! 5. the NSG rules in evaluation order, each as one or more nft rules with the rule's
 //!    verdict (Allow = accept, Deny = drop); a final `drop` mirrors [`rules::evaluate`],
 //!    which fails closed when no rule matches.
 //!
@@ -23,20 +33,23 @@
 //! else runs, and adding or removing one is an element update, not a reload.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use jiff::Timestamp;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::expr::{
+    BinaryOperation, CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix,
+};
 use nftables::schema::{Chain, NfListObject, Rule as NftRule, Set, SetFlag, SetType, SetTypeValue};
-use nftables::stmt::{Match, Operator, Statement};
+use nftables::stmt::{Mangle, Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use crate::rules::{Access, AddressPrefix, Direction, Origin, PortRange, Protocol, Rule, Scope};
 
-/// The one base chain of the agent's table.
-pub const CHAIN: &str = "input";
+/// The conntrack mark bit of the flows a `Close` grant let in. One bit, set with `|` and
+/// tested with `&`, so every other bit stays free for whatever else marks connections.
+pub const CLOSE_MARK: u32 = 0x0040_0000;
 /// Protocol numbers as `meta l4proto` sees them.
 const TCP: u32 = 6;
 const UDP: u32 = 17;
@@ -56,15 +69,49 @@ pub struct Policy {
     pub scope: Scope,
     /// `expiresAt` by `SecurityRule` object name.
     pub expiries: BTreeMap<String, Timestamp>,
+    /// The `SecurityRule` objects whose connections end with them
+    /// (`establishedConnections: Close`), by name.
+    pub closing: BTreeSet<String>,
 }
 
-/// Where the ruleset goes: the table the agent owns and the addresses it protects.
+/// Where the agent stands, which decides the packets its chain sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// On the protected machine: packets to its own addresses (hook `input`).
+    #[default]
+    Host,
+    /// On a router or firewall in front of the machines (`--gateway`): packets it forwards
+    /// to their addresses (hook `forward`).
+    Gateway,
+}
+
+impl Mode {
+    /// The name of the one base chain.
+    pub fn chain(self) -> &'static str {
+        match self {
+            Mode::Host => "input",
+            Mode::Gateway => "forward",
+        }
+    }
+
+    fn hook(self) -> NfHook {
+        match self {
+            Mode::Host => NfHook::Input,
+            Mode::Gateway => NfHook::Forward,
+        }
+    }
+}
+
+/// Where the ruleset goes: the table the agent owns, the addresses it protects and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     /// Name of the agent's `inet` table.
     pub table: String,
-    /// The machine's addresses; packets to other addresses are not the NSG's business.
+    /// The machine's addresses (a gateway: the addresses of the machines behind it);
+    /// packets to other addresses are not the NSG's business.
     pub addresses: Vec<IpAddr>,
+    /// On the machine, or in front of machines.
+    pub mode: Mode,
 }
 
 /// An address family, for the per-family halves of the ruleset.
@@ -210,18 +257,21 @@ pub fn only_adds_grants(applied: &Ruleset, desired: &Ruleset) -> bool {
 pub fn render(policy: &Policy, target: &Target, now: Timestamp) -> Ruleset {
     let mut builder = Builder {
         table: target.table.clone(),
+        mode: target.mode,
         scope: &policy.scope,
         addresses: target.addresses.clone(),
         skeleton: Vec::new(),
         rules: Vec::new(),
+        flow_checks_at: 0,
+        grant_sets: Vec::new(),
         grants: BTreeMap::new(),
     };
     builder.skeleton.push(NfListObject::Chain(Chain {
         family: NfFamily::INet,
         table: builder.table.clone().into(),
-        name: CHAIN.into(),
+        name: target.mode.chain().into(),
         _type: Some(NfChainType::Filter),
-        hook: Some(NfHook::Input),
+        hook: Some(target.mode.hook()),
         prio: Some(0),
         policy: Some(NfChainPolicy::Accept),
         ..Chain::default()
@@ -232,14 +282,21 @@ pub fn render(policy: &Policy, target: &Target, now: Timestamp) -> Ruleset {
         .rules
         .iter()
         .filter(|r| r.direction == Direction::Inbound)
-        .map(|r| machine_wide(r, &target.addresses, &policy.scope))
+        .map(|r| machine_wide(r, target, &policy.scope))
         .collect();
     let inbound: Vec<&Rule> = widened.iter().map(AsRef::as_ref).collect();
-    let expiry = |rule: &Rule| match &rule.origin {
-        Origin::SecurityRule { name } => policy.expiries.get(name).copied(),
+    let object = |rule: &Rule| match &rule.origin {
+        Origin::SecurityRule { name } => Some(name.clone()),
         _ => None,
     };
-    let grant_of = |rule: &Rule| expiry(rule).filter(|_| is_grant(rule));
+    let grant_of = |rule: &Rule| {
+        let name = object(rule).filter(|_| is_grant(rule))?;
+        let expires = *policy.expiries.get(&name)?;
+        Some(GrantOf {
+            expires,
+            closing: policy.closing.contains(&name),
+        })
+    };
     // The first run of grants sits where the first grant is, or at the top when there is
     // none: then the first grant of a typical NSG (grants take the top priorities) is an
     // element update, not a reload.
@@ -249,15 +306,15 @@ pub fn render(policy: &Policy, target: &Target, now: Timestamp) -> Ruleset {
         builder.grant_run(run);
         run += 1;
     }
-    let mut pending: Vec<(&Rule, Timestamp)> = Vec::new();
+    let mut pending: Vec<(&Rule, GrantOf)> = Vec::new();
     for rule in inbound {
         match grant_of(rule) {
-            Some(expires) => {
+            Some(grant) => {
                 if !in_run {
                     builder.grant_run(run);
                     in_run = true;
                 }
-                pending.push((rule, expires));
+                pending.push((rule, grant));
             }
             None => {
                 if in_run {
@@ -276,15 +333,39 @@ pub fn render(policy: &Policy, target: &Target, now: Timestamp) -> Ruleset {
     builder.finish()
 }
 
-/// The policy's rules as they apply to a machine with `addresses` (see [`machine_wide`]),
-/// in evaluation order: what [`crate::rules::evaluate`] must be asked for the verdicts the
-/// rendered ruleset gives.
-pub fn as_enforced(policy: &Policy, addresses: &[IpAddr]) -> Vec<Rule> {
+/// The policy's rules as they apply at `target` (see [`machine_wide`]), in evaluation
+/// order: what [`crate::rules::evaluate`] must be asked for the verdicts the rendered
+/// ruleset gives.
+pub fn as_enforced(policy: &Policy, target: &Target) -> Vec<Rule> {
     policy
         .rules
         .iter()
-        .map(|r| machine_wide(r, addresses, &policy.scope).into_owned())
+        .map(|r| machine_wide(r, target, &policy.scope).into_owned())
         .collect()
+}
+
+/// The machine addresses a gateway protects for `policy`: every single address a JIT rule
+/// is aimed at (the operator aims each policy machine's deny, and its grants, at the
+/// machine's address), in order, without repeats.
+pub fn machine_addresses(policy: &Policy) -> Vec<IpAddr> {
+    let addresses: BTreeSet<IpAddr> = policy
+        .rules
+        .iter()
+        .filter(|r| r.jit)
+        .flat_map(|r| &r.destination_prefixes)
+        .filter_map(|p| match p {
+            AddressPrefix::Net(net) if net.prefix_len() == net.max_prefix_len() => Some(net.addr()),
+            _ => None,
+        })
+        .collect();
+    addresses.into_iter().collect()
+}
+
+/// How a grant rule is enforced: until when, and whether its flows end with it.
+#[derive(Clone, Copy, Debug)]
+struct GrantOf {
+    expires: Timestamp,
+    closing: bool,
 }
 
 /// A JIT rule aimed at one of the machine's addresses, aimed at all of them.
@@ -295,9 +376,12 @@ pub fn as_enforced(policy: &Policy, addresses: &[IpAddr]) -> Vec<Rule> {
 /// rule that concerns this machine concerns all of it: the deny closes every address, and a
 /// grant opens the port on the machine's addresses of the grant's source family (a grant
 /// names a machine, a port and a source; it never opens more than those). Users' rules
-/// are enforced as written.
-fn machine_wide<'a>(rule: &'a Rule, addresses: &[IpAddr], scope: &Scope) -> Cow<'a, Rule> {
-    let aimed_here = rule.jit
+/// are enforced as written. A gateway knows one address per machine, and a rule aimed at
+/// one machine must not reach the others, so there every rule is enforced as written.
+fn machine_wide<'a>(rule: &'a Rule, target: &Target, scope: &Scope) -> Cow<'a, Rule> {
+    let addresses = &target.addresses;
+    let aimed_here = target.mode == Mode::Host
+        && rule.jit
         && addresses.iter().any(|a| {
             rule.destination_prefixes
                 .iter()
@@ -327,12 +411,17 @@ fn is_grant(rule: &Rule) -> bool {
 
 struct Builder<'s> {
     table: String,
+    mode: Mode,
     scope: &'s Scope,
     addresses: Vec<IpAddr>,
     /// Chain and sets.
     skeleton: Vec<NfListObject<'static>>,
     /// Rules, added after every set.
     rules: Vec<NfListObject<'static>>,
+    /// Where the checks of marked flows go once every grant set is known.
+    flow_checks_at: usize,
+    /// Every grant set, of either kind, with its family.
+    grant_sets: Vec<(Family, String)>,
     grants: BTreeMap<String, BTreeMap<GrantKey, Timestamp>>,
 }
 
@@ -347,6 +436,27 @@ fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
 
 fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+/// `ct state STATE[,STATE]`.
+fn ct_state(states: &[&'static str]) -> Statement<'static> {
+    let right = match states {
+        [one] => Expression::String((*one).into()),
+        many => Expression::List(
+            many.iter()
+                .map(|s| Expression::String((*s).into()))
+                .collect(),
+        ),
+    };
+    matches(ct("state"), Operator::IN, right)
 }
 
 fn matches(
@@ -496,14 +606,19 @@ impl Builder<'_> {
             .collect()
     }
 
-    fn push_rule(&mut self, expr: Vec<Statement<'static>>) {
-        self.rules.push(NfListObject::Rule(NftRule {
+    fn rule_object(&self, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
+        NfListObject::Rule(NftRule {
             family: NfFamily::INet,
             table: self.table.clone().into(),
-            chain: CHAIN.into(),
+            chain: self.mode.chain().into(),
             expr: expr.into(),
             ..NftRule::default()
-        }));
+        })
+    }
+
+    fn push_rule(&mut self, expr: Vec<Statement<'static>>) {
+        let rule = self.rule_object(expr);
+        self.rules.push(rule);
     }
 
     fn push_set(&mut self, name: String, set_type: SetTypeValue<'static>, flags: &[SetFlag]) {
@@ -520,49 +635,50 @@ impl Builder<'_> {
     /// Everything before the NSG rules: established flows, loopback, neighbour discovery,
     /// other addresses, and the `vnet_*` sets that `Internet` matches are negated against.
     fn preamble(&mut self) {
-        let ct_state = Expression::Named(NamedExpression::CT(nftables::expr::CT {
-            key: "state".into(),
-            family: None,
-            dir: None,
-        }));
         self.push_rule(vec![
+            ct_state(&["established", "related"]),
             matches(
-                ct_state,
-                Operator::IN,
-                Expression::List(vec![
-                    Expression::String("established".into()),
-                    Expression::String("related".into()),
-                ]),
-            ),
-            Statement::Accept(None),
-        ]);
-        self.push_rule(vec![
-            matches(
-                meta(MetaKey::Iifname),
+                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    ct("mark"),
+                    Expression::Number(CLOSE_MARK),
+                ))),
                 Operator::EQ,
-                Expression::String("lo".into()),
+                Expression::Number(0),
             ),
             Statement::Accept(None),
         ]);
-        if !self.addresses_of(Family::V6).is_empty() {
+        self.flow_checks_at = self.rules.len();
+        // Loopback and neighbour discovery are never forwarded: a gateway has no use for
+        // these two.
+        if self.mode == Mode::Host {
             self.push_rule(vec![
                 matches(
-                    meta(MetaKey::L4proto),
+                    meta(MetaKey::Iifname),
                     Operator::EQ,
-                    Expression::Number(ICMPV6),
-                ),
-                matches(
-                    payload("icmpv6", "type"),
-                    Operator::EQ,
-                    set_of(
-                        NEIGHBOUR_DISCOVERY
-                            .iter()
-                            .map(|t| Expression::Number(*t))
-                            .collect(),
-                    ),
+                    Expression::String("lo".into()),
                 ),
                 Statement::Accept(None),
             ]);
+            if !self.addresses_of(Family::V6).is_empty() {
+                self.push_rule(vec![
+                    matches(
+                        meta(MetaKey::L4proto),
+                        Operator::EQ,
+                        Expression::Number(ICMPV6),
+                    ),
+                    matches(
+                        payload("icmpv6", "type"),
+                        Operator::EQ,
+                        set_of(
+                            NEIGHBOUR_DISCOVERY
+                                .iter()
+                                .map(|t| Expression::Number(*t))
+                                .collect(),
+                        ),
+                    ),
+                    Statement::Accept(None),
+                ]);
+            }
         }
         for family in Family::ALL {
             let mine = self.addresses_of(family);
@@ -698,54 +814,144 @@ impl Builder<'_> {
         }
     }
 
-    fn grant_set(run: usize, family: Family) -> String {
+    /// The set of run `run`'s grants of one family whose flows outlive them
+    /// (`jit_allow{run}_v4`) or end with them (`jit_close{run}_v4`); run 0 has no number.
+    fn grant_set(run: usize, family: Family, closing: bool) -> String {
+        let kind = if closing { "close" } else { "allow" };
         match run {
-            0 => format!("jit_allow_{}", family.suffix()),
-            n => format!("jit_allow{n}_{}", family.suffix()),
+            0 => format!("jit_{kind}_{}", family.suffix()),
+            n => format!("jit_{kind}{n}_{}", family.suffix()),
         }
     }
 
-    /// The sets of one run of grants and the rule that matches them:
-    /// `ip daddr . ip saddr . meta l4proto . th dport @jit_allow_v4 accept`. The
-    /// destination is part of the key so that a grant for one of several addresses opens
-    /// only that one.
+    /// The key of a grant set, from a packet of a flow's original direction.
+    fn grant_key(family: Family) -> Expression<'static> {
+        Expression::Named(NamedExpression::Concat(vec![
+            payload(family.header(), "daddr"),
+            payload(family.header(), "saddr"),
+            meta(MetaKey::L4proto),
+            payload("th", "dport"),
+        ]))
+    }
+
+    /// The sets of one run of grants and the rules that match them:
+    /// `ip daddr . ip saddr . meta l4proto . th dport @jit_allow_v4 accept`, and the same
+    /// for `@jit_close_v4` marking the flow with [`CLOSE_MARK`]. The destination is part of
+    /// the key so that a grant for one of several addresses opens only that one. Both sets
+    /// exist whether or not a grant uses them, so that a grant of either kind is an element
+    /// update.
     fn grant_run(&mut self, run: usize) {
         for family in self.families() {
-            let name = Self::grant_set(run, family);
-            self.push_set(
-                name.clone(),
-                SetTypeValue::Concatenated(
-                    vec![
-                        family.addr_type(),
-                        family.addr_type(),
-                        SetType::InetProto,
-                        SetType::InetService,
-                    ]
-                    .into(),
-                ),
-                &[SetFlag::Interval, SetFlag::Timeout],
-            );
-            let key = Expression::Named(NamedExpression::Concat(vec![
-                payload(family.header(), "daddr"),
-                payload(family.header(), "saddr"),
-                meta(MetaKey::L4proto),
-                payload("th", "dport"),
-            ]));
-            self.push_rule(vec![
-                matches(
-                    key,
+            for closing in [false, true] {
+                let name = Self::grant_set(run, family, closing);
+                self.push_set(
+                    name.clone(),
+                    SetTypeValue::Concatenated(
+                        vec![
+                            family.addr_type(),
+                            family.addr_type(),
+                            SetType::InetProto,
+                            SetType::InetService,
+                        ]
+                        .into(),
+                    ),
+                    &[SetFlag::Interval, SetFlag::Timeout],
+                );
+                let mut expr = vec![matches(
+                    Self::grant_key(family),
                     Operator::EQ,
                     Expression::String(format!("@{name}").into()),
-                ),
-                Statement::Accept(None),
-            ]);
-            self.grants.entry(name).or_default();
+                )];
+                if closing {
+                    expr.push(Statement::Mangle(Mangle {
+                        key: ct("mark"),
+                        value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+                            ct("mark"),
+                            Expression::Number(CLOSE_MARK),
+                        ]))),
+                    }));
+                }
+                expr.push(Statement::Accept(None));
+                self.push_rule(expr);
+                self.grants.entry(name.clone()).or_default();
+                self.grant_sets.push((family, name));
+            }
         }
     }
 
-    /// The elements of one run: every (destination, source, protocol, port range) the
-    /// grants allow, made disjoint, each expiring at the latest expiry that covers it.
-    fn grant_elements(&mut self, run: usize, grants: &[(&Rule, Timestamp)], now: Timestamp) {
+    /// The checks of the flows a `Close` grant let in (the marked ones; the others were
+    /// accepted before): related packets pass (an ICMP error carries no session), an
+    /// established packet passes while some grant set still holds its flow, looked up in
+    /// the flow's original direction (a gateway also forwards the replies); otherwise TCP
+    /// is answered with a reset, so both ends learn at once, and anything else is dropped.
+    fn flow_checks(&self) -> Vec<NfListObject<'static>> {
+        let mut checks =
+            vec![self.rule_object(vec![ct_state(&["related"]), Statement::Accept(None)])];
+        for (family, set) in &self.grant_sets {
+            let set = Expression::String(format!("@{set}").into());
+            checks.push(self.rule_object(vec![
+                ct_state(&["established"]),
+                matches(
+                    ct("direction"),
+                    Operator::EQ,
+                    Expression::String("original".into()),
+                ),
+                matches(Self::grant_key(*family), Operator::EQ, set.clone()),
+                Statement::Accept(None),
+            ]));
+            if self.mode == Mode::Gateway {
+                let reply_key = Expression::Named(NamedExpression::Concat(vec![
+                    payload(family.header(), "saddr"),
+                    payload(family.header(), "daddr"),
+                    meta(MetaKey::L4proto),
+                    payload("th", "sport"),
+                ]));
+                checks.push(self.rule_object(vec![
+                    ct_state(&["established"]),
+                    matches(
+                        ct("direction"),
+                        Operator::EQ,
+                        Expression::String("reply".into()),
+                    ),
+                    matches(reply_key, Operator::EQ, set),
+                    Statement::Accept(None),
+                ]));
+            }
+        }
+        checks.push(self.rule_object(vec![
+            ct_state(&["established"]),
+            matches(
+                meta(MetaKey::L4proto),
+                Operator::EQ,
+                Expression::Number(TCP),
+            ),
+            Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+        ]));
+        checks.push(self.rule_object(vec![ct_state(&["established"]), Statement::Drop(None)]));
+        checks
+    }
+
+    /// The elements of one run, in the set of their kind: every (destination, source,
+    /// protocol, port range) the grants allow, made disjoint, each expiring at the latest
+    /// expiry that covers it.
+    fn grant_elements(&mut self, run: usize, grants: &[(&Rule, GrantOf)], now: Timestamp) {
+        for closing in [false, true] {
+            let kind: Vec<(&Rule, Timestamp)> = grants
+                .iter()
+                .filter(|(_, grant)| grant.closing == closing)
+                .map(|(rule, grant)| (*rule, grant.expires))
+                .collect();
+            self.grant_elements_of(run, closing, &kind, now);
+        }
+    }
+
+    fn grant_elements_of(
+        &mut self,
+        run: usize,
+        closing: bool,
+        grants: &[(&Rule, Timestamp)],
+        now: Timestamp,
+    ) {
         for family in self.families() {
             let mine = self.addresses_of(family);
             // (destination, protocol) -> [(source, ports, expires)]
@@ -799,7 +1005,10 @@ impl Builder<'_> {
                     }
                 }
             }
-            let set = self.grants.entry(Self::grant_set(run, family)).or_default();
+            let set = self
+                .grants
+                .entry(Self::grant_set(run, family, closing))
+                .or_default();
             for ((destination, protocol), items) in groups {
                 for (source, ports, expires) in disjoint(&items, family) {
                     set.insert(
@@ -819,6 +1028,9 @@ impl Builder<'_> {
     fn finish(mut self) -> Ruleset {
         // Nothing matched: deny, as the oracle does (the defaults normally decide first).
         self.push_rule(vec![Statement::Drop(None)]);
+        let checks = self.flow_checks();
+        self.rules
+            .splice(self.flow_checks_at..self.flow_checks_at, checks);
         let mut skeleton = self.skeleton;
         skeleton.extend(self.rules);
         Ruleset {

@@ -134,6 +134,45 @@ pub struct PolicyPort {
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
     #[x_kube(validation = Rule::new(duration_rule()).message(DURATION_MESSAGE))]
     pub max_request_access_duration: String,
+    /// What happens to the connections a grant of this port let in when it ends (expiry or
+    /// revocation): `Keep` (the default, and Azure's behaviour) lets them run on; `Close`
+    /// cuts them within a second.
+    #[serde(default, skip_serializing_if = "EstablishedConnections::is_keep")]
+    #[schemars(default = "EstablishedConnections::keep")]
+    pub established_connections: EstablishedConnections,
+}
+
+/// The fate of a grant's established connections when the grant ends.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+pub enum EstablishedConnections {
+    /// Connections opened while the grant was in force outlive it (Azure's promise).
+    #[default]
+    Keep,
+    /// They end with the grant: their next packet is refused, TCP with a reset.
+    Close,
+}
+
+impl EstablishedConnections {
+    pub fn is_keep(&self) -> bool {
+        *self == Self::Keep
+    }
+
+    fn keep() -> Self {
+        Self::Keep
+    }
 }
 
 fn default_protocol() -> PolicyProtocol {

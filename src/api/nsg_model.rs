@@ -4,12 +4,13 @@
 //! through [`NsgModel::new`], so they cannot disagree about what a rule means, which rules
 //! are in force at an instant, or what is unreadable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::convert::{self, ConvertError};
+use super::jit_policy::EstablishedConnections;
 use super::nsg::NetworkSecurityGroup;
 use super::security_rule::{LABEL_MANAGED_BY, MANAGED_BY, SecurityRule};
 use crate::rules::{self, Origin, Scope};
@@ -22,6 +23,9 @@ pub struct NsgModel {
     pub rules: Vec<rules::Rule>,
     /// When each object rule that has an expiry stops being in force, by rule name.
     pub expiries: BTreeMap<String, Timestamp>,
+    /// The object rules with an expiry whose connections end with them
+    /// (`establishedConnections: Close`), by rule name.
+    pub closing: BTreeSet<String>,
     /// What could not be read. Never skipped silently: leaving out a deny would open what
     /// it closes, so enforcement refuses a model with errors and the status names them.
     pub invalid: Vec<ConvertError>,
@@ -48,6 +52,7 @@ impl NsgModel {
             }
         }
         let mut expiries = BTreeMap::new();
+        let mut closing = BTreeSet::new();
         for object in objects {
             if expired(object.spec.expires_at.as_ref(), now) {
                 continue;
@@ -56,6 +61,11 @@ impl NsgModel {
                 Ok(rule) => {
                     if let Some(at) = &object.spec.expires_at {
                         expiries.insert(rule.name.clone(), at.0);
+                        if object.spec.established_connections
+                            == Some(EstablishedConnections::Close)
+                        {
+                            closing.insert(rule.name.clone());
+                        }
                     }
                     rules.push(rule);
                 }
@@ -66,6 +76,7 @@ impl NsgModel {
             scope,
             rules,
             expiries,
+            closing,
             invalid,
         }
     }
@@ -126,6 +137,12 @@ mod tests {
         .unwrap()
     }
 
+    fn closing(name: &str, port: &str, expires: Option<&str>) -> SecurityRule {
+        let mut rule = object(name, port, expires, true);
+        rule.spec.established_connections = Some(EstablishedConnections::Close);
+        rule
+    }
+
     #[test]
     fn expired_objects_are_out_and_unreadable_ones_reported() {
         let nsg: NetworkSecurityGroup = serde_json::from_value(json!({
@@ -142,11 +159,13 @@ mod tests {
             object("open", "22", Some("2026-11-24T13:00:00Z"), true),
             object("gone", "22", Some("2026-11-24T12:00:00Z"), true),
             object("user", "80", None, false),
+            closing("cut", "22", Some("2026-11-24T13:00:00Z")),
             object("broken", "port-x", None, false),
         ];
         let model = NsgModel::new(&nsg, &objects, now);
         let names: Vec<&str> = model.rules.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["ssh", "open", "user"]);
+        assert_eq!(names, ["ssh", "open", "user", "cut"]);
+        assert_eq!(model.closing, BTreeSet::from(["cut".to_owned()]));
         assert!(model.rules[1].jit && !model.rules[2].jit);
         assert_eq!(
             model.next_expiry(),

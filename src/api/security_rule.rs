@@ -8,6 +8,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::jit_policy::EstablishedConnections;
 use super::rule_fields::RuleFields;
 use super::validation::TIMESTAMP_PATTERN;
 
@@ -63,6 +64,10 @@ pub struct SecurityRuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "expires_at_schema")]
     pub expires_at: Option<Time>,
+    /// With `expiresAt`: whether the connections the rule let in end with it (`Close`) or
+    /// outlive it (`Keep`, the default). The operator copies the policy port's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub established_connections: Option<EstablishedConnections>,
 }
 
 /// `expiresAt` as an RFC 3339 timestamp the operator and the agents can read. The plain

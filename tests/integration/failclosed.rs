@@ -11,7 +11,8 @@ use kube::api::Api;
 use portcullis::api::NetworkSecurityGroup;
 
 use crate::enforcement::{
-    A, B, Error, Lab, SLOW_CONNECT, VM, VM_6, enforced, granted, ip, policy, request, skipped,
+    A, B, Error, Lab, SLOW_CONNECT, VM, VM_6, enforced, expiry, granted, ip, policy, request,
+    skipped,
 };
 use crate::support::{Ctx, TestResult, eventually, succeeded};
 
@@ -28,17 +29,6 @@ const VM_2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
 const VM_3: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
 const A_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x20);
 const B_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x21);
-
-/// The expiry of `name`'s first grant.
-async fn expiry(ctx: &Ctx, name: &str) -> Result<Timestamp, Error> {
-    let requests: Api<portcullis::api::JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
-    requests
-        .get(name)
-        .await?
-        .status
-        .and_then(|s| s.grants.first().map(|g| g.end_time.0))
-        .ok_or_else(|| format!("{name} has no grant").into())
-}
 
 async fn a_restart_without_apiserver_restores_the_table(ctx: Ctx) -> TestResult {
     if skipped("a_restart_without_apiserver_restores_the_table") {

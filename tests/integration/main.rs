@@ -16,6 +16,7 @@ mod leader;
 mod make_run;
 mod restart;
 mod security;
+mod sessions;
 mod support;
 
 use std::future::Future;
@@ -40,7 +41,7 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 12] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 13] = [
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
@@ -53,6 +54,7 @@ fn all_tests() -> Vec<(String, TestFn)> {
         ("restart", restart::tests()),
         ("make_run", make_run::tests()),
         ("security", security::tests()),
+        ("sessions", sessions::tests()),
     ];
     modules
         .into_iter()

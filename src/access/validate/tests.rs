@@ -19,7 +19,7 @@ fn fixture() -> JitPolicySpec {
                 "ports": [
                     {"number": 22, "protocol": "TCP",
                      "allowedSourceAddressPrefix": "203.0.113.0/24",
-                     "maxRequestAccessDuration": "PT3H"},
+                     "maxRequestAccessDuration": "PT3H", "establishedConnections": "Close"},
                     {"number": 3389, "protocol": "TCP",
                      "allowedSourceAddressPrefixes": ["198.51.100.0/24", "2001:db8::/32"],
                      "maxRequestAccessDuration": "PT1H"},
@@ -475,6 +475,7 @@ fn omitted_ports_mean_the_defaults() {
             protocol: PolicyProtocol::Tcp,
             allowed_sources: vec![s("*")],
             max_duration: s("PT3H"),
+            established_connections: EstablishedConnections::Keep,
         })
         .collect();
     assert_eq!(policy_ports(db), want);
@@ -518,7 +519,8 @@ fn listed_ports_default_to_any_protocol_and_source() {
             number: 53,
             protocol: PolicyProtocol::Any,
             allowed_sources: vec![s("*")],
-            max_duration: s("PT3H")
+            max_duration: s("PT3H"),
+            established_connections: EstablishedConnections::Keep,
         }
     );
     assert_eq!(
@@ -655,11 +657,15 @@ fn grants_exactly_what_was_asked_in_request_order() {
         protocol,
         sources: sources.iter().map(|x| net(x)).collect(),
         duration: Duration::from_secs(secs),
+        established_connections: EstablishedConnections::Keep,
     };
     assert_eq!(
         got,
         vec![
-            web(22, Protocol::Tcp, &["203.0.113.5/32"], 3600),
+            PortGrant {
+                established_connections: EstablishedConnections::Close,
+                ..web(22, Protocol::Tcp, &["203.0.113.5/32"], 3600)
+            },
             web(
                 3389,
                 Protocol::Tcp,
@@ -676,6 +682,7 @@ fn grants_exactly_what_was_asked_in_request_order() {
                 protocol: Protocol::Tcp,
                 sources: vec![net("0.0.0.0/0"), net("::/0")],
                 duration: Duration::from_secs(3 * 3600),
+                established_connections: EstablishedConnections::Keep,
             },
         ]
     );

@@ -37,6 +37,7 @@ fn target() -> Target {
     Target {
         table: "portcullis".into(),
         addresses: vec!["198.18.0.10".parse().unwrap()],
+        mode: Mode::Host,
     }
 }
 
@@ -51,6 +52,7 @@ fn policy(rules: Vec<Rule>, expiries: &[(&str, i64)]) -> Policy {
             .iter()
             .map(|(name, seconds)| ((*name).to_owned(), at(*seconds)))
             .collect(),
+        closing: BTreeSet::new(),
     }
 }
 
@@ -103,10 +105,13 @@ fn a_grant_below_a_user_rule_keeps_its_place() {
         now(),
     );
     let rules = chain(&ruleset);
-    let deny_at = rules.iter().position(|r| r.contains("\"drop\"")).unwrap();
+    let deny_at = rules
+        .iter()
+        .position(|r| r.contains("\"drop\"") && r.contains("dport"))
+        .unwrap();
     let grant_at = rules
         .iter()
-        .position(|r| r.contains("@jit_allow_v4"))
+        .position(|r| r.contains("@jit_allow_v4") && !r.contains("established"))
         .unwrap();
     assert!(deny_at < grant_at, "{rules:#?}");
     let empty = render(&policy(vec![deny], &[]), &target(), now());
@@ -137,10 +142,18 @@ fn preamble_accepts_established_then_leaves_other_addresses_alone() {
     let ruleset = render(&policy(vec![], &[]), &target(), now());
     let rules = chain(&ruleset);
     assert!(rules[0].contains("established") && rules[0].contains("accept"));
-    assert!(rules[1].contains("\"lo\""));
-    assert!(rules[2].contains("daddr") && rules[2].contains("!=") && rules[2].contains("return"));
+    assert!(
+        rules[0].contains("mark"),
+        "only unmarked flows: {}",
+        rules[0]
+    );
+    // Then the checks of marked flows (see `close_grants_mark_their_flows_and_cut_them`).
+    let lo = rules.iter().position(|r| r.contains("\"lo\"")).unwrap();
+    assert!(rules[1..lo].iter().all(|r| r.contains("ct")), "{rules:#?}");
+    let other = &rules[lo + 1];
+    assert!(other.contains("daddr") && other.contains("!=") && other.contains("return"));
     // No IPv6 address: every IPv6 packet returns, and no ND rule is needed.
-    assert!(rules[3].contains("ipv6") && rules[3].contains("return"));
+    assert!(rules[lo + 2].contains("ipv6") && rules[lo + 2].contains("return"));
     assert!(!rules.iter().any(|r| r.contains("icmpv6")));
     assert_eq!(rules.last().unwrap(), "[{\"drop\":null}]");
 }
@@ -321,6 +334,7 @@ fn a_jit_rule_aimed_at_the_machine_covers_all_its_addresses() {
             .iter()
             .map(|a| a.parse().unwrap())
             .collect(),
+        mode: Mode::Host,
     };
     let aimed = |rule: Rule| Rule {
         destination_prefixes: vec!["198.18.0.10".parse().unwrap()],
@@ -415,4 +429,130 @@ fn only_an_added_grant_counts_as_only_adding() {
         now(),
     );
     assert!(!only_adds_grants(&none, &more));
+}
+
+#[test]
+fn close_grants_mark_their_flows_and_cut_them() {
+    let mut closing = policy(
+        vec![
+            grant("keep", 100, "198.18.0.20", "22"),
+            grant("cut", 101, "198.18.0.21", "22"),
+        ],
+        &[("keep", 60), ("cut", 30)],
+    );
+    closing.closing.insert("cut".into());
+    let ruleset = render(&closing, &target(), now());
+    let key = |source: &str| GrantKey {
+        destination: "198.18.0.10".parse().unwrap(),
+        source: source.parse().unwrap(),
+        protocol: 6,
+        ports: (22, 22),
+    };
+    assert_eq!(
+        ruleset.grants["jit_allow_v4"].keys().collect::<Vec<_>>(),
+        [&key("198.18.0.20/32")]
+    );
+    assert_eq!(
+        ruleset.grants["jit_close_v4"][&key("198.18.0.21/32")],
+        at(30)
+    );
+    let rules = chain(&ruleset);
+    let marks = |r: &&String| r.contains("mangle") && r.contains(&CLOSE_MARK.to_string());
+    let marking: Vec<&String> = rules.iter().filter(marks).collect();
+    assert_eq!(marking.len(), 1, "{rules:#?}");
+    assert!(marking[0].contains("@jit_close_v4"));
+    // A marked flow's established packets pass while a set of either kind holds them,
+    // else TCP is reset and the rest dropped, all before anything else decides.
+    let lo = rules.iter().position(|r| r.contains("\"lo\"")).unwrap();
+    let checks = &rules[1..lo];
+    assert!(checks[0].contains("related") && checks[0].contains("accept"));
+    for set in ["@jit_allow_v4", "@jit_close_v4"] {
+        assert!(
+            checks
+                .iter()
+                .any(|r| r.contains(set) && r.contains("original") && r.contains("accept")),
+            "{set}: {checks:#?}"
+        );
+    }
+    assert!(!checks.iter().any(|r| r.contains("reply")), "{checks:#?}");
+    assert!(checks[checks.len() - 2].contains("tcp reset"));
+    assert!(checks[checks.len() - 1].contains("drop"));
+    // Keep and Close grants are elements of sets that always exist: switching the kind
+    // of a grant is an element update.
+    let kept = render(
+        &policy(
+            vec![
+                grant("keep", 100, "198.18.0.20", "22"),
+                grant("cut", 101, "198.18.0.21", "22"),
+            ],
+            &[("keep", 60), ("cut", 30)],
+        ),
+        &target(),
+        now(),
+    );
+    assert_eq!(kept.skeleton, ruleset.skeleton);
+    assert!(kept.grants["jit_close_v4"].is_empty());
+}
+
+#[test]
+fn a_gateway_guards_forwarded_traffic_to_each_machine_as_written() {
+    let deny = |name: &str, address: &str| Rule {
+        origin: Origin::SecurityRule { name: name.into() },
+        jit: true,
+        destination_prefixes: vec![address.parse().unwrap()],
+        ..rule(name, 1000, Access::Deny, "*", "22")
+    };
+    let to = |rule: Rule, address: &str| Rule {
+        destination_prefixes: vec![address.parse().unwrap()],
+        ..rule
+    };
+    let model = policy(
+        vec![
+            deny("deny-a", "198.18.1.10"),
+            deny("deny-b", "2001:2::10"),
+            to(grant("g", 100, "198.18.0.20", "22"), "198.18.1.10"),
+            rule("http", 300, Access::Allow, "Internet", "80"),
+        ],
+        &[("g", 60)],
+    );
+    let machines = machine_addresses(&model);
+    assert_eq!(
+        machines,
+        [
+            "198.18.1.10".parse::<IpAddr>().unwrap(),
+            "2001:2::10".parse().unwrap()
+        ]
+    );
+    let gateway = Target {
+        table: "portcullis".into(),
+        addresses: machines,
+        mode: Mode::Gateway,
+    };
+    let ruleset = render(&model, &gateway, now());
+    let NfListObject::Chain(chain_object) = &ruleset.skeleton[0] else {
+        panic!("the chain comes first");
+    };
+    assert_eq!(chain_object.name, "forward");
+    assert_eq!(chain_object.hook, Some(NfHook::Forward));
+    let rules = chain(&ruleset);
+    assert!(
+        rules
+            .iter()
+            .all(|r| !r.contains("\"lo\"") && !r.contains("icmpv6"))
+    );
+    // Replies are forwarded too: a marked flow's replies are checked with the key turned.
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("reply") && r.contains("sport"))
+    );
+    // The grant opens one machine only; machine b's deny stays aimed at b alone.
+    let grants: Vec<&GrantKey> = ruleset.grants.values().flat_map(|g| g.keys()).collect();
+    assert_eq!(grants.len(), 1);
+    assert_eq!(
+        grants[0].destination,
+        "198.18.1.10".parse::<IpAddr>().unwrap()
+    );
+    let enforced = as_enforced(&model, &gateway);
+    assert_eq!(enforced, model.rules, "a gateway enforces rules as written");
 }

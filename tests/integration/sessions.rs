@@ -1,0 +1,201 @@
+//! What the end of a grant does to the sessions it let in, on the machine and through a
+//! gateway: with `establishedConnections: Close` a held SSH session is cut within a second
+//! of the expiry, with `Keep` (the default) it runs on; new connections are refused either
+//! way. Real sshd, real ssh clients, namespaces addressed from 198.18.0.0/15 only.
+
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+use crate::enforcement::{
+    A, B, DROP_TIMEOUT, Error, KEEP_PORT, Lab, enforced, expiry, granted, skipped,
+};
+use crate::support::{Ctx, TestResult, ssh_policy, succeeded};
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
+    crate::tests![
+        expiry_cuts_close_sessions_and_keeps_the_others,
+        a_gateway_guards_a_machine_without_an_agent,
+    ]
+}
+
+/// SSH on port 22 closes its sessions at the end of a grant; the same sshd on
+/// [`KEEP_PORT`] keeps them. Both may be requested from the clients' /28.
+fn policy() -> String {
+    ssh_policy(
+        "198.18.0.16/28",
+        &format!(
+            "      establishedConnections: Close
+    - number: {KEEP_PORT}
+      protocol: TCP
+      allowedSourceAddressPrefix: 198.18.0.16/28
+      maxRequestAccessDuration: PT1H
+"
+        ),
+    )
+}
+
+/// Both ports for 12 s from A.
+fn request() -> String {
+    format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitRequest
+metadata:
+  name: both
+spec:
+  policyName: web
+  justification: testing sessions
+  virtualMachines:
+  - name: web-1
+    ports:
+    - number: 22
+      duration: PT12S
+      allowedSourceAddressPrefix: {A}
+    - number: {KEEP_PORT}
+      duration: PT12S
+      allowedSourceAddressPrefix: {A}
+"#
+    )
+}
+
+/// A held SSH session running a line echo.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Session {
+    async fn open(lab: &Lab, source: Ipv4Addr, port: u16) -> Result<Self, Error> {
+        let mut child = lab
+            .ssh_to(
+                source,
+                port,
+                "while read line; do echo \"echo $line\"; done",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().ok_or("no ssh stdin")?;
+        let lines = BufReader::new(child.stdout.take().ok_or("no ssh stdout")?).lines();
+        let mut session = Session {
+            child,
+            stdin,
+            lines,
+        };
+        session.round_trip("hello").await?;
+        Ok(session)
+    }
+
+    /// Sends `word` and waits for its echo: an error when the session is gone (reset,
+    /// closed) or silent for `Session::SILENT`.
+    async fn round_trip(&mut self, word: &str) -> Result<(), Error> {
+        self.stdin.write_all(format!("{word}\n").as_bytes()).await?;
+        let line = tokio::time::timeout(Self::SILENT, self.lines.next_line())
+            .await
+            .map_err(|_| format!("the session did not answer {word}"))??;
+        if line.as_deref() != Some(&format!("echo {word}")) {
+            return Err(format!("the session answered {line:?} to {word}").into());
+        }
+        Ok(())
+    }
+
+    /// How long an echo may take before the session counts as cut (on a veth pair it
+    /// takes milliseconds; a reset ends the session at once).
+    const SILENT: Duration = Duration::from_secs(3);
+}
+
+/// With the lab's agent enforcing and the NSG in place: policy, grant, two held sessions,
+/// then the expiry: the `Close` session is cut within a second and never before the
+/// expiry, the `Keep` one still answers, and new connections are refused on both ports.
+async fn sessions_across_expiry(ctx: &Ctx, lab: &Lab) -> Result<(), Error> {
+    succeeded(&ctx.apply(&policy()))?;
+    for port in [22, KEEP_PORT] {
+        lab.until(A, port, false).await?;
+    }
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request()))?;
+    granted(ctx, "both").await?;
+    for port in [22, KEEP_PORT] {
+        lab.until(A, port, true).await?;
+        if lab
+            .connect_to(B.into(), crate::enforcement::VM.into(), port, DROP_TIMEOUT)
+            .await
+            .passed()
+        {
+            return Err(format!("B reached port {port} with A's grant").into());
+        }
+    }
+    let expires = expiry(ctx, "both").await?;
+    let mut closing = Session::open(lab, A, 22).await?;
+    let mut kept = Session::open(lab, A, KEEP_PORT).await?;
+    let mut probe = 0;
+    let cut_at = loop {
+        probe += 1;
+        let sent = Timestamp::now();
+        if closing.round_trip(&format!("probe{probe}")).await.is_err() {
+            break sent;
+        }
+        if sent.duration_since(expires) > SignedDuration::from_secs(1) {
+            return Err(format!(
+                "the Close session still answered {:#} after the expiry",
+                sent.duration_since(expires)
+            )
+            .into());
+        }
+        // Probes a few times a second, so the instant of the cut is known to within this.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let late = cut_at.duration_since(expires);
+    if late < SignedDuration::ZERO {
+        return Err(format!("the Close session was cut {:#} before the expiry", -late).into());
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), closing.child.wait()).await;
+    if !ended.is_ok_and(|status| status.is_ok_and(|s| !s.success())) {
+        return Err("the cut ssh client did not end with an error".into());
+    }
+    kept.round_trip("after-expiry").await.map_err(|e| {
+        format!(
+            "the Keep session did not survive the expiry: {e}\n{}",
+            lab.agent_log()
+        )
+    })?;
+    for port in [22, KEEP_PORT] {
+        lab.until(A, port, false).await?;
+    }
+    if lab.ssh_logs_in(A).await? {
+        return Err("a new ssh from A logged in after the expiry".into());
+    }
+    eprintln!("sessions: the Close session was cut {late:#} after the expiry");
+    Ok(())
+}
+
+async fn expiry_cuts_close_sessions_and_keeps_the_others(ctx: Ctx) -> TestResult {
+    if skipped("expiry_cuts_close_sessions_and_keeps_the_others") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_sshd().await?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    sessions_across_expiry(&ctx, &lab).await?;
+    Ok(())
+}
+
+/// The machine runs no agent; the router in front of it runs `agent --gateway` with no
+/// address given: the machine's address comes from the NSG's JIT rules.
+async fn a_gateway_guards_a_machine_without_an_agent(ctx: Ctx) -> TestResult {
+    if skipped("a_gateway_guards_a_machine_without_an_agent") {
+        return Ok(());
+    }
+    let mut lab = Lab::routed(&[A, B])?;
+    lab.start_sshd().await?;
+    let kubeconfig = ctx.plane.kubeconfig("admin");
+    lab.start_agent_with(&ctx, "gateway-1", &["--gateway"], &kubeconfig)?;
+    enforced(&ctx, &lab, "gateway-1").await?;
+    sessions_across_expiry(&ctx, &lab).await?;
+    Ok(())
+}
