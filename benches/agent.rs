@@ -563,6 +563,7 @@ fn granted(grants: &[(Rule, Timestamp)], now: Timestamp) -> Ruleset {
             .map(|(rule, expires)| (rule.name.clone(), *expires))
             .collect(),
         closing: Default::default(),
+        idle: Default::default(),
     };
     render::render(&policy, &target(), now)
 }

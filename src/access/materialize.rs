@@ -15,8 +15,8 @@ use crate::api::SecurityRuleSpec;
 use crate::api::jit_policy::EstablishedConnections;
 use crate::api::jit_policy::PolicyVirtualMachine;
 use crate::api::rule_fields::{Access, Direction, RuleFields, RuleProtocol};
-use crate::rules::Protocol;
 use crate::rules::prefix::AddressPrefix;
+use crate::rules::{Protocol, duration};
 
 pub use crate::api::security_rule::{LABEL_MANAGED_BY, MANAGED_BY};
 /// The NSG the rule belongs to, so an NSG's JIT rules can be listed by selector.
@@ -243,6 +243,7 @@ pub fn deny_rule(policy: Owner<'_>, machine: &PolicyVirtualMachine, priority: u3
             },
             expires_at: None,
             established_connections: None,
+            idle_timeout: None,
         },
     }
 }
@@ -298,6 +299,7 @@ pub fn allow_rule(
             expires_at: Some(Time(expires_at)),
             established_connections: (!grant.established_connections.is_keep())
                 .then_some(grant.established_connections),
+            idle_timeout: grant.idle_timeout.map(duration::format),
         },
     }
 }
@@ -560,6 +562,7 @@ mod tests {
             sources: sources.iter().map(|x| x.parse().unwrap()).collect(),
             duration: Duration::from_secs(3600),
             established_connections: EstablishedConnections::Keep,
+            idle_timeout: None,
         }
     }
 

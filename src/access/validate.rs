@@ -44,6 +44,9 @@ pub struct PortGrant {
     pub duration: Duration,
     /// What the grant's connections do when it ends (the policy port's setting).
     pub established_connections: EstablishedConnections,
+    /// How long the grant may carry no packet before it is revoked (the policy port's
+    /// setting).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Why a request may not be granted. Each message is what a user reads in
@@ -214,6 +217,8 @@ pub struct AllowedPort {
     pub max_duration: String,
     /// What a grant's connections do when it ends.
     pub established_connections: EstablishedConnections,
+    /// How long a grant may go without a packet, as written.
+    pub idle_timeout: Option<String>,
 }
 
 /// The machine's JIT ports with defaults applied: when `ports` is omitted, Azure's defaults
@@ -229,6 +234,7 @@ pub fn policy_ports(machine: &PolicyVirtualMachine) -> Vec<AllowedPort> {
                 allowed_sources: vec!["*".to_owned()],
                 max_duration: DEFAULT_MAX_DURATION.to_owned(),
                 established_connections: EstablishedConnections::Keep,
+                idle_timeout: None,
             })
             .collect(),
         Some(ports) => ports
@@ -248,6 +254,7 @@ pub fn policy_ports(machine: &PolicyVirtualMachine) -> Vec<AllowedPort> {
                     },
                     max_duration: p.max_request_access_duration.clone(),
                     established_connections: p.established_connections,
+                    idle_timeout: p.idle_timeout.clone(),
                 }
             })
             .collect(),
@@ -321,9 +328,23 @@ pub fn validate(
         let allowed = policy_ports(policy_vm);
         for port in &vm.ports {
             let checked = check_port(machine, port, &allowed, seen, &mut violations);
-            if let (Some((protocol, sources, duration, established)), Some(address)) =
-                (checked, address)
+            if let (Some((protocol, sources, duration, entry)), Some(address)) = (checked, address)
             {
+                let idle_timeout = match entry
+                    .idle_timeout
+                    .as_deref()
+                    .map(duration::parse_policy_max)
+                {
+                    None => None,
+                    Some(Ok(limit)) => Some(limit),
+                    Some(Err(e)) => {
+                        violations.push(Violation::InvalidPolicy {
+                            machine: machine.to_owned(),
+                            reason: format!("port {}: idleTimeout: {e}", port.number),
+                        });
+                        continue;
+                    }
+                };
                 grants.push(PortGrant {
                     machine: machine.to_owned(),
                     address,
@@ -332,7 +353,8 @@ pub fn validate(
                     protocol,
                     sources,
                     duration,
-                    established_connections: established,
+                    established_connections: entry.established_connections,
+                    idle_timeout,
                 });
             }
         }
@@ -359,15 +381,15 @@ impl Violations {
 }
 
 /// Checks one requested port; returns its grant protocol, sources, duration and the policy
-/// entry's fate of established connections when it passes, after recording every violation it finds. `seen` holds the (port, protocol)
+/// entry when it passes, after recording every violation it finds. `seen` holds the (port, protocol)
 /// pairs already requested on the machine.
-fn check_port(
+fn check_port<'a>(
     machine: &str,
     port: &RequestPort,
-    allowed: &[AllowedPort],
+    allowed: &'a [AllowedPort],
     seen: &mut Vec<(u16, Protocol)>,
     violations: &mut Violations,
-) -> Option<(Protocol, Vec<IpNet>, Duration, EstablishedConnections)> {
+) -> Option<(Protocol, Vec<IpNet>, Duration, &'a AllowedPort)> {
     let number = port.number;
     let (entry, protocol) = resolve_entry(machine, port, allowed, violations)?;
     let before = violations.0.len();
@@ -388,7 +410,7 @@ fn check_port(
 
     let clean = violations.0.len() == before;
     match (duration, sources) {
-        (Some(d), Some(s)) if clean => Some((protocol, s, d, entry.established_connections)),
+        (Some(d), Some(s)) if clean => Some((protocol, s, d, entry)),
         _ => None,
     }
 }

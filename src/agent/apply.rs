@@ -76,6 +76,33 @@ impl Nft {
     }
 }
 
+impl Nft {
+    /// `nft -j list set inet TABLE SET`: the set with its elements, as nft's JSON.
+    pub async fn list_set(&self, table: &str, set: &str) -> Result<String, Error> {
+        let nft = ["nft", "-j", "list", "set", "inet", table, set];
+        let mut command = match &self.netns {
+            None => tokio::process::Command::new(nft[0]),
+            Some(netns) => {
+                let mut command = tokio::process::Command::new("ip");
+                command.args(["netns", "exec", netns.as_str(), nft[0]]);
+                command
+            }
+        };
+        let out = command
+            .args(&nft[1..])
+            .output()
+            .await
+            .map_err(|e| Error::Nft(format!("cannot run nft: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::Nft(format!(
+                "list set {set}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        String::from_utf8(out.stdout).map_err(|e| Error::Nft(format!("list set {set}: {e}")))
+    }
+}
+
 /// The crate's error plus what nft printed, which its `Display` leaves out.
 fn describe(error: nftables::helper::NftablesError) -> String {
     match &error {
@@ -355,6 +382,7 @@ mod tests {
                 })
                 .collect(),
             closing: Default::default(),
+            idle: Default::default(),
         };
         let target = Target {
             table: "portcullis".into(),

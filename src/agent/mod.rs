@@ -22,6 +22,7 @@
 //! - SIGTERM: the table stays (a stopped agent must not open the machine); `--cleanup`
 //!   removes it explicitly.
 
+pub mod activity;
 pub mod addresses;
 pub mod apply;
 pub mod render;
@@ -41,10 +42,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 
 use crate::api::convert::ConvertError;
-use crate::api::nsg::EnforcementReport;
+use crate::api::nsg::{EnforcementReport, IdleGrant};
 use crate::api::nsg_model::NsgModel;
 use crate::api::{NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self};
+use activity::Activity;
 use apply::{Applied, Enforcer, Nft};
 use render::{Mode, Policy, Ruleset, Target};
 use state::State;
@@ -61,6 +63,9 @@ const RESYNC: Duration = Duration::from_secs(300);
 const ADDRESS_POLL: Duration = Duration::from_secs(5);
 /// How soon a failed apply or status report is retried.
 const RETRY: Duration = Duration::from_secs(2);
+/// How often the seen sets are read while some grant has an `idleTimeout`: an idle grant
+/// is reported within this of its limit.
+const ACTIVITY_POLL: Duration = Duration::from_secs(1);
 
 /// Why the agent cannot start, or why one enforcement round failed.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +174,11 @@ pub fn policy(
         scope: model.scope,
         expiries: model.expiries,
         closing: model.closing,
+        idle: model
+            .idle
+            .into_iter()
+            .map(|(name, (limit, since))| (name, render::IdleLimit { limit, since }))
+            .collect(),
     })
 }
 
@@ -183,6 +193,7 @@ struct Reported {
     generation: Option<i64>,
     hash: String,
     error: Option<String>,
+    idle: Vec<IdleGrant>,
 }
 
 /// Enforces the NSG until `shutdown` resolves. Errors of one round (nft refused, status
@@ -236,6 +247,8 @@ pub async fn run(
         nsgs,
         reported: None,
         applied_at: None,
+        activity: Activity::new(Timestamp::now()),
+        idle: Vec::new(),
         missing_warned: false,
         config,
     };
@@ -332,6 +345,10 @@ struct Agent {
     nsgs: Api<NetworkSecurityGroup>,
     reported: Option<Reported>,
     applied_at: Option<Timestamp>,
+    /// When the grants' flows last carried a packet.
+    activity: Activity,
+    /// The grants found idle in the last round.
+    idle: Vec<IdleGrant>,
     missing_warned: bool,
 }
 
@@ -378,11 +395,17 @@ impl Agent {
                         mode: self.config.mode,
                     };
                     let desired = render::render(&policy, &target, now);
-                    self.enforce(desired, now).await
+                    let applied = self.enforce(desired, now).await;
+                    if matches!(applied, Ok(Applied::Full)) {
+                        self.activity.restarted(now);
+                    }
+                    self.idle = self.idle_grants(&policy, &target, now).await;
+                    applied
                 }
                 Err(error) => Err(error),
             },
         };
+        let watching_idle = !self.idle_watch_empty(&mine, now);
         let error = match outcome {
             Ok(Applied::Unchanged) => None,
             Ok(applied) => {
@@ -410,11 +433,59 @@ impl Agent {
         if self.reads_addresses() {
             until_expiry = until_expiry.min(ADDRESS_POLL);
         }
+        if watching_idle {
+            until_expiry = until_expiry.min(ACTIVITY_POLL);
+        }
         if failed || !reported {
             until_expiry.min(RETRY)
         } else {
             until_expiry
         }
+    }
+
+    /// Whether no grant among `rules` has an `idleTimeout` and time left at `now`.
+    fn idle_watch_empty(&self, rules: &[&SecurityRule], now: Timestamp) -> bool {
+        !rules.iter().any(|r| {
+            r.spec.idle_timeout.is_some()
+                && r.spec.expires_at.as_ref().is_some_and(|end| end.0 > now)
+        })
+    }
+
+    /// Reads the seen sets when some grant has an `idleTimeout`, and returns the grants
+    /// silent for longer. A failed read is logged and keeps the last answer: it must not
+    /// revoke anything.
+    async fn idle_grants(
+        &mut self,
+        policy: &Policy,
+        target: &Target,
+        now: Timestamp,
+    ) -> Vec<IdleGrant> {
+        if policy.idle.is_empty() {
+            return Vec::new();
+        }
+        let families: std::collections::BTreeSet<render::Family> =
+            target.addresses.iter().map(render::Family::of).collect();
+        for family in families {
+            let set = render::seen_set(family);
+            match self.config.nft.list_set(&self.config.table, &set).await {
+                Ok(json) => match activity::parse_seen(&json, Timestamp::now()) {
+                    Ok(seen) => self.activity.record(seen),
+                    Err(error) => {
+                        tracing::warn!(%error, set, "cannot read the seen set");
+                        return self.idle.clone();
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(%error, set, "cannot read the seen set");
+                    return self.idle.clone();
+                }
+            }
+        }
+        let idle = self.activity.idle(policy, target, now);
+        if idle != self.idle {
+            tracing::info!(idle = ?idle.iter().map(|g| &g.rule).collect::<Vec<_>>(), "idle grants");
+        }
+        idle
     }
 
     /// Whether the machine's own addresses are read (on the machine, no `--address`).
@@ -487,6 +558,7 @@ impl Agent {
             generation: nsg.metadata.generation,
             hash,
             error,
+            idle: self.idle.clone(),
         };
         if self.reported.as_ref() == Some(&current) {
             return true;
@@ -499,6 +571,7 @@ impl Agent {
             rules_hash: current.hash.clone(),
             applied_at: Time(self.applied_at.unwrap_or_else(Timestamp::now)),
             error: current.error.clone(),
+            idle_grants: current.idle.clone(),
         };
         let patch = serde_json::json!({
             "apiVersion": NetworkSecurityGroup::api_version(&()),

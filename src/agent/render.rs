@@ -7,23 +7,27 @@
 //! hooked at filter priority with policy accept: `input` on the machine itself, `forward`
 //! on a gateway in front of machines ([`Mode`]). Its rules, in order:
 //!
-//! 1. `ct state established,related accept` for flows without the [`CLOSE_MARK`]: a revoke
-//!    or an expiry never cuts a live session (Azure's promise).
-//! 2. flows a `Close` grant let in carry the mark; their packets pass only while a grant
-//!    still covers them (the same set lookup as a new connection, in the flow's original
+//! 1. `ct state established,related accept` for flows no grant let in: a revoke or an
+//!    expiry never cuts a live session (Azure's promise), and the common case costs one rule.
+//! 2. flows a grant let in carry the [`GRANT_MARK`]: each of their packets from the client
+//!    refreshes the flow's entry in the `jit_seen_*` set, which the kernel stamps with the
+//!    time (element timeouts), so the agent learns when each grant last carried a packet
+//!    without counting anything itself (`idleTimeout`).
+//! 3. flows a `Close` grant let in also carry the [`CLOSE_MARK`]; their packets pass only
+//!    while a grant still covers them (the same set lookup as a new connection, in the flow's original
 //!    direction), else TCP gets a reset and the rest is dropped. That is how such flows are
 //!    cut within a second of the end even with the agent dead: the check is the kernel's,
 //!    on every packet, against elements the kernel itself expires. Marks rather than
 //!    deleting conntrack entries, because a deleted entry is re-created by the flow's next
 //!    packet (loose TCP tracking) and would need the agent alive at the instant of expiry.
-//! 3. on the machine: loopback and IPv6 neighbour discovery are accepted: they never cross
+//! 4. on the machine: loopback and IPv6 neighbour discovery are accepted: they never cross
 //!    an Azure NSG (host-local traffic and the link layer are below it), and dropping ND
 //!    breaks IPv6.
-//! 4. packets to an address that is not one of the agent's `return` (the policy accepts them):
+//! 5. packets to an address that is not one of the agent's `return` (the policy accepts them):
 //!    the NSG governs the machine's addresses, nothing else on the host. A family in which
 //!    the machine has no address is left alone likewise, which is why the agent protects
 //!    every local address by default (see [`machine_wide`]).
-//! 5. the NSG rules in evaluation order, each as one or more nft rules with the rule's
+//! 6. the NSG rules in evaluation order, each as one or more nft rules with the rule's
 //!    verdict (Allow = accept, Deny = drop); a final `drop` mirrors [`rules::evaluate`],
 //!    which fails closed when no rule matches.
 //!
@@ -50,6 +54,14 @@ use crate::rules::{Access, AddressPrefix, Direction, Origin, PortRange, Protocol
 /// The conntrack mark bit of the flows a `Close` grant let in. One bit, set with `|` and
 /// tested with `&`, so every other bit stays free for whatever else marks connections.
 pub const CLOSE_MARK: u32 = 0x0040_0000;
+/// The conntrack mark bit of every flow a grant let in, `Keep` or `Close`.
+pub const GRANT_MARK: u32 = 0x0020_0000;
+/// How long a flow's entry stays in a `jit_seen_*` set after its last packet: longer than
+/// any grant (24 h at most), so that an entry's age is exact for as long as it matters.
+pub const SEEN_TIMEOUT: u32 = 25 * 60 * 60;
+/// How many flows the `jit_seen_*` sets track at once, per family; past that a flow's
+/// packets still pass, they only go unseen (its grant may then be found idle).
+const SEEN_SIZE: u32 = 65_536;
 /// Protocol numbers as `meta l4proto` sees them.
 const TCP: u32 = 6;
 const UDP: u32 = 17;
@@ -72,6 +84,17 @@ pub struct Policy {
     /// The `SecurityRule` objects whose connections end with them
     /// (`establishedConnections: Close`), by name.
     pub closing: BTreeSet<String>,
+    /// The `SecurityRule` objects with an `idleTimeout`, by name.
+    pub idle: BTreeMap<String, IdleLimit>,
+}
+
+/// How long a grant may go without a packet, and since when it is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdleLimit {
+    /// The rule's `idleTimeout`.
+    pub limit: std::time::Duration,
+    /// When the rule was created: a grant that never carried a packet is idle from then.
+    pub since: Timestamp,
 }
 
 /// Where the agent stands, which decides the packets its chain sees.
@@ -116,15 +139,15 @@ pub struct Target {
 
 /// An address family, for the per-family halves of the ruleset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Family {
+pub enum Family {
     V4,
     V6,
 }
 
 impl Family {
-    const ALL: [Family; 2] = [Family::V4, Family::V6];
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
 
-    fn of(ip: &IpAddr) -> Self {
+    pub fn of(ip: &IpAddr) -> Self {
         if ip.is_ipv4() { Family::V4 } else { Family::V6 }
     }
 
@@ -361,6 +384,25 @@ pub fn machine_addresses(policy: &Policy) -> Vec<IpAddr> {
     addresses.into_iter().collect()
 }
 
+/// The set of one family's flows seen lately, each stamped with its last packet (see
+/// [`SEEN_TIMEOUT`]).
+pub fn seen_set(family: Family) -> String {
+    format!("jit_seen_{}", family.suffix())
+}
+
+/// destination . source . protocol . port, for a family.
+fn grant_key_type(family: Family) -> SetTypeValue<'static> {
+    SetTypeValue::Concatenated(
+        vec![
+            family.addr_type(),
+            family.addr_type(),
+            SetType::InetProto,
+            SetType::InetService,
+        ]
+        .into(),
+    )
+}
+
 /// How a grant rule is enforced: until when, and whether its flows end with it.
 #[derive(Clone, Copy, Debug)]
 struct GrantOf {
@@ -444,6 +486,18 @@ fn ct(key: &'static str) -> Expression<'static> {
         family: None,
         dir: None,
     }))
+}
+
+/// `ct mark & BITS != 0` (`set`), or `== 0`.
+fn marked(bits: u32, set: bool) -> Statement<'static> {
+    matches(
+        Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+            ct("mark"),
+            Expression::Number(bits),
+        ))),
+        if set { Operator::NEQ } else { Operator::EQ },
+        Expression::Number(0),
+    )
 }
 
 /// `ct state STATE[,STATE]`.
@@ -637,14 +691,7 @@ impl Builder<'_> {
     fn preamble(&mut self) {
         self.push_rule(vec![
             ct_state(&["established", "related"]),
-            matches(
-                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
-                    ct("mark"),
-                    Expression::Number(CLOSE_MARK),
-                ))),
-                Operator::EQ,
-                Expression::Number(0),
-            ),
+            marked(GRANT_MARK | CLOSE_MARK, false),
             Statement::Accept(None),
         ]);
         self.flow_checks_at = self.rules.len();
@@ -704,6 +751,18 @@ impl Builder<'_> {
             if !nets.is_empty() {
                 self.push_elements(&name, nets.iter().map(net).collect());
             }
+            self.skeleton.push(NfListObject::Set(Box::new(Set {
+                family: NfFamily::INet,
+                table: self.table.clone().into(),
+                name: seen_set(family).into(),
+                set_type: grant_key_type(family),
+                // No `dynamic` flag: nft 1.0.6 refuses it in JSON, and sets it itself for a
+                // set the packet path updates.
+                flags: Some([SetFlag::Timeout].into_iter().collect()),
+                timeout: Some(SEEN_TIMEOUT),
+                size: Some(SEEN_SIZE),
+                ..Set::default()
+            })));
         }
     }
 
@@ -824,6 +883,15 @@ impl Builder<'_> {
         }
     }
 
+    /// `update @jit_seen_v4 { KEY }`: the flow of this packet was just seen.
+    fn seen(family: Family) -> Statement<'static> {
+        Statement::Set(nftables::stmt::Set {
+            op: nftables::stmt::SetOp::Update,
+            elem: Self::grant_key(family),
+            set: format!("@{}", seen_set(family)).into(),
+        })
+    }
+
     /// The key of a grant set, from a packet of a flow's original direction.
     fn grant_key(family: Family) -> Expression<'static> {
         Expression::Named(NamedExpression::Concat(vec![
@@ -846,47 +914,62 @@ impl Builder<'_> {
                 let name = Self::grant_set(run, family, closing);
                 self.push_set(
                     name.clone(),
-                    SetTypeValue::Concatenated(
-                        vec![
-                            family.addr_type(),
-                            family.addr_type(),
-                            SetType::InetProto,
-                            SetType::InetService,
-                        ]
-                        .into(),
-                    ),
+                    grant_key_type(family),
                     &[SetFlag::Interval, SetFlag::Timeout],
                 );
-                let mut expr = vec![matches(
-                    Self::grant_key(family),
-                    Operator::EQ,
-                    Expression::String(format!("@{name}").into()),
-                )];
-                if closing {
-                    expr.push(Statement::Mangle(Mangle {
+                let mark = if closing {
+                    GRANT_MARK | CLOSE_MARK
+                } else {
+                    GRANT_MARK
+                };
+                self.push_rule(vec![
+                    matches(
+                        Self::grant_key(family),
+                        Operator::EQ,
+                        Expression::String(format!("@{name}").into()),
+                    ),
+                    Statement::Mangle(Mangle {
                         key: ct("mark"),
                         value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
                             ct("mark"),
-                            Expression::Number(CLOSE_MARK),
+                            Expression::Number(mark),
                         ]))),
-                    }));
-                }
-                expr.push(Statement::Accept(None));
-                self.push_rule(expr);
+                    }),
+                    Self::seen(family),
+                    Statement::Accept(None),
+                ]);
                 self.grants.entry(name.clone()).or_default();
                 self.grant_sets.push((family, name));
             }
         }
     }
 
-    /// The checks of the flows a `Close` grant let in (the marked ones; the others were
-    /// accepted before): related packets pass (an ICMP error carries no session), an
+    /// The checks of the flows a grant let in (the marked ones; the others were accepted
+    /// before): related packets pass (an ICMP error carries no session); a packet from the
+    /// client is recorded in the seen set; a `Keep` flow's packets pass; a `Close` flow's
     /// established packet passes while some grant set still holds its flow, looked up in
     /// the flow's original direction (a gateway also forwards the replies); otherwise TCP
     /// is answered with a reset, so both ends learn at once, and anything else is dropped.
     fn flow_checks(&self) -> Vec<NfListObject<'static>> {
         let mut checks =
             vec![self.rule_object(vec![ct_state(&["related"]), Statement::Accept(None)])];
+        for family in self.families() {
+            checks.push(self.rule_object(vec![
+                ct_state(&["established"]),
+                matches(
+                    ct("direction"),
+                    Operator::EQ,
+                    Expression::String("original".into()),
+                ),
+                family.nfproto(),
+                Self::seen(family),
+            ]));
+        }
+        checks.push(self.rule_object(vec![
+            ct_state(&["established"]),
+            marked(CLOSE_MARK, false),
+            Statement::Accept(None),
+        ]));
         for (family, set) in &self.grant_sets {
             let set = Expression::String(format!("@{set}").into());
             checks.push(self.rule_object(vec![

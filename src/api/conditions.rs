@@ -31,6 +31,7 @@ pub mod reason {
     pub const USER_REQUESTED: &str = "UserRequested";
     pub const NEWER_REQUEST_INITIATED: &str = "NewerRequestInitiated";
     pub const POLICY_CHANGED: &str = "PolicyChanged";
+    pub const IDLE: &str = "Idle";
 }
 
 /// A condition as a controller decides it, before the transition time is known.

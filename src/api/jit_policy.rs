@@ -140,6 +140,12 @@ pub struct PolicyPort {
     #[serde(default, skip_serializing_if = "EstablishedConnections::is_keep")]
     #[schemars(default = "EstablishedConnections::keep")]
     pub established_connections: EstablishedConnections,
+    /// A grant of this port that carries no packet for this long (ISO 8601, PT1S to PT24H)
+    /// is revoked with reason `Idle`. Omitted: a grant lasts its whole duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(duration_rule()).message(DURATION_MESSAGE))]
+    pub idle_timeout: Option<String>,
 }
 
 /// The fate of a grant's established connections when the grant ends.
@@ -285,4 +291,6 @@ pub enum GrantStateReason {
     UserRequested,
     NewerRequestInitiated,
     PolicyChanged,
+    /// The grant carried no packet for the port's `idleTimeout`.
+    Idle,
 }

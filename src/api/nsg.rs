@@ -187,4 +187,20 @@ pub struct EnforcementReport {
     pub applied_at: Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Grants with an `idleTimeout` that carried no packet through this agent for that
+    /// long: the operator revokes them (`Idle`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idle_grants: Vec<IdleGrant>,
+}
+
+/// A grant an agent saw idle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdleGrant {
+    /// The grant's `SecurityRule`.
+    pub rule: String,
+    /// When the agent last saw a packet of it; absent: none since the grant began (or
+    /// since the agent started, whichever is later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_packet: Option<Time>,
 }

@@ -5,6 +5,7 @@
 //! are in force at an instant, or what is unreadable.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -13,7 +14,7 @@ use super::convert::{self, ConvertError};
 use super::jit_policy::EstablishedConnections;
 use super::nsg::NetworkSecurityGroup;
 use super::security_rule::{LABEL_MANAGED_BY, MANAGED_BY, SecurityRule};
-use crate::rules::{self, Origin, Scope};
+use crate::rules::{self, Origin, Scope, duration};
 
 /// An NSG's rules in the model, as of one instant.
 #[derive(Debug)]
@@ -26,6 +27,9 @@ pub struct NsgModel {
     /// The object rules with an expiry whose connections end with them
     /// (`establishedConnections: Close`), by rule name.
     pub closing: BTreeSet<String>,
+    /// The object rules with an expiry and an `idleTimeout`, by rule name: the timeout and
+    /// when the object was created (a grant that never carried a packet is idle from then).
+    pub idle: BTreeMap<String, (Duration, Timestamp)>,
     /// What could not be read. Never skipped silently: leaving out a deny would open what
     /// it closes, so enforcement refuses a model with errors and the status names them.
     pub invalid: Vec<ConvertError>,
@@ -53,6 +57,7 @@ impl NsgModel {
         }
         let mut expiries = BTreeMap::new();
         let mut closing = BTreeSet::new();
+        let mut idle = BTreeMap::new();
         for object in objects {
             if expired(object.spec.expires_at.as_ref(), now) {
                 continue;
@@ -66,6 +71,13 @@ impl NsgModel {
                         {
                             closing.insert(rule.name.clone());
                         }
+                        match idle_limit(object) {
+                            Ok(None) => {}
+                            Ok(Some(limit)) => {
+                                idle.insert(rule.name.clone(), limit);
+                            }
+                            Err(e) => invalid.push(e),
+                        }
                     }
                     rules.push(rule);
                 }
@@ -77,6 +89,7 @@ impl NsgModel {
             rules,
             expiries,
             closing,
+            idle,
             invalid,
         }
     }
@@ -105,6 +118,24 @@ pub fn object_rule(object: &SecurityRule) -> Result<rules::Rule, ConvertError> {
         Origin::SecurityRule { name: name.clone() },
         is_managed(object),
     )
+}
+
+/// An object's `idleTimeout` and creation time, if it has a timeout.
+fn idle_limit(object: &SecurityRule) -> Result<Option<(Duration, Timestamp)>, ConvertError> {
+    let Some(timeout) = &object.spec.idle_timeout else {
+        return Ok(None);
+    };
+    let limit = duration::parse(timeout).map_err(|_| ConvertError {
+        rule: object.metadata.name.clone().unwrap_or_default(),
+        field: "idleTimeout",
+        value: timeout.clone(),
+    })?;
+    let since = object
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(Timestamp::UNIX_EPOCH, |t| t.0);
+    Ok(Some((limit, since)))
 }
 
 /// Whether a rule's `expiresAt` has passed at `now`: such a rule is never effective.
@@ -140,6 +171,8 @@ mod tests {
     fn closing(name: &str, port: &str, expires: Option<&str>) -> SecurityRule {
         let mut rule = object(name, port, expires, true);
         rule.spec.established_connections = Some(EstablishedConnections::Close);
+        rule.spec.idle_timeout = Some("PT5M".into());
+        rule.metadata.creation_timestamp = Some(Time("2026-11-24T11:00:00Z".parse().unwrap()));
         rule
     }
 
@@ -166,6 +199,16 @@ mod tests {
         let names: Vec<&str> = model.rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["ssh", "open", "user", "cut"]);
         assert_eq!(model.closing, BTreeSet::from(["cut".to_owned()]));
+        assert_eq!(
+            model.idle,
+            BTreeMap::from([(
+                "cut".to_owned(),
+                (
+                    Duration::from_secs(300),
+                    "2026-11-24T11:00:00Z".parse().unwrap()
+                )
+            )])
+        );
         assert!(model.rules[1].jit && !model.rules[2].jit);
         assert_eq!(
             model.next_expiry(),

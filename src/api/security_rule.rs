@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::jit_policy::EstablishedConnections;
 use super::rule_fields::RuleFields;
-use super::validation::TIMESTAMP_PATTERN;
+use super::validation::{DURATION_PATTERN, TIMESTAMP_PATTERN};
 
 /// The standard "managed by" label; with [`MANAGED_BY`] it marks every object Portcullis
 /// created, so it never touches a rule it did not create.
@@ -68,6 +68,12 @@ pub struct SecurityRuleSpec {
     /// outlive it (`Keep`, the default). The operator copies the policy port's setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub established_connections: Option<EstablishedConnections>,
+    /// With `expiresAt`: agents report the rule once it has carried no packet for this
+    /// long (ISO 8601), and the operator revokes its grant (`Idle`). The operator copies
+    /// the policy port's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub idle_timeout: Option<String>,
 }
 
 /// `expiresAt` as an RFC 3339 timestamp the operator and the agents can read. The plain

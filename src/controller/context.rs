@@ -102,6 +102,18 @@ impl Context {
     }
 
     /// The policy `name` in `namespace`, from the cache.
+    /// Whether an agent enforcing the NSG `nsg` reports the grant rule `rule` idle.
+    pub fn reported_idle(&self, namespace: &str, nsg: &str, rule: &str) -> bool {
+        self.nsg(namespace, nsg).is_some_and(|nsg| {
+            nsg.status.as_ref().is_some_and(|status| {
+                status
+                    .enforcement
+                    .iter()
+                    .any(|e| e.idle_grants.iter().any(|g| g.rule == rule))
+            })
+        })
+    }
+
     pub fn policy(&self, namespace: &str, name: &str) -> Option<Arc<JitPolicy>> {
         self.stores
             .policies

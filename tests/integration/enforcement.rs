@@ -1079,6 +1079,7 @@ fn random_nsg(random: &mut Random, now: Timestamp) -> Policy {
         scope,
         expiries,
         closing: Default::default(),
+        idle: Default::default(),
     }
 }
 

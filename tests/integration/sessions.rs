@@ -11,8 +11,13 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
+use kube::api::Api;
+use portcullis::api::JitRequest;
+use portcullis::api::jit_request::Phase;
+
 use crate::enforcement::{
-    A, B, DROP_TIMEOUT, Error, KEEP_PORT, Lab, enforced, expiry, granted, skipped,
+    A, B, DROP_TIMEOUT, Error, KEEP_PORT, Lab, enforced, expiry, granted, request as ssh_request,
+    skipped,
 };
 use crate::support::{Ctx, TestResult, ssh_policy, succeeded};
 
@@ -20,6 +25,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
         expiry_cuts_close_sessions_and_keeps_the_others,
         a_gateway_guards_a_machine_without_an_agent,
+        an_idle_grant_is_revoked_and_a_busy_one_is_not,
     ]
 }
 
@@ -197,5 +203,78 @@ async fn a_gateway_guards_a_machine_without_an_agent(ctx: Ctx) -> TestResult {
     lab.start_agent_with(&ctx, "gateway-1", &["--gateway"], &kubeconfig)?;
     enforced(&ctx, &lab, "gateway-1").await?;
     sessions_across_expiry(&ctx, &lab).await?;
+    Ok(())
+}
+
+/// The phase and reason of request `name`.
+async fn phase(ctx: &Ctx, name: &str) -> Result<(Option<Phase>, Option<String>), Error> {
+    let requests: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let status = requests.get(name).await?.status.unwrap_or_default();
+    Ok((status.phase, status.reason))
+}
+
+/// Two grants of SSH with `idleTimeout: PT5S`: bob's carries nothing and is revoked
+/// `Idle`; alice's carries a held session's traffic and stays, past its limit several
+/// times over, until the session falls silent.
+async fn an_idle_grant_is_revoked_and_a_busy_one_is_not(ctx: Ctx) -> TestResult {
+    if skipped("an_idle_grant_is_revoked_and_a_busy_one_is_not") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_sshd().await?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    succeeded(&ctx.apply(&ssh_policy("198.18.0.16/28", "      idleTimeout: PT5S\n")))?;
+    lab.until(A, 22, false).await?;
+    succeeded(&ctx.apply_as(
+        "alice",
+        &["team-web"],
+        &ssh_request("busy", A.into(), "PT3M"),
+    ))?;
+    succeeded(&ctx.apply_as(
+        "bob",
+        &["team-web"],
+        &ssh_request("quiet", B.into(), "PT3M"),
+    ))?;
+    granted(&ctx, "busy").await?;
+    granted(&ctx, "quiet").await?;
+    let mut session = Session::open(&lab, A, 22).await?;
+    let granted_at = Timestamp::now();
+    // Alice talks twice a second; bob's grant must end for being idle meanwhile.
+    let mut word = 0;
+    let mut talk = async |session: &mut Session| -> Result<(), Error> {
+        word += 1;
+        session.round_trip(&format!("w{word}")).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    };
+    loop {
+        talk(&mut session).await?;
+        match phase(&ctx, "quiet").await? {
+            (Some(Phase::Granted), _) => {}
+            (Some(Phase::Revoked), Some(reason)) if reason == "Idle" => break,
+            other => return Err(format!("bob's idle grant ended as {other:?}").into()),
+        }
+        if Timestamp::now().duration_since(granted_at) > SignedDuration::from_secs(30) {
+            return Err(
+                format!("bob's grant was not revoked as idle:\n{}", lab.agent_log()).into(),
+            );
+        }
+    }
+    lab.until(B, 22, false).await?;
+    // Alice's grant outlives its limit while it carries traffic...
+    let busy_until = Timestamp::now() + SignedDuration::from_secs(8);
+    while Timestamp::now() < busy_until {
+        talk(&mut session).await?;
+        if phase(&ctx, "busy").await?.0 != Some(Phase::Granted) {
+            return Err("alice's busy grant ended while it carried traffic".into());
+        }
+    }
+    // ...and ends once it falls silent.
+    drop(session);
+    ctx.phase_of("busy", Phase::Revoked).await?;
+    if phase(&ctx, "busy").await?.1.as_deref() != Some("Idle") {
+        return Err(format!("alice's grant ended as {:?}", phase(&ctx, "busy").await?).into());
+    }
     Ok(())
 }

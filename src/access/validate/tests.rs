@@ -19,7 +19,8 @@ fn fixture() -> JitPolicySpec {
                 "ports": [
                     {"number": 22, "protocol": "TCP",
                      "allowedSourceAddressPrefix": "203.0.113.0/24",
-                     "maxRequestAccessDuration": "PT3H", "establishedConnections": "Close"},
+                     "maxRequestAccessDuration": "PT3H", "establishedConnections": "Close",
+                     "idleTimeout": "PT15M"},
                     {"number": 3389, "protocol": "TCP",
                      "allowedSourceAddressPrefixes": ["198.51.100.0/24", "2001:db8::/32"],
                      "maxRequestAccessDuration": "PT1H"},
@@ -476,6 +477,7 @@ fn omitted_ports_mean_the_defaults() {
             allowed_sources: vec![s("*")],
             max_duration: s("PT3H"),
             established_connections: EstablishedConnections::Keep,
+            idle_timeout: None,
         })
         .collect();
     assert_eq!(policy_ports(db), want);
@@ -521,6 +523,7 @@ fn listed_ports_default_to_any_protocol_and_source() {
             allowed_sources: vec![s("*")],
             max_duration: s("PT3H"),
             established_connections: EstablishedConnections::Keep,
+            idle_timeout: None,
         }
     );
     assert_eq!(
@@ -658,12 +661,14 @@ fn grants_exactly_what_was_asked_in_request_order() {
         sources: sources.iter().map(|x| net(x)).collect(),
         duration: Duration::from_secs(secs),
         established_connections: EstablishedConnections::Keep,
+        idle_timeout: None,
     };
     assert_eq!(
         got,
         vec![
             PortGrant {
                 established_connections: EstablishedConnections::Close,
+                idle_timeout: Some(Duration::from_secs(900)),
                 ..web(22, Protocol::Tcp, &["203.0.113.5/32"], 3600)
             },
             web(
@@ -683,6 +688,7 @@ fn grants_exactly_what_was_asked_in_request_order() {
                 sources: vec![net("0.0.0.0/0"), net("::/0")],
                 duration: Duration::from_secs(3 * 3600),
                 established_connections: EstablishedConnections::Keep,
+                idle_timeout: None,
             },
         ]
     );

@@ -53,6 +53,7 @@ fn policy(rules: Vec<Rule>, expiries: &[(&str, i64)]) -> Policy {
             .map(|(name, seconds)| ((*name).to_owned(), at(*seconds)))
             .collect(),
         closing: BTreeSet::new(),
+        idle: BTreeMap::new(),
     }
 }
 
@@ -457,15 +458,34 @@ fn close_grants_mark_their_flows_and_cut_them() {
         at(30)
     );
     let rules = chain(&ruleset);
-    let marks = |r: &&String| r.contains("mangle") && r.contains(&CLOSE_MARK.to_string());
-    let marking: Vec<&String> = rules.iter().filter(marks).collect();
-    assert_eq!(marking.len(), 1, "{rules:#?}");
-    assert!(marking[0].contains("@jit_close_v4"));
+    // Every grant marks its flows and records them as seen; a Close grant marks them
+    // for closing too.
+    let marking: Vec<&String> = rules.iter().filter(|r| r.contains("mangle")).collect();
+    assert_eq!(marking.len(), 2, "{rules:#?}");
+    for (set, mark) in [
+        ("@jit_allow_v4", GRANT_MARK),
+        ("@jit_close_v4", GRANT_MARK | CLOSE_MARK),
+    ] {
+        assert!(
+            marking.iter().any(|r| r.contains(set)
+                && r.contains(&format!("{mark}]"))
+                && r.contains("@jit_seen_v4")),
+            "{set}: {marking:#?}"
+        );
+    }
     // A marked flow's established packets pass while a set of either kind holds them,
     // else TCP is reset and the rest dropped, all before anything else decides.
     let lo = rules.iter().position(|r| r.contains("\"lo\"")).unwrap();
     let checks = &rules[1..lo];
     assert!(checks[0].contains("related") && checks[0].contains("accept"));
+    assert!(checks[1].contains("update") && checks[1].contains("@jit_seen_v4"));
+    assert!(checks[2].contains(&format!("{CLOSE_MARK}]")) && checks[2].contains("accept"));
+    // Only ever for a flow's later packets: a new connection is decided by the rules.
+    assert!(
+        checks
+            .iter()
+            .all(|r| r.contains("established") || r.contains("related"))
+    );
     for set in ["@jit_allow_v4", "@jit_close_v4"] {
         assert!(
             checks

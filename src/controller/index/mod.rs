@@ -43,17 +43,27 @@ fn key(namespace: &str, name: &str) -> Key {
     (namespace.to_owned(), name.to_owned())
 }
 
-/// What depends on an NSG: its spec, through the generation. Status writes (the operator's
-/// summaries, agents' reports) change nothing any reconcile reads.
+/// What depends on an NSG: its spec, through the generation, and the grants its agents
+/// report idle. Other status writes (the operator's summaries, the rest of the agents'
+/// reports) change nothing any reconcile reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NsgEntry {
     pub generation: Option<i64>,
+    /// Grant rules some agent reports idle.
+    pub idle: BTreeSet<String>,
 }
 
 impl NsgEntry {
     pub fn of(nsg: &NetworkSecurityGroup) -> Self {
         Self {
             generation: nsg.metadata.generation,
+            idle: nsg
+                .status
+                .iter()
+                .flat_map(|s| &s.enforcement)
+                .flat_map(|e| &e.idle_grants)
+                .map(|g| g.rule.clone())
+                .collect(),
         }
     }
 }
@@ -328,6 +338,23 @@ impl Index {
             }
             None => self.nsgs.remove(&key),
         };
+        // A grant newly reported idle wakes its request, which revokes it.
+        if let Some(entry) = &entry {
+            let known = before.as_ref().map(|b| &b.idle);
+            for rule in entry
+                .idle
+                .iter()
+                .filter(|r| known.is_none_or(|k| !k.contains(*r)))
+            {
+                if let Some(RuleEntry {
+                    owner: Some((OwnerKind::Request, request, _)),
+                    ..
+                }) = self.rules.get(&key_in(&key, rule))
+                {
+                    wake.requests.insert(key_in(&key, request));
+                }
+            }
+        }
         // Policies place their denies, and waiting requests their grants, from the spec.
         if before.map(|b| b.generation) != entry.map(|e| e.generation) {
             for policy in self.policies_on(&key.0, &key.1) {

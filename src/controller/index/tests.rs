@@ -46,6 +46,7 @@ fn rule(nsg: &str, owner: Option<(OwnerKind, &str)>, deny: bool) -> Option<RuleE
 fn nsg(generation: i64) -> Option<NsgEntry> {
     Some(NsgEntry {
         generation: Some(generation),
+        idle: BTreeSet::new(),
     })
 }
 
@@ -67,6 +68,28 @@ fn an_nsg_status_write_wakes_only_the_nsg() {
     let wake = index.nsg(k("a"), nsg(1));
     assert_eq!(wake.nsgs, keys(&["a"]));
     assert!(wake.policies.is_empty() && wake.requests.is_empty());
+}
+
+#[test]
+fn a_grant_reported_idle_wakes_its_request_once() {
+    let mut index = populated();
+    index.rule(
+        k("grant-open"),
+        rule("a", Some((OwnerKind::Request, "open")), false),
+    );
+    index.rule(k("deny"), rule("a", Some((OwnerKind::Policy, "p1")), true));
+    let reporting = |rules: &[&str]| {
+        Some(NsgEntry {
+            generation: Some(1),
+            idle: rules.iter().map(|r| (*r).to_owned()).collect(),
+        })
+    };
+    let wake = index.nsg(k("a"), reporting(&["grant-open", "deny", "unknown"]));
+    assert_eq!(wake.requests, keys(&["open"]));
+    assert!(wake.policies.is_empty());
+    // Reported again (another agent's report, any status write): nothing new to revoke.
+    let wake = index.nsg(k("a"), reporting(&["grant-open"]));
+    assert!(wake.requests.is_empty());
 }
 
 #[test]

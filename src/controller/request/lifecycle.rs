@@ -195,6 +195,10 @@ pub(super) async fn review(
             Some(GrantStateReason::PolicyChanged)
         } else if newer.contains(&(grant.virtual_machine.clone(), grant.number, grant.protocol)) {
             Some(GrantStateReason::NewerRequestInitiated)
+        } else if current
+            .is_some_and(|p| ctx.reported_idle(namespace, &p.network_security_group, &grant.rule))
+        {
+            Some(GrantStateReason::Idle)
         } else {
             None
         };

@@ -54,6 +54,7 @@ pub(super) fn settle(
                 let why = match r {
                     GrantStateReason::UserRequested => reason::USER_REQUESTED,
                     GrantStateReason::NewerRequestInitiated => reason::NEWER_REQUEST_INITIATED,
+                    GrantStateReason::Idle => reason::IDLE,
                     _ => reason::POLICY_CHANGED,
                 };
                 (Phase::Revoked, why, format!("access revoked: {why}"), false)
