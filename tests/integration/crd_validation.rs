@@ -35,6 +35,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         policy_protocol_in_nsg_spelling,
         policy_duration_over_24_hours,
         policy_duration_zero,
+        policy_port_session_fields,
         policy_duration_not_iso8601,
         policy_address_not_an_ip,
         policy_duplicate_machine_names,
@@ -400,6 +401,41 @@ async fn policy_duration_zero(ctx: Ctx) -> TestResult {
             DURATION_MESSAGE,
         ],
     )
+}
+
+/// `establishedConnections` is Keep or Close; `idleTimeout` a duration as bounded as
+/// `maxRequestAccessDuration`.
+async fn policy_port_session_fields(ctx: Ctx) -> TestResult {
+    expect_rejected(
+        &ctx,
+        &policy_port_with("establishedConnections", "Drop"),
+        &[
+            "spec.virtualMachines[0].ports[0].establishedConnections",
+            "Unsupported value: \"Drop\"",
+        ],
+    )?;
+    expect_rejected(
+        &ctx,
+        &policy_port_with("idleTimeout", "PT25H"),
+        &[
+            "spec.virtualMachines[0].ports[0].idleTimeout",
+            DURATION_MESSAGE,
+        ],
+    )?;
+    expect_rejected(
+        &ctx,
+        &policy_port_with("idleTimeout", "5m"),
+        &[
+            "spec.virtualMachines[0].ports[0].idleTimeout",
+            "should match",
+        ],
+    )?;
+    let valid = policy_port_with("idleTimeout", "PT5M").replace(
+        "      idleTimeout",
+        "      establishedConnections: Close\n      idleTimeout",
+    );
+    succeeded(&ctx.apply(&valid))?;
+    Ok(())
 }
 
 async fn policy_duration_not_iso8601(ctx: Ctx) -> TestResult {
