@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/debug/portcullis
 
-.PHONY: help build test run demo crds crds-check lint fmt bench bench-scale control-plane kind-up kind-down clean
+.PHONY: help build test run demo crds crds-check lint fmt bench bench-scale control-plane helm kind-up kind-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -11,7 +11,7 @@ help: ## List the targets
 build: ## Build the portcullis binary
 	$(CARGO) build --locked
 
-test: control-plane ## Unit and integration tests against a real local control plane
+test: control-plane helm ## Unit and integration tests against a real local control plane
 	$(CARGO) test --locked --lib --bins --tests
 
 run: build control-plane ## Run the operator: on the configured cluster, else on a local control plane
@@ -20,8 +20,9 @@ run: build control-plane ## Run the operator: on the configured cluster, else on
 demo: control-plane ## As root: the JIT story with a real sshd, two network namespaces and the agent
 	hack/demo.sh
 
-crds: ## Regenerate crds/portcullis.yaml from the Rust types
+crds: ## Regenerate crds/portcullis.yaml (and the Helm chart's copy) from the Rust types
 	$(CARGO) run --quiet --locked -- crds > crds/portcullis.yaml
+	cp crds/portcullis.yaml deploy/helm/portcullis/crds/portcullis.yaml
 
 crds-check: ## Fail if crds/ differs from what the code generates
 	@diff -u crds/portcullis.yaml <($(CARGO) run --quiet --locked -- crds) && echo "crds/ is up to date"
@@ -41,6 +42,9 @@ bench-scale: control-plane ## Only the operator's fleet-size scenario (100,000 g
 
 control-plane: ## Build (once) and cache kube-apiserver, etcd, kube-controller-manager, kubectl
 	@hack/control-plane-bins.sh >/dev/null
+
+helm: ## Build (once) and cache helm
+	@hack/helm-bin.sh >/dev/null
 
 kind-up: ## Create a kind cluster, load the image and deploy (needs Docker and kind)
 	kind create cluster --config deploy/kind/kind-config.yaml

@@ -25,6 +25,7 @@
 pub mod activity;
 pub mod addresses;
 pub mod apply;
+pub mod listening;
 pub mod render;
 pub mod state;
 
@@ -42,7 +43,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 
 use crate::api::convert::ConvertError;
-use crate::api::nsg::{EnforcementReport, IdleGrant};
+use crate::api::nsg::{EnforcementReport, IdleGrant, ListeningPort};
 use crate::api::nsg_model::NsgModel;
 use crate::api::{NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self};
@@ -63,6 +64,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 const ADDRESS_POLL: Duration = Duration::from_secs(5);
 /// How soon a failed apply or status report is retried.
 const RETRY: Duration = Duration::from_secs(2);
+/// How often the machine's listening ports are read again (on the machine, not a gateway).
+const DISCOVERY_POLL: Duration = Duration::from_secs(10);
 /// How often the seen sets are read while some grant has an `idleTimeout`: an idle grant
 /// is reported within this of its limit.
 const ACTIVITY_POLL: Duration = Duration::from_secs(1);
@@ -76,6 +79,8 @@ pub enum Error {
     NoAddress,
     #[error("addresses: {0}")]
     Addresses(String),
+    #[error("listening ports: {0}")]
+    Listening(String),
     #[error("state: {0}")]
     State(String),
     #[error("invalid network namespace name {0:?}")]
@@ -194,6 +199,7 @@ struct Reported {
     hash: String,
     error: Option<String>,
     idle: Vec<IdleGrant>,
+    listening: Vec<ListeningPort>,
 }
 
 /// Enforces the NSG until `shutdown` resolves. Errors of one round (nft refused, status
@@ -249,6 +255,9 @@ pub async fn run(
         applied_at: None,
         activity: Activity::new(Timestamp::now()),
         idle: Vec::new(),
+        listening: Vec::new(),
+        listening_wanted: Default::default(),
+        listening_read: None,
         missing_warned: false,
         config,
     };
@@ -349,6 +358,10 @@ struct Agent {
     activity: Activity,
     /// The grants found idle in the last round.
     idle: Vec<IdleGrant>,
+    /// The listening ports found last, which ports were looked for, and when.
+    listening: Vec<ListeningPort>,
+    listening_wanted: std::collections::BTreeSet<u16>,
+    listening_read: Option<tokio::time::Instant>,
     missing_warned: bool,
 }
 
@@ -400,6 +413,7 @@ impl Agent {
                         self.activity.restarted(now);
                     }
                     self.idle = self.idle_grants(&policy, &target, now).await;
+                    self.discover(&policy, &target).await;
                     applied
                 }
                 Err(error) => Err(error),
@@ -435,6 +449,9 @@ impl Agent {
         }
         if watching_idle {
             until_expiry = until_expiry.min(ACTIVITY_POLL);
+        }
+        if self.config.mode == Mode::Host {
+            until_expiry = until_expiry.min(DISCOVERY_POLL);
         }
         if failed || !reported {
             until_expiry.min(RETRY)
@@ -486,6 +503,34 @@ impl Agent {
             tracing::info!(idle = ?idle.iter().map(|g| &g.rule).collect::<Vec<_>>(), "idle grants");
         }
         idle
+    }
+
+    /// Reads the listening ports again when [`DISCOVERY_POLL`] has passed or the ports to
+    /// look for changed (on the machine only: a gateway's own sockets are not the
+    /// machines'). A failed read keeps the last answer.
+    async fn discover(&mut self, policy: &Policy, target: &Target) {
+        if self.config.mode != Mode::Host {
+            return;
+        }
+        let ports = listening::wanted(&policy.rules, &target.addresses, &policy.scope);
+        if ports == self.listening_wanted
+            && self
+                .listening_read
+                .is_some_and(|at| at.elapsed() < DISCOVERY_POLL)
+        {
+            return;
+        }
+        self.listening_read = Some(tokio::time::Instant::now());
+        match listening::discover(self.config.nft.netns(), &ports, &target.addresses).await {
+            Ok(found) => {
+                if found != self.listening {
+                    tracing::info!(listening = ?found, "listening management ports");
+                }
+                self.listening = found;
+                self.listening_wanted = ports;
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the listening ports"),
+        }
     }
 
     /// Whether the machine's own addresses are read (on the machine, no `--address`).
@@ -559,6 +604,7 @@ impl Agent {
             hash,
             error,
             idle: self.idle.clone(),
+            listening: self.listening.clone(),
         };
         if self.reported.as_ref() == Some(&current) {
             return true;
@@ -572,6 +618,7 @@ impl Agent {
             applied_at: Time(self.applied_at.unwrap_or_else(Timestamp::now)),
             error: current.error.clone(),
             idle_grants: current.idle.clone(),
+            listening_ports: current.listening.clone(),
         };
         let patch = serde_json::json!({
             "apiVersion": NetworkSecurityGroup::api_version(&()),

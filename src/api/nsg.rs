@@ -169,6 +169,24 @@ pub struct Exposure {
     pub rule: String,
     /// The source the rule allows (`*` or `Internet`).
     pub source: String,
+    /// The agents (by `enforcement[].agent`, the host name by default) that report the
+    /// port listening on their machine, the first [`MAX_LISTENING_HOSTS`] sorted: exposed
+    /// and really served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listening_on: Vec<String>,
+}
+
+/// How many hosts an exposure names in `listeningOn`.
+pub const MAX_LISTENING_HOSTS: usize = 16;
+
+/// A management port an agent found listening on its machine.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ListeningPort {
+    pub port: u16,
+    pub protocol: RuleProtocol,
 }
 
 /// What one agent applied on its host.
@@ -191,6 +209,10 @@ pub struct EnforcementReport {
     /// long: the operator revokes them (`Idle`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub idle_grants: Vec<IdleGrant>,
+    /// The management ports (and those JIT guards here) listening on the machine, on a
+    /// wildcard address or one of `addresses`. Gateways report none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listening_ports: Vec<ListeningPort>,
 }
 
 /// A grant an agent saw idle.

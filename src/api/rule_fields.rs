@@ -25,7 +25,9 @@ pub enum Access {
 }
 
 /// An NSG rule's protocol, spelled as Azure spells it in NSG rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum RuleProtocol {
     Tcp,
     Udp,

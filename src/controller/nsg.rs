@@ -5,7 +5,7 @@
 //! machines: the status stays small however many machines and grants an NSG has.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use super::{Config, Error, name_and_namespace};
 use crate::access::validate::{model_protocol, policy_ports};
 use crate::api::conditions::{self, Decided, reason};
 use crate::api::convert::{self};
-use crate::api::nsg::Exposure;
+use crate::api::nsg::{Exposure, MAX_LISTENING_HOSTS};
 use crate::api::nsg_model::NsgModel;
 use crate::api::{NetworkSecurityGroup, NetworkSecurityGroupStatus};
 use crate::rules::{self, AddressPrefix, Direction, Origin, Packet, Protocol, Scope};
@@ -38,6 +38,11 @@ const INTERNET_PROBES: [Ipv4Addr; 3] = [
     Ipv4Addr::new(203, 0, 113, 1),
     Ipv4Addr::new(198, 51, 100, 1),
     Ipv4Addr::new(192, 0, 2, 1),
+];
+/// The same for IPv6 destinations (2001:db8::/32 is documentation space).
+const INTERNET_PROBES_V6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+    Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1),
 ];
 
 /// How the NSG controller runs: bursts of rule changes are coalesced.
@@ -61,6 +66,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
         &effective,
         &scope,
         &management_ports(&ctx, &namespace, &name),
+        &listening(&nsg),
     );
 
     let previous = nsg.status.clone().unwrap_or_default();
@@ -223,31 +229,76 @@ fn management_ports(
     ports
 }
 
+/// The ports agents found listening, each on every address its agent protects, with the
+/// agent's name.
+fn listening(nsg: &NetworkSecurityGroup) -> Vec<(u16, Protocol, IpAddr, String)> {
+    let mut probes = Vec::new();
+    for report in nsg.status.iter().flat_map(|s| &s.enforcement) {
+        let addresses: Vec<IpAddr> = report
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        for listening in &report.listening_ports {
+            let protocol = convert::protocol(listening.protocol);
+            for address in &addresses {
+                probes.push((listening.port, protocol, *address, report.agent.clone()));
+            }
+        }
+    }
+    probes
+}
+
+/// "Somebody on the Internet" for a destination of `destination`'s family: a documentation
+/// address outside the virtual network.
+fn internet_source(destination: IpAddr, scope: &Scope) -> Option<IpAddr> {
+    let outside = |a: &IpAddr| !scope.virtual_network.iter().any(|n| n.contains(a));
+    match destination {
+        IpAddr::V4(_) => INTERNET_PROBES.iter().map(|a| IpAddr::V4(*a)).find(outside),
+        IpAddr::V6(_) => INTERNET_PROBES_V6
+            .iter()
+            .map(|a| IpAddr::V6(*a))
+            .find(outside),
+    }
+}
+
 /// Management ports that a packet from the Internet would reach without JIT, each with the
-/// rule that lets it in. It asks the evaluation (first matching rule in effective order)
-/// rather than scanning rules, so shadowed allows are not reported and a JIT deny above them
-/// hides them. Grants are left out: a port open by a grant is open *with* JIT, until it ends.
+/// rule that lets it in; with the agents that report the port listening (`listening`
+/// probes each such port on each of the agent's addresses). It asks the evaluation (first
+/// matching rule in effective order) rather than scanning rules, so shadowed allows are not
+/// reported and a JIT deny above them hides them. Grants are left out: a port open by a
+/// grant is open *with* JIT, until it ends.
 fn exposure(
     effective: &[rules::Rule],
     scope: &Scope,
     ports: &[(u16, Protocol, Option<IpAddr>)],
+    listening: &[(u16, Protocol, IpAddr, String)],
 ) -> Vec<Exposure> {
-    let Some(source) = INTERNET_PROBES
-        .iter()
-        .map(|a| IpAddr::V4(*a))
-        .find(|a| !scope.virtual_network.iter().any(|n| n.contains(a)))
-    else {
-        return Vec::new();
-    };
     let probed = Probed::new(effective);
     let generic_destinations = destinations(effective, scope);
     let mut found: Vec<Exposure> = Vec::new();
-    for (port, protocol, machine) in ports {
-        let candidates: Vec<IpAddr> = match machine {
-            Some(address) => vec![*address],
-            None => generic_destinations.clone(),
-        };
-        for destination in candidates {
+    let probes = ports
+        .iter()
+        .flat_map(|(port, protocol, machine)| {
+            let candidates: Vec<IpAddr> = match machine {
+                Some(address) => vec![*address],
+                None => generic_destinations.clone(),
+            };
+            candidates
+                .into_iter()
+                .map(move |destination| (*port, *protocol, destination, None))
+        })
+        .chain(
+            listening
+                .iter()
+                .map(|(port, protocol, address, host)| (*port, *protocol, *address, Some(host))),
+        );
+    for (port, protocol, destination, host) in probes {
+        {
+            let (port, protocol) = (&port, &protocol);
+            let Some(source) = internet_source(destination, scope) else {
+                continue;
+            };
             let packet = Packet {
                 direction: Direction::Inbound,
                 protocol: *protocol,
@@ -276,11 +327,33 @@ fn exposure(
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
+                listening_on: Vec::new(),
             };
-            if !found.contains(&exposure) {
-                found.push(exposure);
+            let same = |e: &Exposure| {
+                (e.port, e.protocol, &e.rule, &e.source)
+                    == (
+                        exposure.port,
+                        exposure.protocol,
+                        &exposure.rule,
+                        &exposure.source,
+                    )
+            };
+            let index = match found.iter().position(same) {
+                Some(index) => index,
+                None => {
+                    found.push(exposure);
+                    found.len() - 1
+                }
+            };
+            if let Some(host) = host {
+                found[index].listening_on.push(host.clone());
             }
         }
+    }
+    for exposure in &mut found {
+        exposure.listening_on.sort();
+        exposure.listening_on.dedup();
+        exposure.listening_on.truncate(MAX_LISTENING_HOSTS);
     }
     found
 }
@@ -424,7 +497,7 @@ mod tests {
             (3389, Protocol::Tcp, None),
             (5985, Protocol::Tcp, None),
         ];
-        let found = exposure(&effective, &scope(), &ports);
+        let found = exposure(&effective, &scope(), &ports, &[]);
         let shown: Vec<(u16, &str, &str)> = found
             .iter()
             .map(|e| (e.port, e.rule.as_str(), e.source.as_str()))
@@ -444,7 +517,7 @@ mod tests {
             rule("jit-deny", 150, Access::Deny, "*", "22", true),
             rule("ssh-anywhere", 200, Access::Allow, "*", "22", false),
         ]);
-        assert!(exposure(&effective, &scope(), &[(22, Protocol::Tcp, None)]).is_empty());
+        assert!(exposure(&effective, &scope(), &[(22, Protocol::Tcp, None)], &[]).is_empty());
     }
 
     fn aimed(mut rule: rules::Rule, host: &str) -> rules::Rule {
@@ -479,9 +552,9 @@ mod tests {
             (22, Protocol::Tcp, machine("1")),
             (3389, Protocol::Tcp, machine("3")),
         ];
-        assert!(exposure(&effective, &scope(), &ports).is_empty());
+        assert!(exposure(&effective, &scope(), &ports, &[]).is_empty());
         let ports = [(22, Protocol::Tcp, None)];
-        let found = exposure(&effective, &scope(), &ports);
+        let found = exposure(&effective, &scope(), &ports, &[]);
         let rules: Vec<&str> = found.iter().map(|e| e.rule.as_str()).collect();
         assert_eq!(rules, vec!["ssh-vm-2"]);
         // Every probe decides as the scan of all rules but grants would.
@@ -560,6 +633,45 @@ mod tests {
             "22",
             false,
         )]);
-        assert!(exposure(&effective, &scope(), &[(22, Protocol::Tcp, None)]).is_empty());
+        assert!(exposure(&effective, &scope(), &[(22, Protocol::Tcp, None)], &[]).is_empty());
+    }
+
+    #[test]
+    fn listening_ports_reachable_from_the_internet_name_their_hosts() {
+        let effective = rules::effective([
+            rule("web-admin", 200, Access::Allow, "*", "8443", false),
+            rule("ssh-anywhere", 210, Access::Allow, "Internet", "22", false),
+        ]);
+        let at = |address: &str| address.parse::<IpAddr>().unwrap();
+        let listening = [
+            (8443, Protocol::Tcp, at("198.18.0.10"), "vm-a".to_owned()),
+            (8443, Protocol::Tcp, at("2001:2::10"), "vm-a".to_owned()),
+            (8443, Protocol::Tcp, at("198.18.0.11"), "vm-b".to_owned()),
+            // Only the port the rule opens: 9000 is served but closed by DenyAllInBound.
+            (9000, Protocol::Tcp, at("198.18.0.10"), "vm-a".to_owned()),
+        ];
+        let found = exposure(
+            &effective,
+            &scope(),
+            &[(22, Protocol::Tcp, None)],
+            &listening,
+        );
+        let summary: Vec<(u16, &str, Vec<&str>)> = found
+            .iter()
+            .map(|e| {
+                (
+                    e.port,
+                    e.rule.as_str(),
+                    e.listening_on.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (22, "ssh-anywhere", vec![]),
+                (8443, "web-admin", vec!["vm-a", "vm-b"]),
+            ]
+        );
     }
 }

@@ -7,11 +7,13 @@
 mod controllers;
 mod crd_validation;
 mod deploy;
+mod discovery;
 mod enforcement;
 mod examples;
 mod exposure;
 mod failclosed;
 mod harness;
+mod helm;
 mod leader;
 mod make_run;
 mod restart;
@@ -41,15 +43,17 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 13] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 15] = [
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
+        ("discovery", discovery::tests()),
         ("enforcement", enforcement::tests()),
         ("examples", examples::tests()),
         ("exposure", exposure::tests()),
         ("failclosed", failclosed::tests()),
         ("harness", harness::tests()),
+        ("helm", helm::tests()),
         ("leader", leader::tests()),
         ("restart", restart::tests()),
         ("make_run", make_run::tests()),
