@@ -1,6 +1,8 @@
 //! What the benchmarks share: the result row, percentiles, and the printed table. Each
 //! benchmark includes this module with `mod report;`.
 
+pub mod apiserver;
+
 /// Any benchmark step may fail with any error; the message is what matters.
 pub type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

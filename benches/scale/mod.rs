@@ -61,7 +61,7 @@ pub async fn run() -> BenchResult<Vec<Row>> {
     let mut rows = Vec::new();
 
     // 1. Baseline.
-    let floor_small = floor(&admin, "scale-floor-baseline").await?;
+    let floor_small = floor(&admin, "scale-floor-baseline", GRANTS).await?;
     rows.push(percentiles(
         "floor: write → watch event, small cluster",
         &floor_small,
@@ -129,7 +129,7 @@ pub async fn run() -> BenchResult<Vec<Row>> {
         met: None,
     });
     // What the control plane itself costs at this size: the same plain writes as above.
-    let floor_at_size = floor(&admin, "scale-floor-at-size").await?;
+    let floor_at_size = floor(&admin, "scale-floor-at-size", GRANTS).await?;
     rows.push(percentiles(
         "floor: write → watch event, at size",
         &floor_at_size,

@@ -875,8 +875,14 @@ impl Builder<'_> {
 
     /// The set of run `run`'s grants of one family whose flows outlive them
     /// (`jit_allow{run}_v4`) or end with them (`jit_close{run}_v4`); run 0 has no number.
-    fn grant_set(run: usize, family: Family, closing: bool) -> String {
-        let kind = if closing { "close" } else { "allow" };
+    /// Grants of one source address to one port go to the `jit_host_*` twin, a hash set.
+    fn grant_set(run: usize, family: Family, closing: bool, exact: bool) -> String {
+        let kind = match (exact, closing) {
+            (false, false) => "allow",
+            (false, true) => "close",
+            (true, false) => "host_allow",
+            (true, true) => "host_close",
+        };
         match run {
             0 => format!("jit_{kind}_{}", family.suffix()),
             n => format!("jit_{kind}{n}_{}", family.suffix()),
@@ -905,18 +911,22 @@ impl Builder<'_> {
     /// The sets of one run of grants and the rules that match them:
     /// `ip daddr . ip saddr . meta l4proto . th dport @jit_allow_v4 accept`, and the same
     /// for `@jit_close_v4` marking the flow with [`CLOSE_MARK`]. The destination is part of
-    /// the key so that a grant for one of several addresses opens only that one. Both sets
-    /// exist whether or not a grant uses them, so that a grant of either kind is an element
-    /// update.
+    /// the key so that a grant for one of several addresses opens only that one. Each has
+    /// a hash-set twin for grants of one source address to one port (what the operator
+    /// writes for a request from one address): adding to an interval set makes nft read the
+    /// whole set first to check overlaps, so one grant's apply would grow with the grants
+    /// in force; a hash set takes it as it is. Every set exists whether or not a grant uses
+    /// it, so that a grant of any kind is an element update.
     fn grant_run(&mut self, run: usize) {
         for family in self.families() {
-            for closing in [false, true] {
-                let name = Self::grant_set(run, family, closing);
-                self.push_set(
-                    name.clone(),
-                    grant_key_type(family),
-                    &[SetFlag::Interval, SetFlag::Timeout],
-                );
+            for (closing, exact) in [(false, true), (false, false), (true, true), (true, false)] {
+                let name = Self::grant_set(run, family, closing, exact);
+                let flags: &[SetFlag] = if exact {
+                    &[SetFlag::Timeout]
+                } else {
+                    &[SetFlag::Interval, SetFlag::Timeout]
+                };
+                self.push_set(name.clone(), grant_key_type(family), flags);
                 let mark = if closing {
                     GRANT_MARK | CLOSE_MARK
                 } else {
@@ -1088,13 +1098,28 @@ impl Builder<'_> {
                     }
                 }
             }
-            let set = self
-                .grants
-                .entry(Self::grant_set(run, family, closing))
-                .or_default();
+            let mut exact: BTreeMap<GrantKey, Timestamp> = BTreeMap::new();
+            let mut ranged: BTreeMap<GrantKey, Timestamp> = BTreeMap::new();
             for ((destination, protocol), items) in groups {
-                for (source, ports, expires) in disjoint(&items, family) {
-                    set.insert(
+                // One address to one port: an exact key, at the latest expiry among the
+                // grants naming it; the rest made disjoint for the interval set. A packet
+                // passes while either set holds it, which is the union the grants allow.
+                let (hosts, rest): (Vec<GrantItem>, Vec<GrantItem>) =
+                    items.into_iter().partition(|(source, ports, _)| {
+                        source.prefix_len() == source.max_prefix_len() && ports.0 == ports.1
+                    });
+                for (source, ports, expires) in hosts {
+                    let key = GrantKey {
+                        destination,
+                        source,
+                        protocol,
+                        ports,
+                    };
+                    let at = exact.entry(key).or_insert(expires);
+                    *at = (*at).max(expires);
+                }
+                for (source, ports, expires) in disjoint(&rest, family) {
+                    ranged.insert(
                         GrantKey {
                             destination,
                             source,
@@ -1104,6 +1129,12 @@ impl Builder<'_> {
                         expires,
                     );
                 }
+            }
+            for (is_exact, elements) in [(true, exact), (false, ranged)] {
+                self.grants
+                    .entry(Self::grant_set(run, family, closing, is_exact))
+                    .or_default()
+                    .extend(elements);
             }
         }
     }

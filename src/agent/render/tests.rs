@@ -83,7 +83,8 @@ fn the_first_grant_at_the_top_changes_only_elements() {
     );
     assert_eq!(without.skeleton, with.skeleton);
     assert_eq!(without.grant_count(), 0);
-    let elements = &with.grants["jit_allow_v4"];
+    // One address to one port: the hash set.
+    let elements = &with.grants["jit_host_allow_v4"];
     let key = GrantKey {
         destination: "198.18.0.10".parse().unwrap(),
         source: "198.18.0.20/32".parse().unwrap(),
@@ -317,14 +318,18 @@ fn any_protocol_grants_cover_tcp_udp_and_icmp() {
     let mut g = grant("g", 100, "198.18.0.20", "22");
     g.protocol = Protocol::Any;
     let ruleset = render(&policy(vec![g], &[("g", 60)]), &target(), now());
-    let protocols: Vec<(u8, (u16, u16))> = ruleset.grants["jit_allow_v4"]
-        .keys()
-        .map(|k| (k.protocol, k.ports))
-        .collect();
+    let protocols = |set: &str| -> Vec<(u8, (u16, u16))> {
+        ruleset.grants[set]
+            .keys()
+            .map(|k| (k.protocol, k.ports))
+            .collect()
+    };
+    // TCP and UDP to one port are exact keys; ICMP, all "ports", an interval.
     assert_eq!(
-        protocols,
-        vec![(1, (0, 65535)), (6, (22, 22)), (17, (22, 22))]
+        protocols("jit_host_allow_v4"),
+        vec![(6, (22, 22)), (17, (22, 22))]
     );
+    assert_eq!(protocols("jit_allow_v4"), vec![(1, (0, 65535))]);
 }
 
 #[test]
@@ -385,7 +390,10 @@ fn a_jit_rule_aimed_at_the_machine_covers_all_its_addresses() {
         .collect();
     assert_eq!(
         opened,
-        vec![("jit_allow_v6".to_owned(), "2001:2::10".parse().unwrap())]
+        vec![(
+            "jit_host_allow_v6".to_owned(),
+            "2001:2::10".parse().unwrap()
+        )]
     );
 }
 
@@ -434,13 +442,13 @@ fn only_an_added_grant_counts_as_only_adding() {
 
 #[test]
 fn close_grants_mark_their_flows_and_cut_them() {
-    let mut closing = policy(
+    let grants = || {
         vec![
             grant("keep", 100, "198.18.0.20", "22"),
-            grant("cut", 101, "198.18.0.21", "22"),
-        ],
-        &[("keep", 60), ("cut", 30)],
-    );
+            grant("cut", 101, "198.18.0.24/30", "22"),
+        ]
+    };
+    let mut closing = policy(grants(), &[("keep", 60), ("cut", 30)]);
     closing.closing.insert("cut".into());
     let ruleset = render(&closing, &target(), now());
     let key = |source: &str| GrantKey {
@@ -449,31 +457,39 @@ fn close_grants_mark_their_flows_and_cut_them() {
         protocol: 6,
         ports: (22, 22),
     };
+    // One address: the hash set; a prefix: the interval set; each of its kind.
     assert_eq!(
-        ruleset.grants["jit_allow_v4"].keys().collect::<Vec<_>>(),
+        ruleset.grants["jit_host_allow_v4"]
+            .keys()
+            .collect::<Vec<_>>(),
         [&key("198.18.0.20/32")]
     );
     assert_eq!(
-        ruleset.grants["jit_close_v4"][&key("198.18.0.21/32")],
+        ruleset.grants["jit_close_v4"][&key("198.18.0.24/30")],
         at(30)
     );
+    assert!(ruleset.grants["jit_allow_v4"].is_empty());
+    assert!(ruleset.grants["jit_host_close_v4"].is_empty());
     let rules = chain(&ruleset);
     // Every grant marks its flows and records them as seen; a Close grant marks them
     // for closing too.
     let marking: Vec<&String> = rules.iter().filter(|r| r.contains("mangle")).collect();
-    assert_eq!(marking.len(), 2, "{rules:#?}");
-    for (set, mark) in [
+    assert_eq!(marking.len(), 4, "{rules:#?}");
+    let sets = [
         ("@jit_allow_v4", GRANT_MARK),
+        ("@jit_host_allow_v4", GRANT_MARK),
         ("@jit_close_v4", GRANT_MARK | CLOSE_MARK),
-    ] {
+        ("@jit_host_close_v4", GRANT_MARK | CLOSE_MARK),
+    ];
+    for (set, mark) in sets {
         assert!(
-            marking.iter().any(|r| r.contains(set)
+            marking.iter().any(|r| r.contains(&format!("\"{set}\""))
                 && r.contains(&format!("{mark}]"))
                 && r.contains("@jit_seen_v4")),
             "{set}: {marking:#?}"
         );
     }
-    // A marked flow's established packets pass while a set of either kind holds them,
+    // A marked flow's established packets pass while a set of any kind holds them,
     // else TCP is reset and the rest dropped, all before anything else decides.
     let lo = rules.iter().position(|r| r.contains("\"lo\"")).unwrap();
     let checks = &rules[1..lo];
@@ -486,11 +502,11 @@ fn close_grants_mark_their_flows_and_cut_them() {
             .iter()
             .all(|r| r.contains("established") || r.contains("related"))
     );
-    for set in ["@jit_allow_v4", "@jit_close_v4"] {
+    for (set, _) in sets {
         assert!(
-            checks
-                .iter()
-                .any(|r| r.contains(set) && r.contains("original") && r.contains("accept")),
+            checks.iter().any(|r| r.contains(&format!("\"{set}\""))
+                && r.contains("original")
+                && r.contains("accept")),
             "{set}: {checks:#?}"
         );
     }
@@ -500,18 +516,39 @@ fn close_grants_mark_their_flows_and_cut_them() {
     // Keep and Close grants are elements of sets that always exist: switching the kind
     // of a grant is an element update.
     let kept = render(
-        &policy(
-            vec![
-                grant("keep", 100, "198.18.0.20", "22"),
-                grant("cut", 101, "198.18.0.21", "22"),
-            ],
-            &[("keep", 60), ("cut", 30)],
-        ),
+        &policy(grants(), &[("keep", 60), ("cut", 30)]),
         &target(),
         now(),
     );
     assert_eq!(kept.skeleton, ruleset.skeleton);
     assert!(kept.grants["jit_close_v4"].is_empty());
+    assert_eq!(kept.grants["jit_allow_v4"][&key("198.18.0.24/30")], at(30));
+}
+
+#[test]
+fn a_grant_of_one_address_and_one_port_is_an_exact_key_at_its_latest_expiry() {
+    let ruleset = render(
+        &policy(
+            vec![
+                grant("old", 100, "198.18.0.20", "22"),
+                grant("new", 101, "198.18.0.20", "22"),
+                grant("range", 102, "198.18.0.20", "2000-2001"),
+            ],
+            &[("old", 30), ("new", 90), ("range", 60)],
+        ),
+        &target(),
+        now(),
+    );
+    let host: Vec<((u16, u16), Timestamp)> = ruleset.grants["jit_host_allow_v4"]
+        .iter()
+        .map(|(k, at)| (k.ports, *at))
+        .collect();
+    assert_eq!(host, [((22, 22), at(90))]);
+    let ranged: Vec<(u16, u16)> = ruleset.grants["jit_allow_v4"]
+        .keys()
+        .map(|k| k.ports)
+        .collect();
+    assert_eq!(ranged, [(2000, 2001)]);
 }
 
 #[test]
