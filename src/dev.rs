@@ -151,7 +151,8 @@ kubectl apply -f examples/
 kubectl get portcullis
 
 Other identities: {alice} (alice, group team-web, may request access)
-and {bob} (bob, group viewers, read-only).
+and {bob} (bob, group viewers, read-only); as the admin, any user in group
+portcullis-approvers approves: kubectl --as=carol --as-group=portcullis-approvers ...
 Metrics: http://{http_addr}/metrics. Admission: the policies in deploy/admission/.
 Ctrl-C stops the operator and removes the control plane.
 ",

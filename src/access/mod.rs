@@ -13,6 +13,7 @@
 //!   `SecurityRule` objects the operator owns: the same input always yields the same names,
 //!   labels and specs, so reconciling is idempotent and a restart never duplicates a rule.
 
+pub mod approve;
 pub mod materialize;
 pub mod validate;
 

@@ -201,7 +201,26 @@ pub enum Violation {
         /// The authorizer's reason, or what role would grant the verb.
         why: String,
     },
+    /// A scheduled start further ahead than [`MAX_START_AHEAD`] from the request.
+    #[error("startTime {start} is more than 7 days after the request was made ({created})")]
+    StartTooFarAhead {
+        /// The requested start, RFC 3339.
+        start: String,
+        /// When the request was made.
+        created: String,
+    },
+    /// An approver allowed to decide rejected the request.
+    #[error("rejected by {approver}: {}", comment.as_deref().unwrap_or("no comment given"))]
+    Rejected {
+        /// Who rejected it.
+        approver: String,
+        /// Their comment.
+        comment: Option<String>,
+    },
 }
+
+/// How far ahead of its creation a request may schedule its start: a week.
+pub const MAX_START_AHEAD: Duration = Duration::from_secs(7 * 86_400);
 
 /// One JIT port of a policy machine with the policy defaults applied, so that validation and
 /// materialization read a single, complete shape instead of re-deriving the defaults.

@@ -32,6 +32,14 @@ pub mod reason {
     pub const NEWER_REQUEST_INITIATED: &str = "NewerRequestInitiated";
     pub const POLICY_CHANGED: &str = "PolicyChanged";
     pub const IDLE: &str = "Idle";
+    /// The policy wants approvals the request has not received yet.
+    pub const AWAITING_APPROVAL: &str = "AwaitingApproval";
+    /// The request waits for its `startTime`.
+    pub const SCHEDULED: &str = "Scheduled";
+    /// An approver rejected the request.
+    pub const REJECTED: &str = "Rejected";
+    /// The request stayed `Pending` for its policy's `pendingTimeout`.
+    pub const PENDING_TIMEOUT: &str = "PendingTimeout";
 }
 
 /// A condition as a controller decides it, before the transition time is known.

@@ -7,7 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::validation::{
-    DURATION_MESSAGE, DURATION_PATTERN, SOURCE_MESSAGE, SOURCE_RULE, SOURCES_RULE, duration_rule,
+    DURATION_MESSAGE, DURATION_PATTERN, MAX_PENDING_SECONDS, PENDING_MESSAGE, SOURCE_MESSAGE,
+    SOURCE_RULE, SOURCES_RULE, duration_rule, duration_rule_up_to,
 };
 
 /// The ports a machine gets when its policy lists none, as in Azure: SSH, RDP, WinRM.
@@ -57,7 +58,31 @@ pub struct JitPolicySpec {
     /// Requests must say why.
     #[serde(default)]
     pub require_justification: bool,
+    /// Approvals a request needs before it is granted; omitted: none, a request with
+    /// `initiate` is granted at once (Azure's behaviour).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalPolicy>,
+    /// How long a request may stay `Pending` (waiting for approval, for this policy or its
+    /// NSG, or for a priority) before it ends `Expired` with reason `PendingTimeout`; ISO
+    /// 8601, from PT1S to P7D, default PT1H. A scheduled request's wait for its
+    /// `startTime` does not count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(duration_rule_up_to(MAX_PENDING_SECONDS)).message(PENDING_MESSAGE))]
+    pub pending_timeout: Option<String>,
 }
+
+/// The approval step of a policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalPolicy {
+    /// How many distinct approvers, none of them the requestor, must approve.
+    #[schemars(range(min = 1, max = 5))]
+    pub approvals_required: u8,
+}
+
+/// A request's wait when its policy says nothing.
+pub const DEFAULT_PENDING_TIMEOUT: &str = "PT1H";
 
 /// A protected machine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]

@@ -8,10 +8,11 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::jit_approval::ApprovalRecord;
 use super::jit_policy::{GrantState, GrantStateReason, PolicyProtocol};
 use super::validation::{
-    DURATION_MESSAGE, DURATION_PATTERN, SOURCE_MESSAGE, SOURCE_RULE, SOURCES_RULE, duration_rule,
-    exactly_one,
+    DURATION_MESSAGE, DURATION_PATTERN, SOURCE_MESSAGE, SOURCE_RULE, SOURCES_RULE,
+    TIMESTAMP_PATTERN, duration_rule, exactly_one,
 };
 
 /// The finalizer that revokes a granted request's rules before the request object goes.
@@ -37,6 +38,11 @@ pub const REVOKE_FINALIZER: &str = "jit.portcullis.dev/revoke";
         json_path = ".spec.requestor.username"
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Approvals",
+        type_ = "string",
+        json_path = ".status.approvalState"
+    ),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(
@@ -68,6 +74,22 @@ pub struct JitRequestSpec {
     /// authenticated caller; a value a user writes is overwritten, never trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requestor: Option<Requestor>,
+    /// When access should begin (RFC 3339, at most 7 days after the request is made): a
+    /// scheduled grant, `Pending` (reason `Scheduled`) until then; the durations count from
+    /// it. Omitted: at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "start_time_schema")]
+    pub start_time: Option<Time>,
+}
+
+/// `startTime` as an RFC 3339 timestamp every client can read (see `expiresAt` of
+/// `SecurityRule` for why `date-time` alone is not enough).
+fn start_time_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "format": "date-time",
+        "pattern": TIMESTAMP_PATTERN,
+    })
 }
 
 /// The ports asked for on one machine.
@@ -173,6 +195,13 @@ pub struct JitRequestStatus {
     /// One entry per machine and port granted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<GrantStatus>,
+    /// Every counted decision of an approver, in the order they were made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<ApprovalRecord>,
+    /// Counted approvals of those the policy requires, `1/2`, or `-` when it requires none
+    /// (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_state: Option<String>,
 }
 
 /// One opened port.

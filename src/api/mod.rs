@@ -1,4 +1,4 @@
-//! The Kubernetes API of Portcullis: the four custom resources of group
+//! The Kubernetes API of Portcullis: the five custom resources of group
 //! `jit.portcullis.dev/v1alpha1`, their schemas (with CEL validation so that bad input is
 //! refused at `kubectl apply` time) and their conversion into the pure [`crate::rules`] model.
 //!
@@ -10,6 +10,7 @@
 
 pub mod conditions;
 pub mod convert;
+pub mod jit_approval;
 pub mod jit_policy;
 pub mod jit_request;
 pub mod nsg;
@@ -18,6 +19,7 @@ pub mod rule_fields;
 pub mod security_rule;
 pub mod validation;
 
+pub use jit_approval::{JitApproval, JitApprovalSpec, JitApprovalStatus};
 pub use jit_policy::{JitPolicy, JitPolicySpec, JitPolicyStatus};
 pub use jit_request::{JitRequest, JitRequestSpec, JitRequestStatus};
 pub use nsg::{NetworkSecurityGroup, NetworkSecurityGroupSpec, NetworkSecurityGroupStatus};
@@ -41,6 +43,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         SecurityRule::crd(),
         JitPolicy::crd(),
         JitRequest::crd(),
+        JitApproval::crd(),
     ]
 }
 

@@ -52,6 +52,11 @@ pub const DURATION_PATTERN: &str = r"^P([0-9]+D)?(T([0-9]+H)?([0-9]+M)?([0-9]+S)
 /// summed, in seconds, from the components the pattern allows. A component's leading zeros
 /// (`PT0001S`) read as decimal, in CEL's `int()` as in `crate::rules::duration::parse`.
 pub fn duration_rule() -> String {
+    duration_rule_up_to(86_400)
+}
+
+/// A duration's total between 1 s and `max` seconds (see [`duration_rule`]).
+pub fn duration_rule_up_to(max: u64) -> String {
     let total = [("D", 86_400), ("H", 3_600), ("M", 60), ("S", 1)]
         .iter()
         .map(|(unit, seconds)| {
@@ -62,12 +67,18 @@ pub fn duration_rule() -> String {
         .collect::<Vec<_>>()
         .join(" + ");
     format!(
-        "!self.endsWith('T') && self.matches('{DURATION_PATTERN}') && {total} >= 1 && {total} <= 86400"
+        "!self.endsWith('T') && self.matches('{DURATION_PATTERN}') && {total} >= 1 && {total} <= {max}"
     )
 }
 /// Why a duration was refused.
 pub const DURATION_MESSAGE: &str =
     "must be an ISO 8601 duration such as PT3H, PT30M or PT1H30M, from 1 second to 24 hours";
+
+/// The longest a request may stay `Pending`, in seconds: a week.
+pub const MAX_PENDING_SECONDS: u64 = 7 * 86_400;
+/// Why a `pendingTimeout` was refused.
+pub const PENDING_MESSAGE: &str =
+    "must be an ISO 8601 duration such as PT1H, PT30M or P1D, from 1 second to 7 days";
 
 /// Exactly one of a singular field and its plural form.
 pub fn exactly_one(singular: &str, plural: &str) -> String {

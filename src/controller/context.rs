@@ -22,7 +22,7 @@ use crate::api::convert::ConvertError;
 use crate::api::jit_request::Requestor;
 use crate::api::nsg_model::NsgModel;
 pub use crate::api::nsg_model::{expired, is_managed, object_rule};
-use crate::api::{GROUP, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::{GROUP, JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self, Scope};
 
 /// The reflector caches, read instead of the API on every hot path.
@@ -32,6 +32,7 @@ pub struct Stores {
     pub policies: Store<JitPolicy>,
     pub requests: Store<JitRequest>,
     pub rules: Store<SecurityRule>,
+    pub approvals: Store<JitApproval>,
 }
 
 /// Shared state of the controllers.
@@ -101,7 +102,6 @@ impl Context {
             .get(&ObjectRef::new(name).within(namespace))
     }
 
-    /// The policy `name` in `namespace`, from the cache.
     /// Whether an agent enforcing the NSG `nsg` reports the grant rule `rule` idle.
     pub fn reported_idle(&self, namespace: &str, nsg: &str, rule: &str) -> bool {
         self.nsg(namespace, nsg).is_some_and(|nsg| {
@@ -114,6 +114,20 @@ impl Context {
         })
     }
 
+    /// The request `name` in `namespace`, from the cache.
+    pub fn request(&self, namespace: &str, name: &str) -> Option<Arc<JitRequest>> {
+        self.stores
+            .requests
+            .get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// The approvals deciding on request `request` in `namespace`.
+    pub fn approvals_of(&self, namespace: &str, request: &str) -> Vec<Arc<JitApproval>> {
+        let names = self.index().approvals_of(namespace, request);
+        cached(&self.stores.approvals, namespace, names)
+    }
+
+    /// The policy `name` in `namespace`, from the cache.
     pub fn policy(&self, namespace: &str, name: &str) -> Option<Arc<JitPolicy>> {
         self.stores
             .policies

@@ -19,7 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 
 use super::Watched;
 use super::index::{Key, Wake};
-use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup};
+use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup};
 
 /// One object's change as the index takes it.
 pub enum Change<K> {
@@ -51,23 +51,26 @@ pub struct Triggers {
     pub nsgs: UnboundedSender<ObjectRef<NetworkSecurityGroup>>,
     pub policies: UnboundedSender<ObjectRef<JitPolicy>>,
     pub requests: UnboundedSender<ObjectRef<JitRequest>>,
+    pub approvals: UnboundedSender<ObjectRef<JitApproval>>,
     open: AtomicBool,
     unsynced: AtomicUsize,
 }
 
 /// How many kinds must list before the gate opens.
-const KINDS: usize = 4;
+const KINDS: usize = 5;
 
 impl Triggers {
     pub fn new(
         nsgs: UnboundedSender<ObjectRef<NetworkSecurityGroup>>,
         policies: UnboundedSender<ObjectRef<JitPolicy>>,
         requests: UnboundedSender<ObjectRef<JitRequest>>,
+        approvals: UnboundedSender<ObjectRef<JitApproval>>,
     ) -> Self {
         Self {
             nsgs,
             policies,
             requests,
+            approvals,
             open: AtomicBool::new(false),
             unsynced: AtomicUsize::new(KINDS),
         }
@@ -94,6 +97,11 @@ impl Triggers {
                 .requests
                 .unbounded_send(ObjectRef::new(&name).within(&namespace));
         }
+        for (namespace, name) in wake.approvals {
+            let _ = self
+                .approvals
+                .unbounded_send(ObjectRef::new(&name).within(&namespace));
+        }
     }
 
     /// Counts one kind's first full list; true for the last, which must then call
@@ -109,6 +117,7 @@ impl Triggers {
         nsgs: &Store<NetworkSecurityGroup>,
         policies: &Store<JitPolicy>,
         requests: &Store<JitRequest>,
+        approvals: &Store<JitApproval>,
     ) {
         self.open.store(true, Ordering::SeqCst);
         for nsg in nsgs.state() {
@@ -123,6 +132,11 @@ impl Triggers {
             let _ = self
                 .requests
                 .unbounded_send(ObjectRef::from_obj(request.as_ref()));
+        }
+        for approval in approvals.state() {
+            let _ = self
+                .approvals
+                .unbounded_send(ObjectRef::from_obj(approval.as_ref()));
         }
     }
 }

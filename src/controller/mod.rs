@@ -1,14 +1,16 @@
-//! The operator: three kube-runtime controllers sharing one [`Context`].
+//! The operator: four kube-runtime controllers sharing one [`Context`].
 //!
 //! - [`nsg`] aggregates inline rules, `SecurityRule` objects and the defaults into each
 //!   NSG's effective view, conflicts and exposure;
 //! - [`policy`] materializes one deny rule per protected machine and keeps the policy's
 //!   status and request history;
-//! - [`request`] validates requests, grants allow rules with an expiry, and revokes them.
+//! - [`request`] validates requests, grants allow rules with an expiry, and revokes them;
+//! - [`approval`] tells each approver whether their decision on a request counts.
 //!
 //! Each controller's primary cache doubles as a lookup store for the others, and one extra
 //! reflector caches `SecurityRule`s, so hot paths read memory, not the API.
 
+pub mod approval;
 pub mod context;
 mod events;
 mod feed;
@@ -31,7 +33,7 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
-use index::{NsgEntry, PolicyEntry, RequestEntry, RuleEntry, Wake};
+use index::{ApprovalEntry, NsgEntry, PolicyEntry, RequestEntry, RuleEntry, Wake};
 
 pub use context::Context;
 
@@ -306,16 +308,24 @@ pub async fn run(
     let (nsg_tx, nsg_rx) = futures::channel::mpsc::unbounded();
     let (policy_tx, policy_rx) = futures::channel::mpsc::unbounded();
     let (request_tx, request_rx) = futures::channel::mpsc::unbounded();
-    let triggers = Arc::new(feed::Triggers::new(nsg_tx, policy_tx, request_tx));
+    let (approval_tx, approval_rx) = futures::channel::mpsc::unbounded();
+    let triggers = Arc::new(feed::Triggers::new(
+        nsg_tx,
+        policy_tx,
+        request_tx,
+        approval_tx,
+    ));
     let (nsgs, nsg_writer) = reflector::store();
     let (policies, policy_writer) = reflector::store();
     let (requests, request_writer) = reflector::store();
     let (rules, rule_writer) = reflector::store();
+    let (approvals, approval_writer) = reflector::store();
     let stores = context::Stores {
         nsgs,
         policies,
         requests,
         rules,
+        approvals,
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -329,7 +339,12 @@ pub async fn run(
     let all_synced: Arc<dyn Fn() + Send + Sync> = {
         let (triggers, stores) = (triggers.clone(), stores.clone());
         Arc::new(move || {
-            triggers.open(&stores.nsgs, &stores.policies, &stores.requests);
+            triggers.open(
+                &stores.nsgs,
+                &stores.policies,
+                &stores.requests,
+                &stores.approvals,
+            );
             let _ = ready_tx.send(true);
             tracing::info!("caches synced; reconciling");
         })
@@ -340,7 +355,7 @@ pub async fn run(
         triggers: &triggers,
         all_synced: &all_synced,
     };
-    let feeds = futures::future::join4(
+    let feeds = futures::future::join5(
         feed.watch(nsg_writer, {
             let views = ctx.clone();
             move |index, change| {
@@ -372,9 +387,13 @@ pub async fn run(
             let (key, entry) = change.entry(RuleEntry::of);
             index.rule(key, entry)
         }),
+        feed.watch(approval_writer, |index, change| {
+            let (key, entry) = change.entry(ApprovalEntry::of);
+            index.approval(key, entry)
+        }),
     );
 
-    let controllers = futures::future::join3(
+    let controllers = futures::future::join4(
         drive(
             nsg::NAME,
             stores.nsgs.clone(),
@@ -399,6 +418,15 @@ pub async fn run(
             request_rx,
             request::config(&config),
             request::reconcile,
+            ctx.clone(),
+            shutdown.clone(),
+        ),
+        drive(
+            approval::NAME,
+            stores.approvals.clone(),
+            approval_rx,
+            approval::config(&config),
+            approval::reconcile,
             ctx.clone(),
             shutdown.clone(),
         ),

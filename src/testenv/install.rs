@@ -14,11 +14,11 @@ use kube::api::{Api, PostParams};
 use kube::core::DynamicObject;
 use kube::discovery::ApiResource;
 
-use super::{ADMIN, ALICE, BOB, ControlPlane, Error};
-use crate::api::{JitRequest, SecurityRule};
+use super::{ADMIN, ALICE, APPROVERS, BOB, ControlPlane, Error};
+use crate::api::{JitApproval, JitRequest, SecurityRule};
 
 /// What `deploy/` installs besides the CRDs and the operator's Deployment, in apply order.
-pub const MANIFESTS: [(&str, &str); 6] = [
+pub const MANIFESTS: [(&str, &str); 7] = [
     ("namespace", include_str!("../../deploy/namespace.yaml")),
     (
         "operator RBAC",
@@ -28,6 +28,10 @@ pub const MANIFESTS: [(&str, &str); 6] = [
     (
         "requestor stamping",
         include_str!("../../deploy/admission/requestor.yaml"),
+    ),
+    (
+        "approver stamping",
+        include_str!("../../deploy/admission/approvals.yaml"),
     ),
     (
         "JitRequest authorization",
@@ -89,6 +93,11 @@ subjects:
             &[("User", ALICE.name), ("Group", ALICE.groups[0])],
         ),
         binding(
+            "portcullis-dev-approvers",
+            "portcullis-approver",
+            &[("Group", APPROVERS)],
+        ),
+        binding(
             "portcullis-dev-viewers",
             "portcullis-viewer",
             &[("Group", BOB.groups[0])],
@@ -98,7 +107,7 @@ subjects:
 }
 
 /// Probes, with dry runs that store nothing, until each policy acts: a request without a
-/// requestor is stamped with the caller, a forged requestor is refused, and a managed rule
+/// requestor and an approval without approver are stamped with the caller, a forged requestor is refused, and a managed rule
 /// written by someone other than the operator is refused.
 async fn wait_for_admission(client: &Client) -> Result<(), Error> {
     let deadline = Instant::now() + ADMISSION_TIMEOUT;
@@ -119,6 +128,8 @@ async fn wait_for_admission(client: &Client) -> Result<(), Error> {
 /// The objects [`wait_for_admission`] tries to create.
 struct Probe {
     requests: Api<DynamicObject>,
+    approvals: Api<DynamicObject>,
+    approval: DynamicObject,
     rules: Api<DynamicObject>,
     honest: DynamicObject,
     forged: DynamicObject,
@@ -151,6 +162,12 @@ impl Probe {
             |resource: ApiResource| Api::namespaced_with(client.clone(), "default", &resource);
         Ok(Self {
             requests: api(ApiResource::erase::<JitRequest>(&())),
+            approvals: api(ApiResource::erase::<JitApproval>(&())),
+            approval: object(serde_json::json!({
+                "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "JitApproval",
+                "metadata": { "name": "portcullis-admission-probe" },
+                "spec": { "requestName": "probe", "decision": "Approve" },
+            }))?,
             rules: api(ApiResource::erase::<SecurityRule>(&())),
             honest: request(None)?,
             forged: request(Some(serde_json::json!({ "username": "forged" })))?,
@@ -183,6 +200,14 @@ impl Probe {
             .map_err(|e| format!("a request without requestor was refused: {e}"))?;
         if stamped.data["spec"]["requestor"]["username"] != ADMIN.name {
             return Err("a request without requestor was not stamped".into());
+        }
+        let approved = self
+            .approvals
+            .create(&dry_run, &self.approval)
+            .await
+            .map_err(|e| format!("an approval without approver was refused: {e}"))?;
+        if approved.data["spec"]["approver"]["username"] != ADMIN.name {
+            return Err("an approval without approver was not stamped".into());
         }
         match self.requests.create(&dry_run, &self.forged).await {
             Err(kube::Error::Api(refusal)) if refusal.message.contains("must be the caller") => {}

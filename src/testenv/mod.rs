@@ -47,6 +47,9 @@ pub const ALICE: User = User {
     name: "alice",
     groups: &["team-web"],
 };
+/// The group bound to `portcullis-approver` everywhere on the local control plane: impersonate
+/// any user in it (`--as=carol --as-group=portcullis-approvers`) to approve.
+pub const APPROVERS: &str = "portcullis-approvers";
 /// A read-only user, for RBAC tests.
 pub const BOB: User = User {
     name: "bob",

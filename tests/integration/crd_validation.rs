@@ -43,6 +43,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         request_source_is_a_tag,
         request_without_source,
         request_spec_is_immutable,
+        workflow_fields_are_bounded,
         schema_accepted_edge_cases_convert_with_the_same_meaning,
         nsg_address_space_refuses_star_and_tags,
         cidrs_with_host_bits_are_refused,
@@ -516,6 +517,50 @@ async fn request_spec_is_immutable(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(&request_port_with("protocol", "TCP")))?;
     let changed = request_port_with("protocol", "TCP").replace("PT10M", "PT20M");
     expect_rejected(&ctx, &changed, &["spec", "spec is immutable"])
+}
+
+/// The workflow's fields: 1 to 5 approvals, a pending timeout of at most a week, a start
+/// time clients can read, decisions spelled Approve or Reject, approvals immutable.
+async fn workflow_fields_are_bounded(ctx: Ctx) -> TestResult {
+    let policy = |extra: &str| {
+        ssh_policy("198.19.0.0/16", "").replacen("spec:\n", &format!("spec:\n{extra}"), 1)
+    };
+    for (extra, needle) in [
+        (
+            "  approval:\n    approvalsRequired: 0\n",
+            "approvalsRequired",
+        ),
+        (
+            "  approval:\n    approvalsRequired: 6\n",
+            "approvalsRequired",
+        ),
+        ("  pendingTimeout: P8D\n", "from 1 second to 7 days"),
+        ("  pendingTimeout: 1h\n", "pendingTimeout"),
+    ] {
+        expect_rejected(&ctx, &policy(extra), &[needle])?;
+    }
+    succeeded(&ctx.apply(&policy(
+        "  pendingTimeout: P7D\n  approval:\n    approvalsRequired: 5\n",
+    )))?;
+    let request = request_port_with("protocol", "TCP").replace(
+        "  policyName: web\n",
+        "  policyName: web\n  startTime: \"tomorrow\"\n",
+    );
+    expect_rejected(&ctx, &request, &["startTime"])?;
+    let approval = |decision: &str, comment: &str| {
+        format!(
+            "apiVersion: jit.portcullis.dev/v1alpha1\nkind: JitApproval\nmetadata:\n  name: yes-please\n\
+             spec:\n  requestName: ask\n  decision: {decision}\n  comment: {comment}\n"
+        )
+    };
+    expect_rejected(
+        &ctx,
+        &approval("Maybe", "hmm"),
+        &["decision", "Unsupported value"],
+    )?;
+    succeeded(&ctx.apply(&approval("Approve", "ok")))?;
+    expect_rejected(&ctx, &approval("Reject", "ok"), &["spec is immutable"])?;
+    Ok(())
 }
 
 /// Edge cases of every field the schema checks with CEL or a pattern: the spellings a user

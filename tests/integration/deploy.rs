@@ -53,11 +53,17 @@ async fn kustomization_passes_server_dry_run(ctx: Ctx) -> TestResult {
 }
 
 /// The agent's shipped RBAC: its NSG and that NSG's status, the rules of its namespace, and
-/// nothing else (no other NSG, no other namespace, no writes to rules or requests).
+/// nothing else (no other NSG, no other namespace, no writes to rules or requests). The
+/// agent's service account is in its own namespace, portcullis-agent (created first, as
+/// `kubectl apply -k deploy/agent/` does).
 async fn agent_rbac_reaches_only_its_own_nsg(ctx: Ctx) -> TestResult {
-    let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/agent/rbac.yaml");
-    ctx.plane.apply(&std::fs::read_to_string(rbac)?).await?;
-    let agent = "system:serviceaccount:portcullis-system:portcullis-agent";
+    let agent_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/agent");
+    let namespace = std::fs::read_to_string(agent_dir.join("namespace.yaml"))?;
+    let rbac = std::fs::read_to_string(agent_dir.join("rbac.yaml"))?;
+    ctx.plane
+        .apply(&format!("{namespace}\n---\n{rbac}"))
+        .await?;
+    let agent = "system:serviceaccount:portcullis-agent:portcullis-agent";
     let may = |verb: &str, resource: &str, namespace: &str, subresource: Option<&str>| {
         let mut args = vec![
             "auth".to_owned(),

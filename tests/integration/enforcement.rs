@@ -1240,25 +1240,124 @@ async fn differential(test: &str, mode: Mode) -> TestResult {
     Ok(())
 }
 
-/// `deploy/agent/` as a user applies it, into the test's namespace (the shared
-/// `portcullis-system` belongs to the operator's deploy test), checked by the API server.
+/// `deploy/agent/` as a user applies it, checked by the API server, Pod Security admission
+/// included. The agent needs hostNetwork, a hostPath, root and NET_ADMIN/NET_RAW: only a
+/// namespace at Pod Security level `privileged` admits its pods, and the operator's
+/// portcullis-system is `restricted`. A server dry run of the DaemonSet is never refused
+/// for that (admission refuses pods, which this plane never creates), but Pod Security
+/// admission warns on it: `would violate PodSecurity`. So the objects go into a namespace of
+/// the test's own, created with the labels of the namespace the shipped DaemonSet names
+/// (which `deploy/agent/` or `deploy/` must create), the NSG's Role there too, and kubectl
+/// must print no such warning. The same DaemonSet into portcullis-system must draw it, or
+/// the check proves nothing.
 async fn agent_manifests_pass_server_dry_run(ctx: Ctx) -> TestResult {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/agent");
-    let rendered = succeeded(&ctx.kubectl(&["kustomize", &dir.display().to_string()]))?;
-    // The agent's namespace and its NSG's namespace (where its Role lives) both become the
-    // test's, so the dry run stays inside it.
-    let manifests = rendered
-        .replace(
-            "namespace: portcullis-system",
-            &format!("namespace: {}", ctx.ns),
-        )
-        .replace("namespace: default", &format!("namespace: {}", ctx.ns));
-    let out = succeeded(&ctx.kubectl_as(
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    const VIOLATION: &str = "would violate PodSecurity";
+
+    /// Replaces every `namespace` field (metadata, RoleBinding subjects) naming one of `from`.
+    fn move_namespaces(value: &mut Value, from: &[&str], to: &str) {
+        match value {
+            Value::Object(map) => {
+                for (key, item) in map.iter_mut() {
+                    if key == "namespace" && item.as_str().is_some_and(|ns| from.contains(&ns)) {
+                        *item = Value::from(to);
+                    } else {
+                        move_namespaces(item, from, to);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| move_namespaces(v, from, to)),
+            _ => {}
+        }
+    }
+    let stream = |objects: &[Value]| -> String {
+        objects
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let kustomize = |dir: &str| -> Result<Vec<Value>, Box<dyn std::error::Error + Send + Sync>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let rendered = succeeded(&ctx.kubectl(&["kustomize", &dir.display().to_string()]))?;
+        let mut objects = Vec::new();
+        for document in serde_yaml_ng::Deserializer::from_str(&rendered) {
+            let object = Value::deserialize(document)?;
+            if !object.is_null() {
+                objects.push(object);
+            }
+        }
+        Ok(objects)
+    };
+    let agent = kustomize("deploy/agent")?;
+    let operator = kustomize("deploy")?;
+
+    let daemonset = agent
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .ok_or("deploy/agent/ has no DaemonSet")?;
+    let agent_ns = daemonset["metadata"]["namespace"]
+        .as_str()
+        .ok_or("the agent's DaemonSet names no namespace")?;
+    let nsg_ns = daemonset["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|var| var["name"] == "NSG")
+        .and_then(|var| var["value"].as_str()?.split_once('/'))
+        .map(|(namespace, _)| namespace)
+        .ok_or("the agent's DaemonSet has no NSG env as NAMESPACE/NAME")?;
+    let mut namespace = agent
+        .iter()
+        .chain(&operator)
+        .find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == agent_ns)
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "the agent's namespace {agent_ns} is created by neither deploy/agent/ nor deploy/"
+            )
+        })?;
+
+    // The test's stand-in for the agent's namespace, labelled as shipped from its creation
+    // (Pod Security admission reads labels from an informer; a namespace it has not seen
+    // yet it reads from the apiserver, so a fresh one is never judged by stale labels).
+    let stand_in = format!("{}-agent", ctx.ns);
+    namespace["metadata"]["name"] = Value::from(stand_in.as_str());
+    succeeded(&ctx.kubectl_as(
         portcullis::testenv::ADMIN,
-        &["apply", "--dry-run=server", "-f", "-"],
-        Some(&manifests),
+        &["create", "-f", "-"],
+        Some(&namespace.to_string()),
     ))?;
+    let mut moved = agent.clone();
+    moved
+        .iter_mut()
+        .for_each(|o| move_namespaces(o, &[agent_ns, nsg_ns], &stand_in));
+    let output = ctx.kubectl_as(
+        portcullis::testenv::ADMIN,
+        &[
+            "apply",
+            "--dry-run=server",
+            &format!("--namespace={stand_in}"),
+            "-f",
+            "-",
+        ],
+        Some(&stream(&moved)),
+    );
+    let _ = ctx.kubectl(&["delete", "namespace", &stand_in, "--wait=false"]);
+    let out = succeeded(&output)?;
+    let warnings = String::from_utf8_lossy(&output.stderr);
+    if warnings.contains(VIOLATION) {
+        return Err(format!(
+            "the agent's pods would be refused in its namespace {agent_ns} \
+             (labels {}):\n{warnings}",
+            namespace["metadata"]["labels"]
+        )
+        .into());
+    }
     for expected in [
+        "namespace/portcullis-agent",
         "serviceaccount/portcullis-agent",
         "role.rbac.authorization.k8s.io/portcullis-agent",
         "rolebinding.rbac.authorization.k8s.io/portcullis-agent",
@@ -1267,6 +1366,31 @@ async fn agent_manifests_pass_server_dry_run(ctx: Ctx) -> TestResult {
         if !out.contains(expected) {
             return Err(format!("dry run output lacks {expected}:\n{out}").into());
         }
+    }
+
+    // The control: the operator's restricted namespace (deploy/namespace.yaml, which the
+    // harness installed) is warned about, so the absence above means something.
+    let mut control = daemonset.clone();
+    move_namespaces(&mut control, &[agent_ns], "portcullis-system");
+    let output = ctx.kubectl_as(
+        portcullis::testenv::ADMIN,
+        &[
+            "apply",
+            "--dry-run=server",
+            "--namespace=portcullis-system",
+            "-f",
+            "-",
+        ],
+        Some(&control.to_string()),
+    );
+    succeeded(&output)?;
+    let warnings = String::from_utf8_lossy(&output.stderr);
+    if !warnings.contains(VIOLATION) {
+        return Err(format!(
+            "the agent's DaemonSet in the restricted portcullis-system drew no \
+             PodSecurity warning, so this test cannot see one:\n{warnings}"
+        )
+        .into());
     }
     Ok(())
 }

@@ -328,6 +328,44 @@ async fn chart_lints(_ctx: Ctx) -> TestResult {
     if !format.contains("must be json or text") {
         return Err(format!("operator.logFormat=xml was not refused:\n{format}").into());
     }
+    // The agent's namespace: a namespace name, and not the release namespace for the chart
+    // to create (that one exists, and is the operator's).
+    let bad_namespace = helm.fails(&[
+        "template",
+        "portcullis",
+        &chart,
+        "--set",
+        "agent.enabled=true",
+        "--set",
+        "agent.nsg=default/web-nsg",
+        "--set",
+        "agent.namespace=Agents",
+    ])?;
+    if !bad_namespace.contains("agent.namespace must be a namespace name") {
+        return Err(format!("agent.namespace=Agents was not refused:\n{bad_namespace}").into());
+    }
+    let agent_in_release = [
+        "template",
+        "portcullis",
+        &chart,
+        "--namespace",
+        "portcullis-agent",
+        "--set",
+        "agent.enabled=true",
+        "--set",
+        "agent.nsg=default/web-nsg",
+    ];
+    let release = helm.fails(&agent_in_release)?;
+    if !release.contains("agent.namespace is the release namespace") {
+        return Err(format!(
+            "the agent's namespace to be created as the release namespace was not refused:\n\
+             {release}"
+        )
+        .into());
+    }
+    let mut provided = agent_in_release.to_vec();
+    provided.extend(["--set", "agent.createNamespace=false"]);
+    helm.ok(&provided)?;
     Ok(())
 }
 
@@ -441,6 +479,33 @@ async fn chart_renders_what_deploy_installs(ctx: Ctx) -> TestResult {
         ],
     )?)?;
     same_objects(&rendered, &expected)?;
+
+    // The agent runs in a namespace of its own, privileged (deploy/agent/namespace.yaml),
+    // which agent.createNamespace=false leaves to the user: the same objects, less that one.
+    let agent_namespaces: Vec<Key> = expected
+        .keys()
+        .filter(|k| k.1 == "Namespace")
+        .cloned()
+        .collect();
+    if agent_namespaces.len() != 1 || agent_namespaces[0].3 != "portcullis-agent" {
+        return Err(format!(
+            "deploy/agent/ should hold one Namespace, portcullis-agent: {agent_namespaces:?}"
+        )
+        .into());
+    }
+    expected.remove(&agent_namespaces[0]);
+    let rendered = objects(&helm.template(
+        "portcullis-system",
+        &[
+            "--set",
+            "agent.enabled=true",
+            "--set",
+            "agent.nsg=prod/db-nsg",
+            "--set",
+            "agent.createNamespace=false",
+        ],
+    )?)?;
+    same_objects(&rendered, &expected)?;
     Ok(())
 }
 
@@ -477,6 +542,8 @@ async fn chart_values_reach_the_objects(_ctx: Ctx) -> TestResult {
             "agent.extraArgs={--gateway}",
             "--set",
             "agent.stateDir=/var/lib/jit",
+            "--set",
+            "agent.namespace=team-a-agent",
             "--set",
             "imagePullSecrets[0].name=registry",
         ],
@@ -571,7 +638,17 @@ async fn chart_values_reach_the_objects(_ctx: Ctx) -> TestResult {
         json!(1),
     );
 
-    let daemonset = get("DaemonSet", "team-a", "jit-agent")?;
+    let namespace = get("Namespace", "", "team-a-agent")?;
+    expect(
+        "the agent's namespace's labels",
+        &namespace["metadata"]["labels"],
+        json!({
+            "app.kubernetes.io/name": "portcullis",
+            "pod-security.kubernetes.io/enforce": "privileged",
+        }),
+    );
+    get("ServiceAccount", "team-a-agent", "jit-agent")?;
+    let daemonset = get("DaemonSet", "team-a-agent", "jit-agent")?;
     let pod = &daemonset["spec"]["template"]["spec"];
     let args = pod["containers"][0]["args"]
         .as_array()
@@ -608,7 +685,7 @@ async fn chart_values_reach_the_objects(_ctx: Ctx) -> TestResult {
     expect(
         "agent RoleBinding subject",
         &role_binding["subjects"],
-        json!([{"kind": "ServiceAccount", "name": "jit-agent", "namespace": "team-a"}]),
+        json!([{"kind": "ServiceAccount", "name": "jit-agent", "namespace": "team-a-agent"}]),
     );
 
     if problems.is_empty() {

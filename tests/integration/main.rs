@@ -20,6 +20,7 @@ mod restart;
 mod security;
 mod sessions;
 mod support;
+mod workflow;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,7 +44,7 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 15] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 16] = [
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
@@ -59,6 +60,7 @@ fn all_tests() -> Vec<(String, TestFn)> {
         ("make_run", make_run::tests()),
         ("security", security::tests()),
         ("sessions", sessions::tests()),
+        ("workflow", workflow::tests()),
     ];
     modules
         .into_iter()

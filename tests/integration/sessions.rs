@@ -26,6 +26,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         expiry_cuts_close_sessions_and_keeps_the_others,
         a_gateway_guards_a_machine_without_an_agent,
         an_idle_grant_is_revoked_and_a_busy_one_is_not,
+        an_extension_hands_over_without_a_gap,
     ]
 }
 
@@ -276,5 +277,108 @@ async fn an_idle_grant_is_revoked_and_a_busy_one_is_not(ctx: Ctx) -> TestResult 
     if phase(&ctx, "busy").await?.1.as_deref() != Some("Idle") {
         return Err(format!("alice's grant ended as {:?}", phase(&ctx, "busy").await?).into());
     }
+    Ok(())
+}
+
+/// Alice extends her access with a newer request for the same machine, port and source
+/// while a client connects every few milliseconds: every connect passes across the
+/// hand-over, and the older request ends `NewerRequestInitiated` only once the newer rule
+/// exists.
+async fn an_extension_hands_over_without_a_gap(ctx: Ctx) -> TestResult {
+    if skipped("an_extension_hands_over_without_a_gap") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_sshd().await?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    succeeded(&ctx.apply(&ssh_policy("198.18.0.16/28", "")))?;
+    lab.until(A, 22, false).await?;
+    succeeded(&ctx.apply_as(
+        "alice",
+        &["team-web"],
+        &ssh_request("first", A.into(), "PT1M"),
+    ))?;
+    granted(&ctx, "first").await?;
+    lab.until(A, 22, true).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probing = {
+        let (stop, vm) = (stop.clone(), crate::enforcement::VM);
+        let lab = &lab;
+        async move {
+            let (mut passed, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = Timestamp::now();
+                let verdict = lab.connect_to(A.into(), vm.into(), 22, DROP_TIMEOUT).await;
+                if verdict.passed() {
+                    passed += 1;
+                } else {
+                    failed.push(format!("{at}: {verdict:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (passed, failed)
+        }
+    };
+    let handing_over = async {
+        succeeded(&ctx.apply_as(
+            "alice",
+            &["team-web"],
+            &ssh_request("second", A.into(), "PT2M"),
+        ))?;
+        granted(&ctx, "second").await?;
+        let requests: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+        let ended = crate::support::eventually("the first request to be superseded", || async {
+            let status = requests.get_opt("first").await.ok().flatten()?.status?;
+            (status.phase == Some(Phase::Revoked)
+                && status.reason.as_deref() == Some("NewerRequestInitiated"))
+            .then_some(status)
+        })
+        .await?;
+        // Connects go on a little after the hand-over, then stop.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        Result::<_, Error>::Ok(ended)
+    };
+    let ((passed, failed), ended) = tokio::join!(probing, handing_over);
+    let ended = ended?;
+    if !failed.is_empty() {
+        return Err(format!(
+            "{} of {} connects failed across the hand-over: {failed:?}\n{}",
+            failed.len(),
+            passed + failed.len(),
+            lab.agent_log()
+        )
+        .into());
+    }
+    let revoked_at = ended
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Granted")
+        .map(|c| c.last_transition_time.0)
+        .ok_or("no Granted condition on the first request")?;
+    let second = Api::<JitRequest>::namespaced(ctx.client.clone(), &ctx.ns)
+        .get("second")
+        .await?;
+    let rule = second
+        .status
+        .as_ref()
+        .and_then(|s| s.grants.first())
+        .map(|g| g.rule.clone())
+        .ok_or("the second request has no grant")?;
+    let created = ctx
+        .rule_named(&rule)
+        .await?
+        .metadata
+        .creation_timestamp
+        .ok_or("the newer rule has no creation time")?
+        .0;
+    if created > revoked_at {
+        return Err(format!(
+            "the first request ended at {revoked_at}, before the newer rule existed ({created})"
+        )
+        .into());
+    }
+    eprintln!("sessions: {passed} connects across the hand-over, none failed");
     Ok(())
 }

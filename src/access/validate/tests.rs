@@ -72,7 +72,11 @@ fn subject(v: &Violation) -> (Option<&str>, Option<u16>) {
         | InvalidSource { machine, port, .. }
         | SourceMissing { machine, port }
         | DuplicatePort { machine, port } => (Some(machine), Some(*port)),
-        JustificationRequired | RequestorMissing | NotAuthorized { .. } => (None, None),
+        JustificationRequired
+        | RequestorMissing
+        | NotAuthorized { .. }
+        | StartTooFarAhead { .. }
+        | Rejected { .. } => (None, None),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Keyed indexes over the four watched kinds, and who each change wakes.
+//! Keyed indexes over the five watched kinds, and who each change wakes.
 //!
 //! Every watch event first updates these indexes (after the object cache, before any
 //! reconcile is woken), so a reconcile always finds the object that woke it, and every
@@ -22,7 +22,7 @@ use crate::access::materialize::{LABEL_ROLE, ROLE_DENY};
 use crate::api::jit_policy::GrantState;
 use crate::api::jit_request::Phase;
 use crate::api::nsg_model::is_managed;
-use crate::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 
 /// An object's namespace and name.
 pub type Key = (String, String);
@@ -197,12 +197,27 @@ impl RuleEntry {
     }
 }
 
+/// The request an approval decides on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalEntry {
+    pub request: String,
+}
+
+impl ApprovalEntry {
+    pub fn of(approval: &JitApproval) -> Self {
+        Self {
+            request: approval.spec.request_name.clone(),
+        }
+    }
+}
+
 /// The objects whose reconciles a change concerns, by kind.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wake {
     pub nsgs: BTreeSet<Key>,
     pub policies: BTreeSet<Key>,
     pub requests: BTreeSet<Key>,
+    pub approvals: BTreeSet<Key>,
 }
 
 impl Wake {
@@ -211,6 +226,7 @@ impl Wake {
         self.nsgs.extend(other.nsgs);
         self.policies.extend(other.policies);
         self.requests.extend(other.requests);
+        self.approvals.extend(other.approvals);
     }
 }
 
@@ -314,6 +330,9 @@ pub struct Index {
     waiting_by_policy: Multi<Key, String>,
     /// (namespace, requestor, machine, port) → granted requests holding that port open.
     granted_by_port: Multi<PortKey, String>,
+    /// (namespace, request) → the approvals deciding on it.
+    approvals_by_request: Multi<Key, String>,
+    approvals: HashMap<Key, ApprovalEntry>,
     /// (namespace, NSG) → every SecurityRule naming it.
     rules_by_nsg: Multi<Key, String>,
     /// (namespace, NSG) → users' SecurityRules naming it (what JIT placement works around).
@@ -442,6 +461,11 @@ impl Index {
                 }
             }
         }
+        // Its approvals' statuses follow its phase (closed requests count nothing new).
+        if before.as_ref().map(|b| b.phase) != entry.as_ref().map(|e| e.phase) {
+            wake.approvals
+                .extend(self.approvals_by_request.get(&key).map(|a| key_in(&key, a)));
+        }
         if before.as_ref().map(|b| &b.record) != entry.as_ref().map(|e| &e.record)
             || before.as_ref().map(|b| &b.policy) != entry.as_ref().map(|e| &e.policy)
         {
@@ -517,6 +541,36 @@ impl Index {
             }
         }
         wake
+    }
+
+    /// Records the approval `key` as it is now (`None`: deleted): it and its request wake.
+    pub fn approval(&mut self, key: Key, entry: Option<ApprovalEntry>) -> Wake {
+        let mut wake = Wake::default();
+        let before = match &entry {
+            Some(entry) => {
+                wake.approvals.insert(key.clone());
+                self.approvals.insert(key.clone(), entry.clone())
+            }
+            None => self.approvals.remove(&key),
+        };
+        for (entry, present) in [(&before, false), (&entry, true)] {
+            let Some(entry) = entry else { continue };
+            let request = key_in(&key, &entry.request);
+            self.approvals_by_request
+                .set(request.clone(), key.1.clone(), present);
+            if self.requests.contains_key(&request) {
+                wake.requests.insert(request);
+            }
+        }
+        wake
+    }
+
+    /// The approvals deciding on `request` in `namespace`.
+    pub fn approvals_of(&self, namespace: &str, request: &str) -> Vec<String> {
+        self.approvals_by_request
+            .get(&key(namespace, request))
+            .cloned()
+            .collect()
     }
 
     /// The policies with a machine behind NSG `nsg` in `namespace`.

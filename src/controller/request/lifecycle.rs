@@ -11,18 +11,25 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::finish;
-use super::status::{Outcome, denied, describe, grant_status, pending, settle};
+use super::status::{Outcome, denied, describe, grant_status, pending, pending_timed_out, settle};
+use crate::access::approve::{Judgement, Tally};
 use crate::access::materialize;
+use crate::access::validate::MAX_START_AHEAD;
 use crate::access::validate::{PortGrant, Violation, validate};
 use crate::api::INITIATE;
+use crate::api::JitPolicy;
 use crate::api::JitRequest;
 use crate::api::conditions::reason;
 use crate::api::convert::policy_protocol;
+use crate::api::jit_policy::DEFAULT_PENDING_TIMEOUT;
 use crate::api::jit_policy::{GrantState, GrantStateReason, PolicyProtocol};
 use crate::api::jit_request::{JitRequestStatus, Phase};
+use crate::controller::approval;
 use crate::controller::context::Context;
 use crate::controller::{Error, name_and_namespace};
+use crate::rules::duration;
 use crate::rules::{PortRange, place};
+use std::sync::Arc;
 
 /// Deletes every rule `request` controls.
 pub(super) async fn close_all(
@@ -38,10 +45,66 @@ pub(super) async fn close_all(
     Ok(())
 }
 
-/// A request not granted yet: wait, deny, or grant.
+/// A request not granted yet: wait, deny, or grant. A request still waiting when its
+/// policy's `pendingTimeout` has passed since it was made (or since its `startTime`) ends
+/// `Expired`; a waiting one looks again at that deadline at the latest.
 pub(super) async fn evaluate(
     request: &JitRequest,
     previous: &JitRequestStatus,
+    now: Timestamp,
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Outcome, Error> {
+    let policy = ctx.policy(namespace, &request.spec.policy_name);
+    let timeout = pending_timeout(policy.as_deref());
+    let made = request
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(now, |t| t.0);
+    let waiting_since = request
+        .spec
+        .start_time
+        .as_ref()
+        .map_or(made, |start| made.max(start.0));
+    let deadline = waiting_since
+        .checked_add(jiff::SignedDuration::try_from(timeout).unwrap_or(jiff::SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX);
+    if request.spec.requestor.is_some() && now >= deadline {
+        let waited_for = previous.reason.as_deref().unwrap_or("its evaluation");
+        return Ok(pending_timed_out(
+            previous,
+            format!(
+                "still pending after {} (waiting for {waited_for}); the policy's pendingTimeout has passed",
+                duration::format(timeout)
+            ),
+            now,
+        ));
+    }
+    let mut outcome = decide(request, previous, policy, now, ctx, namespace, name).await?;
+    if outcome.status.phase == Some(Phase::Pending) {
+        let left = Duration::try_from(deadline.duration_since(now)).unwrap_or(Duration::ZERO);
+        outcome.requeue = Some(outcome.requeue.map_or(left, |r| r.min(left)));
+    }
+    Ok(outcome)
+}
+
+/// The policy's `pendingTimeout`, or the default when there is no policy (yet) or it says
+/// nothing readable.
+fn pending_timeout(policy: Option<&JitPolicy>) -> Duration {
+    let default = || duration::parse(DEFAULT_PENDING_TIMEOUT).expect("a valid default");
+    policy
+        .and_then(|p| p.spec.pending_timeout.as_deref())
+        .and_then(|t| duration::parse(t).ok())
+        .unwrap_or_else(default)
+}
+
+/// [`evaluate`] once the request is known to be within its wait.
+async fn decide(
+    request: &JitRequest,
+    previous: &JitRequestStatus,
+    policy: Option<Arc<JitPolicy>>,
     now: Timestamp,
     ctx: &Context,
     namespace: &str,
@@ -55,7 +118,7 @@ pub(super) async fn evaluate(
             now,
         ));
     };
-    let Some(policy) = ctx.policy(namespace, &request.spec.policy_name) else {
+    let Some(policy) = policy else {
         return Ok(pending(
             previous,
             reason::POLICY_NOT_FOUND,
@@ -66,10 +129,87 @@ pub(super) async fn evaluate(
             now,
         ));
     };
-    let grants = match validate(&policy.spec, &request.spec) {
-        Ok(grants) => grants,
-        Err(violations) => return Ok(denied(previous, &violations, reason::POLICY_VIOLATION, now)),
+    let starts = request.spec.start_time.as_ref().map(|t| t.0);
+    let grants = match (
+        validate(&policy.spec, &request.spec),
+        too_far_ahead(request),
+    ) {
+        (Ok(grants), None) => grants,
+        (Ok(_), Some(late)) => {
+            return Ok(denied(previous, &[late], reason::POLICY_VIOLATION, now));
+        }
+        (Err(mut violations), late) => {
+            violations.extend(late);
+            return Ok(denied(previous, &violations, reason::POLICY_VIOLATION, now));
+        }
     };
+    // Approvals may come before a scheduled start; one counted rejection ends it at once.
+    let needed = policy
+        .spec
+        .approval
+        .as_ref()
+        .map_or(0, |a| usize::from(a.approvals_required));
+    let judged = if needed > 0 {
+        Some(approval::judge(request, namespace, ctx).await?)
+    } else {
+        None
+    };
+    let with_approvals = |mut outcome: Outcome| {
+        // Always a value, so `kubectl get` rows keep their columns: `-` for no approval step.
+        outcome.status.approval_state = Some("-".to_owned());
+        if let Some(judged) = &judged {
+            let approved = match judged.tally {
+                Tally::Approved(n) => n,
+                Tally::Rejected { .. } => 0,
+            };
+            outcome.status.approvals = judged.records.clone();
+            outcome.status.approval_state = Some(format!("{}/{needed}", approved.min(needed)));
+        }
+        outcome
+    };
+    if let Some(Judgement {
+        tally: Tally::Rejected { approver, comment },
+        ..
+    }) = &judged
+    {
+        let rejected = Violation::Rejected {
+            approver: approver.clone(),
+            comment: comment.clone(),
+        };
+        return Ok(with_approvals(denied(
+            previous,
+            &[rejected],
+            reason::REJECTED,
+            now,
+        )));
+    }
+    if let Some(start) = starts.filter(|start| *start > now) {
+        let mut outcome = pending(
+            previous,
+            reason::SCHEDULED,
+            format!("scheduled: access begins at {start}"),
+            now,
+        );
+        outcome.requeue =
+            Some(Duration::try_from(start.duration_since(now)).unwrap_or(Duration::ZERO));
+        return Ok(with_approvals(outcome));
+    }
+    if let Some(Judgement {
+        tally: Tally::Approved(approved),
+        ..
+    }) = &judged
+        && *approved < needed
+    {
+        return Ok(with_approvals(pending(
+            previous,
+            reason::AWAITING_APPROVAL,
+            format!(
+                "{approved} of {needed} approvals; waiting for approvers with the verb approve on jitpolicies/{}",
+                request.spec.policy_name
+            ),
+            now,
+        )));
+    }
     let mut placed = Vec::with_capacity(grants.len());
     for grant in grants {
         match allow_priority(ctx, namespace, &grant, now) {
@@ -104,7 +244,9 @@ pub(super) async fn evaluate(
                 .ok()
         })
         .min()
-        .unwrap_or_else(|| whole_second(now));
+        // A scheduled grant starts at its start, however late this reconcile runs, so it
+        // also ends on time.
+        .unwrap_or_else(|| whole_second(starts.filter(|s| *s <= now).unwrap_or(now)));
 
     let owner = owner_ref(request)?;
     let mut grants_opened = Vec::with_capacity(placed.len());
@@ -137,7 +279,7 @@ pub(super) async fn evaluate(
         grants_opened.push(grant_status(grant, rule.name, end, closed));
     }
     let who = requestor(request).unwrap_or("unknown requestor").to_owned();
-    let mut outcome = settle(previous, grants_opened, Some(Time(start)), now);
+    let mut outcome = with_approvals(settle(previous, grants_opened, Some(Time(start)), now));
     if outcome.status.phase == Some(Phase::Granted) {
         let what = describe(&outcome.status.grants);
         let until = outcome
@@ -161,6 +303,19 @@ pub(super) async fn evaluate(
         );
     }
     Ok(outcome)
+}
+
+/// A `startTime` more than [`MAX_START_AHEAD`] after the request was made.
+fn too_far_ahead(request: &JitRequest) -> Option<Violation> {
+    let start = request.spec.start_time.as_ref()?.0;
+    let made = request.metadata.creation_timestamp.as_ref()?.0;
+    let limit = made
+        .checked_add(jiff::SignedDuration::try_from(MAX_START_AHEAD).ok()?)
+        .ok()?;
+    (start > limit).then(|| Violation::StartTooFarAhead {
+        start: start.to_string(),
+        created: made.to_string(),
+    })
 }
 
 /// A granted request: close what expired, was superseded or is no longer allowed.

@@ -84,6 +84,8 @@ pub(super) fn settle(
             source: (!sources.is_empty())
                 .then(|| sources.into_iter().collect::<Vec<_>>().join(",")),
             grants,
+            approvals: previous.approvals.clone(),
+            approval_state: previous.approval_state.clone(),
         },
         events: Vec::new(),
         requeue: next_end.map(|end| end.duration_since(now).try_into().unwrap_or(Duration::ZERO)),
@@ -103,6 +105,8 @@ pub(super) fn pending(
             phase: Some(Phase::Pending),
             reason: Some(why.to_owned()),
             conditions: vec![condition],
+            approvals: previous.approvals.clone(),
+            approval_state: previous.approval_state.clone(),
             ..JitRequestStatus::default()
         },
         events: if changed {
@@ -129,9 +133,34 @@ pub(super) fn denied(
             reason: Some(why.to_owned()),
             conditions: vec![condition],
             violations: messages,
+            approvals: previous.approvals.clone(),
+            approval_state: previous.approval_state.clone(),
             ..JitRequestStatus::default()
         },
         events: vec![(EventType::Warning, "Denied", message)],
+        requeue: None,
+    }
+}
+
+/// A request that waited `Pending` for too long: `Expired`, reason `PendingTimeout`; nothing
+/// was ever opened.
+pub(super) fn pending_timed_out(
+    previous: &JitRequestStatus,
+    message: String,
+    now: Timestamp,
+) -> Outcome {
+    let why = reason::PENDING_TIMEOUT;
+    let condition = granted_condition(previous, false, why, &message, now);
+    Outcome {
+        status: JitRequestStatus {
+            phase: Some(Phase::Expired),
+            reason: Some(why.to_owned()),
+            conditions: vec![condition],
+            approvals: previous.approvals.clone(),
+            approval_state: previous.approval_state.clone(),
+            ..JitRequestStatus::default()
+        },
+        events: vec![(EventType::Warning, "Expired", message)],
         requeue: None,
     }
 }

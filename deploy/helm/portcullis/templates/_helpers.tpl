@@ -86,6 +86,22 @@ The agent's NSG, validated, as JSON {"namespace": ..., "name": ...}.
 {{- end }}
 
 {{/*
+The agent's namespace (agent.namespace), validated: a namespace name, and not the release
+namespace when the chart is to create it (Helm or the user created that one already, and it
+is the operator's, which should stay at Pod Security level restricted).
+*/}}
+{{- define "portcullis.agentNamespace" -}}
+{{- $namespace := toString .Values.agent.namespace }}
+{{- if or (gt (len $namespace) 63) (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $namespace)) }}
+{{- include "portcullis.fail" (printf "agent.namespace must be a namespace name (e.g. portcullis-agent), not %q" $namespace) }}
+{{- end }}
+{{- if and .Values.agent.createNamespace (eq $namespace .Release.Namespace) }}
+{{- include "portcullis.fail" (printf "agent.namespace is the release namespace %q, which the chart cannot create: give the agent a namespace of its own (agent.namespace, default portcullis-agent), or set agent.createNamespace=false and label %q pod-security.kubernetes.io/enforce=privileged yourself" $namespace $namespace) }}
+{{- end }}
+{{- $namespace }}
+{{- end }}
+
+{{/*
 A log format value, validated.
 */}}
 {{- define "portcullis.logFormat" -}}
