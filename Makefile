@@ -21,11 +21,11 @@ demo: control-plane ## As root: the JIT story with a real sshd, two network name
 	hack/demo.sh
 
 crds: ## Regenerate crds/portcullis.yaml (and the Helm chart's copy) from the Rust types
-	$(CARGO) run --quiet --locked -- crds > crds/portcullis.yaml
+	$(CARGO) run --quiet --locked --bin portcullis -- crds > crds/portcullis.yaml
 	cp crds/portcullis.yaml deploy/helm/portcullis/crds/portcullis.yaml
 
 crds-check: ## Fail if crds/ differs from what the code generates
-	@diff -u crds/portcullis.yaml <($(CARGO) run --quiet --locked -- crds) && echo "crds/ is up to date"
+	@diff -u crds/portcullis.yaml <($(CARGO) run --quiet --locked --bin portcullis -- crds) && echo "crds/ is up to date"
 
 lint: ## rustfmt and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check

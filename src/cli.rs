@@ -79,6 +79,17 @@ pub struct ControllerArgs {
     /// process id).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Post a CloudEvent for every step of a request's life (pending, approved, granted,
+    /// denied, expired, revoked) to this http or https URL (comma-separated or repeated; a
+    /// comma inside a URL is written %2C). Each sink has its own queue, with retries: a
+    /// slow or dead one never delays a grant or an expiry.
+    #[arg(
+        long = "notify-url",
+        value_name = "URL",
+        env = "PORTCULLIS_NOTIFY_URL",
+        value_delimiter = ','
+    )]
+    pub notify_urls: Vec<controller::notify::Sink>,
 }
 
 impl From<&ControllerArgs> for controller::Config {
@@ -94,6 +105,7 @@ impl From<&ControllerArgs> for controller::Config {
                     .clone()
                     .unwrap_or_else(|| format!("{}-{}", agent::hostname(), std::process::id())),
             }),
+            notify: args.notify_urls.clone(),
         }
     }
 }

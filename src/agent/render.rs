@@ -500,6 +500,15 @@ fn marked(bits: u32, set: bool) -> Statement<'static> {
     )
 }
 
+/// `ct direction original` (or `reply`): which way the packet goes in its flow.
+fn direction(which: &'static str) -> Statement<'static> {
+    matches(
+        ct("direction"),
+        Operator::EQ,
+        Expression::String(which.into()),
+    )
+}
+
 /// `ct state STATE[,STATE]`.
 fn ct_state(states: &[&'static str]) -> Statement<'static> {
     let right = match states {
@@ -966,11 +975,7 @@ impl Builder<'_> {
         for family in self.families() {
             checks.push(self.rule_object(vec![
                 ct_state(&["established"]),
-                matches(
-                    ct("direction"),
-                    Operator::EQ,
-                    Expression::String("original".into()),
-                ),
+                direction("original"),
                 family.nfproto(),
                 Self::seen(family),
             ]));
@@ -984,11 +989,7 @@ impl Builder<'_> {
             let set = Expression::String(format!("@{set}").into());
             checks.push(self.rule_object(vec![
                 ct_state(&["established"]),
-                matches(
-                    ct("direction"),
-                    Operator::EQ,
-                    Expression::String("original".into()),
-                ),
+                direction("original"),
                 matches(Self::grant_key(*family), Operator::EQ, set.clone()),
                 Statement::Accept(None),
             ]));
@@ -1001,11 +1002,7 @@ impl Builder<'_> {
                 ]));
                 checks.push(self.rule_object(vec![
                     ct_state(&["established"]),
-                    matches(
-                        ct("direction"),
-                        Operator::EQ,
-                        Expression::String("reply".into()),
-                    ),
+                    direction("reply"),
                     matches(reply_key, Operator::EQ, set),
                     Statement::Accept(None),
                 ]));

@@ -1,5 +1,5 @@
-//! What every reconciler shares: the client, the event recorder, the metrics, the caches of
-//! all four kinds with their indexes, and the one clock.
+//! What every reconciler shares: the client, the event recorder, the notifier, the metrics,
+//! the caches of all four kinds with their indexes, and the one clock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,8 @@ pub struct Stores {
 pub struct Context {
     pub client: Client,
     pub events: super::events::Events,
+    /// CloudEvents about requests for the configured sinks (see [`super::notify`]).
+    pub notifier: super::notify::Notifier,
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
     /// Keys of the cached objects by what reconcilers look them up by; fed by the watches
@@ -75,9 +77,16 @@ pub struct NsgView {
 impl Context {
     /// Builds the context; Events are published as `reporter`. Starts the Event worker, so
     /// it runs inside the runtime.
-    pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>, stores: Stores) -> Self {
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        metrics: Arc<Metrics>,
+        stores: Stores,
+        notifier: super::notify::Notifier,
+    ) -> Self {
         Self {
             events: super::events::Events::start(client.clone(), reporter, metrics.clone()),
+            notifier,
             client,
             metrics,
             stores,

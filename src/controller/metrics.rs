@@ -22,6 +22,24 @@ struct ResultLabel {
     result: GrantResult,
 }
 
+/// What became of a notification to one sink (see [`super::notify`]).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum NotificationResult {
+    /// The sink answered `2xx`.
+    Sent,
+    /// Given up: refused by the sink, or not delivered after every retry.
+    Failed,
+    /// Pushed out of the sink's full queue by a newer event.
+    Dropped,
+}
+
+/// A sink, as its URL without the query (which may carry a token), and the result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotificationLabels {
+    sink: String,
+    result: NotificationResult,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ControllerLabel {
     controller: &'static str,
@@ -37,6 +55,7 @@ pub struct Metrics {
     reconciles: Family<ControllerLabel, Counter>,
     reconcile_errors: Family<ControllerLabel, Counter>,
     events_dropped: Counter,
+    notifications: Family<NotificationLabels, Counter>,
     leader: Gauge<i64, AtomicI64>,
 }
 
@@ -98,6 +117,13 @@ impl Metrics {
             "Kubernetes Events not published because the queue was full",
             events_dropped.clone(),
         );
+        let notifications = Family::<NotificationLabels, Counter>::default();
+        registry.register(
+            "notifications",
+            "CloudEvents about requests, by sink and result: Sent, Failed (refused or retries \
+             exhausted) or Dropped (the sink's queue was full)",
+            notifications.clone(),
+        );
         let leader = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "leader",
@@ -114,6 +140,7 @@ impl Metrics {
             reconciles,
             reconcile_errors,
             events_dropped,
+            notifications,
         }
     }
 
@@ -140,6 +167,31 @@ impl Metrics {
     /// An Event was dropped: the queue was full.
     pub fn event_dropped(&self) {
         self.events_dropped.inc();
+    }
+
+    /// Counts a notification to `sink` by its result.
+    pub fn notification(&self, sink: &str, result: NotificationResult) {
+        self.notifications
+            .get_or_create(&NotificationLabels {
+                sink: sink.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Exposes every result of `sink` from the start, at zero: a rate over a series that
+    /// appears only at its first failure misses that failure.
+    pub fn notifications_for(&self, sink: &str) {
+        for result in [
+            NotificationResult::Sent,
+            NotificationResult::Failed,
+            NotificationResult::Dropped,
+        ] {
+            let _ = self.notifications.get_or_create(&NotificationLabels {
+                sink: sink.to_owned(),
+                result,
+            });
+        }
     }
 
     /// Sets the number of open grants (kept by the request index).
@@ -186,6 +238,8 @@ mod tests {
         metrics.reconciled("nsg");
         metrics.reconcile_error("request");
         metrics.event_dropped();
+        metrics.notifications_for("http://sink/");
+        metrics.notification("http://sink/", NotificationResult::Sent);
         metrics.set_leader(true);
         let text = metrics.encode();
         for line in [
@@ -197,6 +251,8 @@ mod tests {
             "portcullis_reconciles_total{controller=\"nsg\"} 1",
             "portcullis_reconcile_errors_total{controller=\"request\"} 1",
             "portcullis_events_dropped_total 1",
+            "portcullis_notifications_total{sink=\"http://sink/\",result=\"Sent\"} 1",
+            "portcullis_notifications_total{sink=\"http://sink/\",result=\"Dropped\"} 0",
             "portcullis_leader 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -7,6 +7,9 @@
 //! - [`request`] validates requests, grants allow rules with an expiry, and revokes them;
 //! - [`approval`] tells each approver whether their decision on a request counts.
 //!
+//! The request controller also publishes each step of a request's life as a CloudEvent to
+//! the configured sinks ([`notify`]), off the reconcile path.
+//!
 //! Each controller's primary cache doubles as a lookup store for the others, and one extra
 //! reflector caches `SecurityRule`s, so hot paths read memory, not the API.
 
@@ -17,6 +20,7 @@ mod feed;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod notify;
 pub mod nsg;
 pub mod policy;
 pub mod request;
@@ -50,6 +54,8 @@ pub struct Config {
     pub concurrency: u16,
     /// Run only while holding this lease (several replicas); `None`: always run.
     pub election: Option<leader::Election>,
+    /// Where CloudEvents about requests are posted (see [`notify`]); empty: nowhere.
+    pub notify: Vec<notify::Sink>,
 }
 
 impl Default for Config {
@@ -58,6 +64,7 @@ impl Default for Config {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             concurrency: 16,
             election: None,
+            notify: Vec::new(),
         }
     }
 }
@@ -92,6 +99,12 @@ pub enum Error {
         kind: &'static str,
         field: &'static str,
     },
+    #[error("invalid notification sink {url:?}: {why}")]
+    NotifyUrl { url: String, why: String },
+    #[error(
+        "cannot post notifications over https: cannot load the system's root certificates: {0}"
+    )]
+    NotifyTls(#[source] std::io::Error),
 }
 
 /// What a watched kind is: a namespaced custom resource the caches and controllers can
@@ -164,6 +177,8 @@ async fn drive<K, R, F>(
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// How soon a reconcile that met a cache one write behind looks again.
 const WAIT_AFTER: Duration = Duration::from_millis(250);
+/// How long a stopping operator lets the notification workers deliver what is queued.
+const NOTIFY_GRACE: Duration = Duration::from_secs(5);
 
 /// The shared error policy: count, log, retry soon. One bad object never stops a watch.
 fn error_policy<K>(
@@ -327,6 +342,7 @@ pub async fn run(
         rules,
         approvals,
     };
+    let notifier = notify::Notifier::start(&config.notify, metrics.clone())?;
     let ctx = Arc::new(Context::new(
         client.clone(),
         Reporter {
@@ -335,6 +351,7 @@ pub async fn run(
         },
         metrics.clone(),
         stores.clone(),
+        notifier,
     ));
     let all_synced: Arc<dyn Fn() + Send + Sync> = {
         let (triggers, stores) = (triggers.clone(), stores.clone());
@@ -446,7 +463,10 @@ pub async fn run(
     if let Some(campaign) = campaign {
         campaign.resign().await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    let _ = tokio::join!(
+        ctx.notifier.drain(NOTIFY_GRACE),
+        tokio::time::timeout(Duration::from_secs(5), http)
+    );
     tracing::info!("operator stopped");
     outcome
 }

@@ -4,6 +4,7 @@
 //! the first test and torn down after the last, on failure too, and on Ctrl-C. The harness is
 //! libtest-mimic so that this teardown runs: libtest offers no hook after the last test.
 
+mod console;
 mod controllers;
 mod crd_validation;
 mod deploy;
@@ -16,6 +17,8 @@ mod harness;
 mod helm;
 mod leader;
 mod make_run;
+mod notify;
+mod plugin;
 mod restart;
 mod security;
 mod sessions;
@@ -44,7 +47,8 @@ macro_rules! tests {
 }
 
 fn all_tests() -> Vec<(String, TestFn)> {
-    let modules: [(&str, Vec<(&str, TestFn)>); 16] = [
+    let modules: [(&str, Vec<(&str, TestFn)>); 19] = [
+        ("console", console::tests()),
         ("controllers", controllers::tests()),
         ("crd_validation", crd_validation::tests()),
         ("deploy", deploy::tests()),
@@ -58,6 +62,8 @@ fn all_tests() -> Vec<(String, TestFn)> {
         ("leader", leader::tests()),
         ("restart", restart::tests()),
         ("make_run", make_run::tests()),
+        ("plugin", plugin::tests()),
+        ("notify", notify::tests()),
         ("security", security::tests()),
         ("sessions", sessions::tests()),
         ("workflow", workflow::tests()),

@@ -438,7 +438,8 @@ pub(super) async fn cleanup(request: &JitRequest, ctx: &Context) -> Result<Actio
 }
 
 /// The open grants of `request` that newer granted requests by the same requestor also
-/// hold: `(machine, port, protocol)`.
+/// hold: `(machine, port, protocol)`. The source does not matter (the SPEC's contract: the
+/// same requestor, machine and port), so a requestor who moves extends from the new place.
 fn newer_grants(
     request: &JitRequest,
     ctx: &Context,

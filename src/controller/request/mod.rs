@@ -6,8 +6,9 @@
 //! neither re-opens nor extends anything: the expiry of a grant whose status write was lost
 //! is recovered from its rules' `expiresAt`.
 //!
-//! This module is the wiring (finalizer, write of the outcome); [`lifecycle`] decides,
-//! [`status`] builds the status a decision leads to, [`audit`] records it.
+//! This module is the wiring (finalizer, write of the outcome, its notification);
+//! [`lifecycle`] decides, [`status`] builds the status a decision leads to, [`audit`]
+//! records it.
 
 mod audit;
 mod lifecycle;
@@ -22,6 +23,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 
 use super::context::Context;
 use super::metrics::GrantResult;
+use super::notify;
 use super::{Config, Error, name_and_namespace};
 use crate::api::JitRequest;
 use crate::api::jit_request::{JitRequestStatus, Phase};
@@ -87,6 +89,15 @@ async fn finish(
             serde_json::to_value(&status).expect("status serializes"),
         )
         .await?;
+        // Only after the write: a failed one is retried by the next reconcile, which
+        // publishes then, so a transition is published once (see `notify` for a crash).
+        if ctx.notifier.enabled() {
+            let now = Timestamp::now();
+            for kind in notify::transitions(&previous, &status) {
+                ctx.notifier
+                    .publish(&notify::request_event(kind, request, &status, now));
+            }
+        }
         if status.phase == Some(Phase::Granted) && previous.phase != Some(Phase::Granted) {
             ctx.metrics.evaluated(GrantResult::Granted);
             if let Some(created) = &request.metadata.creation_timestamp {
