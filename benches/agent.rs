@@ -732,6 +732,9 @@ async fn end_to_end(lab: &mut Lab, sources: &[Ipv4Addr]) -> BenchResult<EndToEnd
             let _ = stopped.await;
         },
     ));
+    // The first writes to a fresh apiserver are slow: warm it up, so the floor is what
+    // a write costs once it runs, like the operator's requests after it.
+    floor(&client, "bench-agent-floor-warmup", FLOOR_WRITES).await?;
     let floor = floor(&client, "bench-agent-floor", FLOOR_WRITES).await?;
     let result = measure_end_to_end(lab, &plane, &client, sources)
         .await
