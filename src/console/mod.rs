@@ -12,6 +12,7 @@
 //! - writes with `Content-Type: application/json` (a cross-site form cannot send that
 //!   without a CORS preflight, which is never granted).
 
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -53,8 +54,14 @@ pub async fn serve(session: Session, port: u16) -> Result<Outcome, Error> {
         token: token.clone(),
         host: address.to_string(),
     });
-    println!("kubectl jit console: http://{address}/?token={token}");
-    println!("(as your kubeconfig identity; Ctrl-C stops it)");
+    // Written, not printed: a reader that went away (`| head -1`) must not end the console.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(
+        stdout,
+        "kubectl jit console: http://{address}/?token={token}"
+    );
+    let _ = writeln!(stdout, "(as your kubeconfig identity; Ctrl-C stops it)");
+    let _ = stdout.flush();
     axum::serve(listener, router(console))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
