@@ -1,9 +1,6 @@
 //! What the console shows and does, as the user: the machines and ports they may request,
 //! their requests, and the requests waiting for their approval.
 
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use serde::Serialize;
 use serde_json::json;
@@ -12,7 +9,7 @@ use super::{Ask, Decision};
 use crate::access::validate::policy_ports;
 use crate::api::jit_approval::APPROVE;
 use crate::api::jit_request::Phase;
-use crate::api::{GROUP, INITIATE, JitApproval, JitPolicy, JitRequest};
+use crate::api::{INITIATE, JitApproval, JitPolicy, JitRequest};
 use crate::plugin::{Error, Session, source};
 
 /// Everything the page renders.
@@ -212,26 +209,9 @@ fn view(request: &JitRequest) -> RequestView {
     }
 }
 
-/// Whether the user may `verb` the policy `name` (a SelfSubjectAccessReview).
+/// Whether the user may `verb` the policy `name`.
 async fn may(session: &Session, verb: &str, name: &str) -> Result<bool, Error> {
-    let review = SelfSubjectAccessReview {
-        spec: SelfSubjectAccessReviewSpec {
-            resource_attributes: Some(ResourceAttributes {
-                namespace: Some(session.namespace.clone()),
-                verb: Some(verb.to_owned()),
-                group: Some(GROUP.to_owned()),
-                resource: Some("jitpolicies".to_owned()),
-                name: Some(name.to_owned()),
-                ..ResourceAttributes::default()
-            }),
-            ..SelfSubjectAccessReviewSpec::default()
-        },
-        ..SelfSubjectAccessReview::default()
-    };
-    let reviewed = kube::Api::<SelfSubjectAccessReview>::all(session.client.clone())
-        .create(&PostParams::default(), &review)
-        .await?;
-    Ok(reviewed.status.is_some_and(|s| s.allowed))
+    session.may(verb, "jitpolicies", Some(name)).await
 }
 
 /// Creates the request the form describes, from the user's own address towards the machine.

@@ -2,10 +2,7 @@
 //! is made.
 
 use jiff::Timestamp;
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use serde::Serialize;
 
 use super::request::machine_of;
@@ -13,7 +10,7 @@ use super::{Error, Outcome, Session, output, source};
 use crate::access::validate::validate;
 use crate::api::jit_request::{JitRequestSpec, Phase};
 use crate::api::nsg_model::{NsgModel, is_managed};
-use crate::api::{GROUP, INITIATE, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::{INITIATE, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{PortRange, place};
 
 pub async fn list(session: &Session, all: bool) -> Result<Outcome, Error> {
@@ -347,24 +344,7 @@ async fn may_initiate(session: &Session, policy: &str) -> Result<Option<String>,
         (INITIATE, "jitpolicies", Some(policy)),
         ("create", "jitrequests", None),
     ] {
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(ResourceAttributes {
-                    namespace: Some(session.namespace.clone()),
-                    verb: Some(verb.to_owned()),
-                    group: Some(GROUP.to_owned()),
-                    resource: Some(resource.to_owned()),
-                    name: name.map(str::to_owned),
-                    ..ResourceAttributes::default()
-                }),
-                ..SelfSubjectAccessReviewSpec::default()
-            },
-            ..SelfSubjectAccessReview::default()
-        };
-        let reviewed = kube::Api::<SelfSubjectAccessReview>::all(session.client.clone())
-            .create(&PostParams::default(), &review)
-            .await?;
-        if !reviewed.status.is_some_and(|s| s.allowed) {
+        if !session.may(verb, resource, name).await? {
             let what = name.map_or(resource.to_owned(), |n| format!("{resource}/{n}"));
             return Ok(Some(format!(
                 "you may not {verb} {what} in namespace {}: no role grants it \

@@ -184,6 +184,37 @@ impl Session {
         kube::Api::namespaced(self.client.clone(), &self.namespace)
     }
 
+    /// Whether the user may `verb` the Portcullis `resource` (`name`, when one) in the
+    /// session's namespace: a SelfSubjectAccessReview, so every authorizer decides.
+    pub(crate) async fn may(
+        &self,
+        verb: &str,
+        resource: &str,
+        name: Option<&str>,
+    ) -> Result<bool, Error> {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        };
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(self.namespace.clone()),
+                    verb: Some(verb.to_owned()),
+                    group: Some(crate::api::GROUP.to_owned()),
+                    resource: Some(resource.to_owned()),
+                    name: name.map(str::to_owned),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let reviewed = kube::Api::<SelfSubjectAccessReview>::all(self.client.clone())
+            .create(&kube::api::PostParams::default(), &review)
+            .await?;
+        Ok(reviewed.status.is_some_and(|s| s.allowed))
+    }
+
     /// Who the apiserver says the user is.
     pub(crate) async fn whoami(&self) -> Result<String, Error> {
         use k8s_openapi::api::authentication::v1::SelfSubjectReview;

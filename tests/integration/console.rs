@@ -295,16 +295,7 @@ async fn in_a_browser(ctx: &Ctx, console: &Console) -> Result<(), Error> {
                 ),
         ),
     )?;
-    succeeded(&ctx.apply(
-        r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: alice-approves
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-approver}
-subjects:
-- {kind: User, apiGroup: rbac.authorization.k8s.io, name: alice}
-"#,
-    ))?;
+    succeeded(&ctx.apply(crate::support::ALICE_APPROVES))?;
     succeeded(
         &ctx.apply_as(
             "bob",

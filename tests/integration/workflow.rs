@@ -67,16 +67,9 @@ spec:
 /// approve others' requests, and her own is refused on its merits, not by RBAC), and a role
 /// that may only create approvals to group `hopefuls`.
 fn bind_roles(ctx: &Ctx) -> Result<(), Error> {
+    succeeded(&ctx.apply(crate::support::ALICE_APPROVES))?;
     succeeded(&ctx.apply(
         r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: alice-approves
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-approver}
-subjects:
-- {kind: User, apiGroup: rbac.authorization.k8s.io, name: alice}
----
-apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata:
   name: approval-writer
