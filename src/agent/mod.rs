@@ -25,6 +25,7 @@
 pub mod activity;
 pub mod addresses;
 pub mod apply;
+pub mod cut;
 pub mod listening;
 pub mod render;
 pub mod state;
@@ -408,7 +409,20 @@ impl Agent {
                         mode: self.config.mode,
                     };
                     let desired = render::render(&policy, &target, now);
+                    let ended = match (self.config.mode, self.enforcer.applied()) {
+                        (Mode::Host, Some(before)) => cut::ended(before, &desired, now),
+                        _ => Vec::new(),
+                    };
                     let applied = self.enforce(desired, now).await;
+                    if applied.is_ok() && !ended.is_empty() {
+                        // After the kernel stopped admitting them: nothing re-opens.
+                        match cut::cut(self.config.nft.netns(), &ended).await {
+                            Ok(()) => {
+                                tracing::info!(flows = ended.len(), "ended Close sessions cut")
+                            }
+                            Err(error) => tracing::warn!(%error, "cannot cut ended Close sessions"),
+                        }
+                    }
                     if matches!(applied, Ok(Applied::Full)) {
                         self.activity.restarted(now);
                     }

@@ -116,10 +116,12 @@ impl Session {
     const SILENT: Duration = Duration::from_secs(3);
 }
 
-/// With the lab's agent enforcing and the NSG in place: policy, grant, two held sessions,
-/// then the expiry: the `Close` session is cut within a second and never before the
-/// expiry, the `Keep` one still answers, and new connections are refused on both ports.
-async fn sessions_across_expiry(ctx: &Ctx, lab: &Lab) -> Result<(), Error> {
+/// With the lab's agent enforcing and the NSG in place: policy, grant, held sessions, then
+/// the expiry: the `Close` session is cut within a second and never before the expiry, the
+/// `Keep` one still answers, and new connections are refused on both ports. With
+/// `idle_cut` (an agent on the machine itself) a `Close` session that sends nothing ends
+/// by itself too, within a second of the expiry.
+async fn sessions_across_expiry(ctx: &Ctx, lab: &Lab, idle_cut: bool) -> Result<(), Error> {
     succeeded(&ctx.apply(&policy()))?;
     for port in [22, KEEP_PORT] {
         lab.until(A, port, false).await?;
@@ -139,6 +141,7 @@ async fn sessions_across_expiry(ctx: &Ctx, lab: &Lab) -> Result<(), Error> {
     let expires = expiry(ctx, "both").await?;
     let mut closing = Session::open(lab, A, 22).await?;
     let mut kept = Session::open(lab, A, KEEP_PORT).await?;
+    let mut silent = Session::open(lab, A, 22).await?;
     let mut probe = 0;
     let cut_at = loop {
         probe += 1;
@@ -164,6 +167,20 @@ async fn sessions_across_expiry(ctx: &Ctx, lab: &Lab) -> Result<(), Error> {
     if !ended.is_ok_and(|status| status.is_ok_and(|s| !s.success())) {
         return Err("the cut ssh client did not end with an error".into());
     }
+    if idle_cut {
+        // Nothing was sent on this one since the grant ended; the agent cut it anyway.
+        let ended = tokio::time::timeout(Duration::from_secs(5), silent.child.wait()).await;
+        let gone = Timestamp::now().duration_since(expires);
+        if !ended.is_ok_and(|status| status.is_ok()) || gone > SignedDuration::from_secs(2) {
+            return Err(format!(
+                "the silent Close session was not ended by itself ({gone:#} after the expiry)\n{}",
+                lab.agent_log()
+            )
+            .into());
+        }
+    } else {
+        drop(silent);
+    }
     kept.round_trip("after-expiry").await.map_err(|e| {
         format!(
             "the Keep session did not survive the expiry: {e}\n{}",
@@ -188,7 +205,7 @@ async fn expiry_cuts_close_sessions_and_keeps_the_others(ctx: Ctx) -> TestResult
     lab.start_sshd().await?;
     lab.start_agent(&ctx, "vm-1")?;
     enforced(&ctx, &lab, "vm-1").await?;
-    sessions_across_expiry(&ctx, &lab).await?;
+    sessions_across_expiry(&ctx, &lab, true).await?;
     Ok(())
 }
 
@@ -203,7 +220,7 @@ async fn a_gateway_guards_a_machine_without_an_agent(ctx: Ctx) -> TestResult {
     let kubeconfig = ctx.plane.kubeconfig("admin");
     lab.start_agent_with(&ctx, "gateway-1", &["--gateway"], &kubeconfig)?;
     enforced(&ctx, &lab, "gateway-1").await?;
-    sessions_across_expiry(&ctx, &lab).await?;
+    sessions_across_expiry(&ctx, &lab, false).await?;
     Ok(())
 }
 
