@@ -776,67 +776,6 @@ spec:
       allowedSourceAddressPrefix: 198.19.0.10
 "#;
 
-/// The operator, run locally as the release's service account (no kubelet here to run the
-/// Deployment's pods), grants a request on what the chart installed: its RBAC lets it do
-/// its work and its admission policy lets it write the rules.
-async fn granted_by_the_release_operator(
-    plane: &ControlPlane,
-    ns: &str,
-    operator: &str,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig(ADMIN.name))?;
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    config.auth_info.impersonate = Some(operator.to_owned());
-    config.auth_info.impersonate_groups = Some(vec![
-        "system:serviceaccounts".to_owned(),
-        format!("system:serviceaccounts:{ns}"),
-        "system:authenticated".to_owned(),
-    ]);
-    let client = kube::Client::try_from(config)?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator_task = tokio::spawn(portcullis::controller::run(
-        client,
-        portcullis::controller::Config {
-            http_addr: std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
-            ..Default::default()
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let setup = format!(
-        "{}---\n{}---\n{}",
-        crate::support::web_nsg("198.19.0.0/28", ""),
-        crate::support::ssh_policy("198.19.0.0/16", ""),
-        REQUEST.replace("name: helm-probe", "name: granted-by-helm-release"),
-    );
-    let applied = kubectl_stdin(plane, &["apply", "-n", ns, "-f", "-"], &setup);
-    let result = if applied.status.success() {
-        eventually("the release's operator to grant the request", || async {
-            let output = kubectl(
-                plane,
-                &[
-                    "get",
-                    "jitr",
-                    "granted-by-helm-release",
-                    "-n",
-                    ns,
-                    "-o",
-                    "jsonpath={.status.phase}",
-                ],
-            );
-            (String::from_utf8_lossy(&output.stdout) == "Granted").then_some(())
-        })
-        .await
-        .map_err(Into::into)
-    } else {
-        Err(format!("apply: {}", String::from_utf8_lossy(&applied.stderr)).into())
-    };
-    let _ = stop.send(());
-    let _ = operator_task.await;
-    result
-}
-
 /// `helm install` on a control plane of the test's own, into a namespace other than
 /// portcullis-system, then `helm uninstall`. Its own plane, because the chart's admission
 /// policies are cluster-wide: on the shared plane a second SecurityRule policy, trusting
@@ -985,7 +924,6 @@ async fn chart_installs_on_a_real_apiserver(ctx: Ctx) -> TestResult {
     if requestor != "admin" {
         return Err(format!("the request's requestor is {requestor}, not admin").into());
     }
-    granted_by_the_release_operator(&plane, ns, &operator).await?;
     // The Lease Role is the release namespace's.
     for (namespace, wanted) in [(ns, "yes"), ("default", "no")] {
         let output = kubectl(
