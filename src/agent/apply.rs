@@ -79,27 +79,36 @@ impl Nft {
 impl Nft {
     /// `nft -j list set inet TABLE SET`: the set with its elements, as nft's JSON.
     pub async fn list_set(&self, table: &str, set: &str) -> Result<String, Error> {
-        let nft = ["nft", "-j", "list", "set", "inet", table, set];
+        self.output("nft", &["-j", "list", "set", "inet", table, set])
+            .await
+            .map_err(Error::Nft)
+    }
+
+    /// Runs `program` with `args` where `nft` runs (this host, or the network namespace), and
+    /// returns what it printed; an error names the command and what it said.
+    pub async fn output(&self, program: &str, args: &[&str]) -> Result<String, String> {
         let mut command = match &self.netns {
-            None => tokio::process::Command::new(nft[0]),
+            None => tokio::process::Command::new(program),
             Some(netns) => {
                 let mut command = tokio::process::Command::new("ip");
-                command.args(["netns", "exec", netns.as_str(), nft[0]]);
+                command.args(["netns", "exec", netns.as_str(), program]);
                 command
             }
         };
+        let shown = || format!("`{program} {}`", args.join(" "));
         let out = command
-            .args(&nft[1..])
+            .args(args)
             .output()
             .await
-            .map_err(|e| Error::Nft(format!("cannot run nft: {e}")))?;
+            .map_err(|e| format!("cannot run {}: {e}", shown()))?;
         if !out.status.success() {
-            return Err(Error::Nft(format!(
-                "list set {set}: {}",
+            return Err(format!(
+                "{} failed: {}",
+                shown(),
                 String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            ));
         }
-        String::from_utf8(out.stdout).map_err(|e| Error::Nft(format!("list set {set}: {e}")))
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 

@@ -12,11 +12,22 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 
 use super::Error;
+use super::apply::Nft;
 use super::render::{GrantKey, Ruleset};
 
 /// The `Close` grant elements of `before` that `after` no longer holds at `now`, and that no
 /// element of `after` (of any kind) still covers: their flows must end.
 pub fn ended(before: &Ruleset, after: &Ruleset, now: Timestamp) -> Vec<GrantKey> {
+    let closing: Vec<&GrantKey> = before
+        .grants
+        .iter()
+        .filter(|(set, _)| set.contains("close"))
+        .flat_map(|(_, elements)| elements.keys())
+        .collect();
+    // The common case, every round: no Close grant in force, nothing to look up.
+    if closing.is_empty() {
+        return Vec::new();
+    }
     let live: Vec<&GrantKey> = after
         .grants
         .values()
@@ -24,11 +35,8 @@ pub fn ended(before: &Ruleset, after: &Ruleset, now: Timestamp) -> Vec<GrantKey>
             elements.iter().filter(|(_, at)| **at > now).map(|(k, _)| k)
         })
         .collect();
-    before
-        .grants
-        .iter()
-        .filter(|(set, _)| set.contains("close"))
-        .flat_map(|(_, elements)| elements.keys())
+    closing
+        .into_iter()
         .filter(|key| !live.iter().any(|other| covers(other, key)))
         .copied()
         .collect()
@@ -70,28 +78,12 @@ pub fn ss_args(key: &GrantKey) -> Vec<String> {
 }
 
 /// Destroys the machine's sockets of the flows of `keys` (TCP; other protocols have no
-/// session to end), in network namespace `netns` if given.
-pub async fn cut(netns: Option<&str>, keys: &[GrantKey]) -> Result<(), Error> {
+/// session to end), where `nft` runs.
+pub async fn cut(nft: &Nft, keys: &[GrantKey]) -> Result<(), Error> {
     for key in keys.iter().filter(|k| k.protocol == 6) {
-        let mut command = match netns {
-            None => tokio::process::Command::new("ss"),
-            Some(netns) => {
-                let mut command = tokio::process::Command::new("ip");
-                command.args(["netns", "exec", netns, "ss"]);
-                command
-            }
-        };
-        let output = command
-            .args(ss_args(key))
-            .output()
-            .await
-            .map_err(|e| Error::Listening(format!("cannot run `ss -K`: {e}")))?;
-        if !output.status.success() {
-            return Err(Error::Listening(format!(
-                "`ss -K` failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
+        let args = ss_args(key);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        nft.output("ss", &args).await.map_err(Error::Listening)?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::Error;
+use super::apply::Nft;
 use crate::api::nsg::ListeningPort;
 use crate::api::rule_fields::RuleProtocol;
 use crate::rules::{PortRange, Rule, Scope};
@@ -80,39 +81,17 @@ pub fn parse(
     found
 }
 
-/// The listening management ports of the machine (or of network namespace `netns`).
+/// The listening management ports of the machine (where `nft` runs: the host, or the
+/// agent's network namespace).
 pub async fn discover(
-    netns: Option<&str>,
+    nft: &Nft,
     ports: &BTreeSet<u16>,
     addresses: &[IpAddr],
 ) -> Result<Vec<ListeningPort>, Error> {
     let mut found = Vec::new();
     for (flag, protocol) in [("-Hltn", RuleProtocol::Tcp), ("-Hlun", RuleProtocol::Udp)] {
-        let mut command = match netns {
-            None => tokio::process::Command::new("ss"),
-            Some(netns) => {
-                let mut command = tokio::process::Command::new("ip");
-                command.args(["netns", "exec", netns, "ss"]);
-                command
-            }
-        };
-        let output = command
-            .arg(flag)
-            .output()
-            .await
-            .map_err(|e| Error::Listening(format!("cannot run `ss`: {e}")))?;
-        if !output.status.success() {
-            return Err(Error::Listening(format!(
-                "`ss {flag}` failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-        found.extend(parse(
-            &String::from_utf8_lossy(&output.stdout),
-            protocol,
-            ports,
-            addresses,
-        ));
+        let output = nft.output("ss", &[flag]).await.map_err(Error::Listening)?;
+        found.extend(parse(&output, protocol, ports, addresses));
     }
     found.sort();
     found.dedup();

@@ -416,7 +416,7 @@ impl Agent {
                     let applied = self.enforce(desired, now).await;
                     if applied.is_ok() && !ended.is_empty() {
                         // After the kernel stopped admitting them: nothing re-opens.
-                        match cut::cut(self.config.nft.netns(), &ended).await {
+                        match cut::cut(&self.config.nft, &ended).await {
                             Ok(()) => {
                                 tracing::info!(flows = ended.len(), "ended Close sessions cut")
                             }
@@ -535,7 +535,7 @@ impl Agent {
             return;
         }
         self.listening_read = Some(tokio::time::Instant::now());
-        match listening::discover(self.config.nft.netns(), &ports, &target.addresses).await {
+        match listening::discover(&self.config.nft, &ports, &target.addresses).await {
             Ok(found) => {
                 if found != self.listening {
                     tracing::info!(listening = ?found, "listening management ports");

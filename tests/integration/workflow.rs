@@ -16,6 +16,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         one_rejection_denies_with_its_comment,
         a_pending_request_expires_at_its_pending_timeout,
         a_scheduled_request_opens_at_its_start_for_its_duration,
+        a_start_more_than_a_week_ahead_is_denied,
+        an_approval_stops_counting_when_its_approver_loses_the_role,
     ]
 }
 
@@ -318,5 +320,60 @@ async fn a_scheduled_request_opens_at_its_start_for_its_duration(ctx: Ctx) -> Te
         expired.status.and_then(|s| s.reason).as_deref(),
         Some("Expired")
     );
+    Ok(())
+}
+
+async fn a_start_more_than_a_week_ahead_is_denied(ctx: Ctx) -> TestResult {
+    setup(&ctx, "")?;
+    let start = Timestamp::now() + SignedDuration::from_hours(8 * 24);
+    let start = Timestamp::from_second(start.as_second())?;
+    succeeded(&ctx.apply_as(
+        "alice",
+        &["team-web"],
+        &request("far", "PT10M", &format!("  startTime: \"{start}\"\n")),
+    ))?;
+    let denied = until_reason(&ctx, "far", Phase::Denied, "PolicyViolation").await?;
+    let violations = denied.status.unwrap_or_default().violations.join("; ");
+    assert!(violations.contains("more than 7 days"), "{violations}");
+    Ok(())
+}
+
+/// Approvals are judged again at every evaluation: one whose approver lost `approve`
+/// since counts no more, so a request cannot be pushed through with an old decision.
+async fn an_approval_stops_counting_when_its_approver_loses_the_role(ctx: Ctx) -> TestResult {
+    setup(&ctx, "  approval:\n    approvalsRequired: 2\n")?;
+    bind_roles(&ctx)?;
+    succeeded(&ctx.apply(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: dave-approves
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-approver}
+subjects:
+- {kind: User, apiGroup: rbac.authorization.k8s.io, name: dave}
+"#,
+    ))?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("ask", "PT10M", "")))?;
+    until_reason(&ctx, "ask", Phase::Pending, "AwaitingApproval").await?;
+    succeeded(&ctx.apply_as("dave", &[], &approval("dave", "ask", "Approve", "ok")))?;
+    assert_eq!(judged(&ctx, "dave").await?, (true, "Counted".into()));
+    succeeded(&ctx.kubectl(&["delete", "rolebinding", "dave-approves"]))?;
+    succeeded(&ctx.apply_as(
+        "carol",
+        &[APPROVERS],
+        &approval("carol", "ask", "Approve", "ok"),
+    ))?;
+    assert_eq!(judged(&ctx, "carol").await?, (true, "Counted".into()));
+    let requests: Api<JitRequest> = ctx.api();
+    eventually("the request to count carol alone", || async {
+        let status = requests.get_opt("ask").await.ok().flatten()?.status?;
+        let approvers: Vec<&str> = status
+            .approvals
+            .iter()
+            .map(|a| a.approver.as_str())
+            .collect();
+        (approvers == ["carol"] && status.phase == Some(Phase::Pending)).then_some(())
+    })
+    .await?;
     Ok(())
 }
