@@ -193,7 +193,7 @@ pub async fn run() -> BenchResult<Vec<Row>> {
 
 /// [`SAMPLES`] sequential grants in a fresh namespace.
 async fn timed_grants(admin: &Client, requesters: &Requesters, ns: &str) -> BenchResult<Vec<f64>> {
-    grant_latency(admin, requesters, ns, SAMPLES).await
+    Ok(grant_latency(admin, requesters, ns, SAMPLES).await?.0)
 }
 
 /// Polls the operator's `path` until it answers 200 with a body `done` accepts.
