@@ -280,6 +280,18 @@ impl ControlPlane {
         self.dir.join(format!("{short}.kubeconfig"))
     }
 
+    /// Writes a kubeconfig that authenticates with the bearer `token` (one the apiserver
+    /// issued, such as a service account's from `kubectl create token`), named `name`;
+    /// returns its path.
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf, Error> {
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        write(
+            &path,
+            &kubeconfig(&self.server, &self.dir.join("ca.crt"), name, token),
+        )?;
+        Ok(path)
+    }
+
     /// A client authenticated as `user`.
     pub async fn client(&self, user: User) -> Result<Client, Error> {
         let kubeconfig = Kubeconfig::read_from(self.kubeconfig(user.name))?;

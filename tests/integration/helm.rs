@@ -13,7 +13,7 @@ use portcullis::testenv::{ADMIN, ControlPlane};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::support::{Ctx, TestResult, eventually};
+use crate::support::{Ctx, Operator, TestResult, eventually};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
@@ -776,6 +776,104 @@ spec:
       allowedSourceAddressPrefix: 198.19.0.10
 "#;
 
+/// The operator, run locally with the arguments of the release's Deployment and the token
+/// of the release's service account (there is no kubelet here to run the pods), grants a
+/// request on what the chart installed: the chart's RBAC lets it watch and write what it
+/// must, and the chart's admission policy lets it write the rules.
+async fn granted_by_the_release_operator(
+    plane: &ControlPlane,
+    ns: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let token = kubectl(
+        plane,
+        &[
+            "create",
+            "token",
+            "portcullis-operator",
+            "-n",
+            ns,
+            "--duration=1h",
+        ],
+    );
+    if !token.status.success() {
+        return Err(format!(
+            "no token for the release's service account: {}",
+            String::from_utf8_lossy(&token.stderr)
+        )
+        .into());
+    }
+    let kubeconfig =
+        plane.token_kubeconfig("release-operator", String::from_utf8(token.stdout)?.trim())?;
+    let deployment: Value = serde_json::from_slice(
+        &kubectl(
+            plane,
+            &[
+                "get",
+                "deployment",
+                "portcullis-operator",
+                "-n",
+                ns,
+                "-o",
+                "json",
+            ],
+        )
+        .stdout,
+    )?;
+    // The Deployment's arguments, but JSON logs (kept for the failure message) and the
+    // Lease where the pod's namespace would put it.
+    let mut args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .ok_or("the operator's Deployment has no args")?
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|a| *a != "controller" && !a.starts_with("--log-format"))
+        .map(str::to_owned)
+        .collect();
+    args.extend([
+        format!("--lease-namespace={ns}"),
+        "--identity=helm-test".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let operator = Operator::start_as(plane, &kubeconfig, &args)?;
+
+    let setup = format!(
+        "{}---\n{}---\n{}",
+        crate::support::web_nsg("198.19.0.0/28", ""),
+        crate::support::ssh_policy("198.19.0.0/16", ""),
+        REQUEST.replace("name: helm-probe", "name: granted-by-the-release"),
+    );
+    let applied = kubectl_stdin(plane, &["apply", "-n", ns, "-f", "-"], &setup);
+    if !applied.status.success() {
+        return Err(format!("apply: {}", String::from_utf8_lossy(&applied.stderr)).into());
+    }
+    let granted = eventually("the release's operator to grant the request", || async {
+        let output = kubectl(
+            plane,
+            &[
+                "get",
+                "jitr",
+                "granted-by-the-release",
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.status.phase}",
+            ],
+        );
+        (String::from_utf8_lossy(&output.stdout) == "Granted").then_some(())
+    })
+    .await;
+    if let Err(why) = granted {
+        return Err(format!("{why}; the operator's log ends:\n{}", operator.log_tail(40)).into());
+    }
+    let rules = kubectl(plane, &["get", "securityrules", "-n", ns, "-o", "name"]);
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    if !rules.contains("securityrule.jit.portcullis.dev/jit-allow-") {
+        return Err(format!("granted, but no allow rule in {ns}: {rules}").into());
+    }
+    operator.kill();
+    Ok(())
+}
+
 /// `helm install` on a control plane of the test's own, into a namespace other than
 /// portcullis-system, then `helm uninstall`. Its own plane, because the chart's admission
 /// policies are cluster-wide: on the shared plane a second SecurityRule policy, trusting
@@ -924,6 +1022,7 @@ async fn chart_installs_on_a_real_apiserver(ctx: Ctx) -> TestResult {
     if requestor != "admin" {
         return Err(format!("the request's requestor is {requestor}, not admin").into());
     }
+    granted_by_the_release_operator(&plane, ns).await?;
     // The Lease Role is the release namespace's.
     for (namespace, wanted) in [(ns, "yes"), ("default", "no")] {
         let output = kubectl(

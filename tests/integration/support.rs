@@ -222,6 +222,16 @@ pub struct Operator(Child, std::path::PathBuf);
 impl Operator {
     /// Starts `portcullis controller` with `args` added.
     pub fn start(plane: &ControlPlane, args: &[&str]) -> Result<Self, std::io::Error> {
+        Self::start_as(plane, &plane.kubeconfig(OPERATOR.name), args)
+    }
+
+    /// [`Operator::start`] authenticated by `kubeconfig` instead of the harness's operator
+    /// identity.
+    pub fn start_as(
+        plane: &ControlPlane,
+        kubeconfig: &std::path::Path,
+        args: &[&str],
+    ) -> Result<Self, std::io::Error> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -234,7 +244,7 @@ impl Operator {
                 &format!("127.0.0.1:{port}"),
             ])
             .args(args)
-            .env("KUBECONFIG", plane.kubeconfig(OPERATOR.name))
+            .env("KUBECONFIG", kubeconfig)
             .env(
                 "RUST_LOG",
                 "debug,hyper=info,tower=info,rustls=info,h2=info",
@@ -244,6 +254,13 @@ impl Operator {
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
         Ok(Self(child, log))
+    }
+
+    /// The last `lines` lines of this process's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// The decision records (`portcullis::audit` lines) this process has logged so far.
