@@ -181,7 +181,12 @@ impl From<Error> for Failure {
     fn from(error: Error) -> Self {
         let status = match &error {
             Error::Usage(_) => StatusCode::BAD_REQUEST,
-            Error::Api(message) if message.contains("forbidden") => StatusCode::FORBIDDEN,
+            // The API's refusals (403 by RBAC or admission, 404, 409, 422) are the user's to
+            // see as such; anything else is the cluster failing behind the console.
+            Error::Api {
+                code: Some(code @ 400..=499),
+                ..
+            } => StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY),
             _ => StatusCode::BAD_GATEWAY,
         };
         Failure(status, error.to_string())

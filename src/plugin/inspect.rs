@@ -267,7 +267,7 @@ pub async fn explain(session: &Session, args: ExplainArgs) -> Result<Outcome, Er
                     Ok(Err(why)) => refusals.push(why),
                     // Placement reads the NSG and its rules (role portcullis-viewer); without
                     // them the rest of the answer still holds.
-                    Err(Error::Api(why)) => explanation
+                    Err(Error::Api { message: why, .. }) => explanation
                         .notes
                         .push(format!("the rule's priority is unknown: {why}")),
                     Err(other) => return Err(other),

@@ -103,8 +103,10 @@ pub enum Command {
 pub enum Error {
     #[error("kubeconfig: {0}")]
     Config(String),
-    #[error("{0}")]
-    Api(String),
+    /// What the API answered, with its HTTP status when it answered at all (a 403 is an
+    /// RBAC or admission refusal the console passes on as such).
+    #[error("{message}")]
+    Api { message: String, code: Option<u16> },
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -116,8 +118,14 @@ impl From<kube::Error> for Error {
     /// client's wrapping of it.
     fn from(error: kube::Error) -> Self {
         match error {
-            kube::Error::Api(status) => Error::Api(status.message),
-            other => Error::Api(other.to_string()),
+            kube::Error::Api(status) => Error::Api {
+                message: status.message,
+                code: Some(status.code),
+            },
+            other => Error::Api {
+                message: other.to_string(),
+                code: None,
+            },
         }
     }
 }

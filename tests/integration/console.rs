@@ -249,6 +249,15 @@ async fn the_console_serves_only_its_user_and_acts_as_them(ctx: Ctx) -> TestResu
         .ok_or("no name")?
         .to_owned();
     let granted = ctx.phase_of(&name, Phase::Granted).await?;
+    // Alice is no approver (yet): the API's refusal comes back as one, with its reason.
+    let (status, _, refused) = console.call(
+        "POST",
+        &format!("/api/requests/{name}/decide"),
+        &[("Cookie", &cookie), ("Content-Type", "application/json")],
+        r#"{"decision":"Approve"}"#,
+    )?;
+    assert_eq!(status, 403, "{refused}");
+    assert!(refused.contains("jitapprovals"), "{refused}");
     assert_eq!(
         granted.spec.requestor.map(|r| r.username).as_deref(),
         Some("alice")
