@@ -454,9 +454,9 @@ fn phase_is(request: &JitRequest, phase: Phase) -> bool {
 
 /// `count` requests for one machine in a fresh namespace `ns`, one after another, each by
 /// its own requester: how long each takes from create to `Granted`, and the API writes the
-/// operator made for them. Those are counted once the new policy has settled (its deny rule
-/// and first statuses are per policy, not per grant), and the benchmark's own creates are
-/// left out.
+/// operator made for them. Those are counted from when the new policy has settled (its deny
+/// rule and first statuses are per policy, not per grant) to when all is settled after the
+/// grants, and the benchmark's own creates are left out.
 async fn grant_latency(
     admin: &Client,
     requesters: &Requesters,
@@ -483,7 +483,9 @@ async fn grant_latency(
                 .as_secs_f64(),
         );
     }
-    let writes = api_writes(admin).await? - writes_before - count as f64;
+    // Counted once settled again: the policy's history and the NSG's grant count are
+    // written after the grants, once for the whole run.
+    let writes = settled_writes(admin).await? - writes_before - count as f64;
     Ok((samples, writes))
 }
 

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kube::runtime::controller::Action;
+use crate::controller::runner::Action;
 
 use super::context::Context;
 use super::{Config, Error, name_and_namespace};
@@ -20,8 +20,8 @@ use crate::api::{JitApproval, JitRequest};
 pub const NAME: &str = "approval";
 
 /// How the approval controller runs.
-pub fn config(config: &Config) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(config.concurrency)
+pub fn config(config: &Config) -> crate::controller::runner::Settings {
+    crate::controller::runner::Settings::immediate(config.concurrency.into())
 }
 
 /// The judgement of every decision on `request` as of now: the apiserver is asked once per

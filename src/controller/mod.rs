@@ -24,14 +24,15 @@ pub mod notify;
 pub mod nsg;
 pub mod policy;
 pub mod request;
+pub mod runner;
 pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::channel::mpsc::UnboundedReceiver;
-use futures::{FutureExt, StreamExt};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::{Api, Client};
@@ -40,6 +41,7 @@ use tokio::sync::watch;
 use index::{ApprovalEntry, NsgEntry, PolicyEntry, RequestEntry, RuleEntry, Wake};
 
 pub use context::Context;
+pub use runner::Action;
 
 /// The field manager (and event reporter) name of everything the operator writes.
 pub const MANAGER: &str = "portcullis-controller";
@@ -142,35 +144,36 @@ async fn drive<K, R, F>(
     name: &'static str,
     reader: reflector::Store<K>,
     triggers: UnboundedReceiver<ObjectRef<K>>,
-    config: kube::runtime::controller::Config,
+    settings: runner::Settings,
     reconcile: R,
     ctx: Arc<Context>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()>,
 ) where
     K: Watched,
-    R: Fn(Arc<K>, Arc<Context>) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<kube::runtime::controller::Action, Error>> + Send + 'static,
+    R: Fn(Arc<K>, Arc<Context>) -> F,
+    F: Future<Output = Result<Action, Error>>,
 {
-    kube::runtime::Controller::for_stream(futures::stream::pending(), reader)
-        .reconcile_on(triggers)
-        .with_config(config)
-        .graceful_shutdown_on(shutdown)
-        .run(
-            move |object, ctx| {
-                ctx.metrics.reconciled(name);
-                let fresh = (!ctx.stale(object.as_ref())).then(|| reconcile(object, ctx));
-                async move {
-                    match fresh {
-                        Some(reconciled) => reconciled.await,
-                        None => Ok(kube::runtime::controller::Action::await_change()),
-                    }
+    runner::run(
+        reader,
+        triggers,
+        settings,
+        |object: Arc<K>| {
+            ctx.metrics.reconciled(name);
+            let fresh = (!ctx.stale(object.as_ref()))
+                .then(|| (object.clone(), reconcile(object, ctx.clone())));
+            let ctx = ctx.clone();
+            async move {
+                match fresh {
+                    Some((object, reconciled)) => reconciled
+                        .await
+                        .unwrap_or_else(|error| error_policy(name, object.as_ref(), &error, &ctx)),
+                    None => Action::await_change(),
                 }
-            },
-            move |object, error, ctx| error_policy(name, object.as_ref(), error, &ctx),
-            ctx,
-        )
-        .for_each(|_| std::future::ready(()))
-        .await;
+            }
+        },
+        shutdown,
+    )
+    .await;
 }
 
 /// How long a failed reconcile waits before it is retried.
@@ -181,12 +184,7 @@ const WAIT_AFTER: Duration = Duration::from_millis(250);
 const NOTIFY_GRACE: Duration = Duration::from_secs(5);
 
 /// The shared error policy: count, log, retry soon. One bad object never stops a watch.
-fn error_policy<K>(
-    controller: &'static str,
-    object: &K,
-    error: &Error,
-    ctx: &Context,
-) -> kube::runtime::controller::Action
+fn error_policy<K>(controller: &'static str, object: &K, error: &Error, ctx: &Context) -> Action
 where
     K: kube::Resource,
 {
@@ -201,7 +199,7 @@ where
                 if status.code == 422 || status.code == 409 =>
             {
                 tracing::debug!(controller, %error, "stale cache; retrying");
-                return kube::runtime::controller::Action::requeue(WAIT_AFTER);
+                return Action::requeue(WAIT_AFTER);
             }
             _ => {}
         }
@@ -214,7 +212,7 @@ where
         %error,
         "reconcile failed; retrying"
     );
-    kube::runtime::controller::Action::requeue(RETRY_AFTER)
+    Action::requeue(RETRY_AFTER)
 }
 
 /// The name and namespace every namespaced object has once stored.

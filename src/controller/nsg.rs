@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::controller::runner::Action;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::controller::Action;
 
 use super::context::Context;
 use super::{Config, Error, name_and_namespace};
@@ -28,6 +28,8 @@ const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 /// Coalesces a burst of rule changes (many grants at once) into one status write; the
 /// status is a view for people, enforcement does not wait for it.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// However long the burst, the status is at most this old.
+const MAX_DELAY: Duration = Duration::from_secs(5);
 /// How many JIT deny rules the status lists before it only counts them (see [`listed`]).
 const MAX_LISTED_DENIES: usize = 256;
 /// A safety net: even with no change and no expiry ahead, look again this often.
@@ -46,10 +48,12 @@ const INTERNET_PROBES_V6: [Ipv6Addr; 2] = [
 ];
 
 /// How the NSG controller runs: bursts of rule changes are coalesced.
-pub fn config(config: &Config) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default()
-        .concurrency(config.concurrency)
-        .debounce(DEBOUNCE)
+pub fn config(config: &Config) -> crate::controller::runner::Settings {
+    crate::controller::runner::Settings {
+        concurrency: config.concurrency.into(),
+        debounce: DEBOUNCE,
+        max_delay: MAX_DELAY,
+    }
 }
 
 pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Result<Action, Error> {

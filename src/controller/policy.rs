@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::controller::runner::Action;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Resource;
-use kube::runtime::controller::Action;
 
 use super::context::Context;
 use super::{Config, Error, name_and_namespace};
@@ -32,13 +32,17 @@ pub const HISTORY_LIMIT: usize = 50;
 const RESYNC: Duration = Duration::from_secs(600);
 /// Coalesces bursts (many requests on one policy) into one status write.
 const DEBOUNCE: Duration = Duration::from_millis(300);
+/// However long the burst, the history is at most this old.
+const MAX_DELAY: Duration = Duration::from_secs(5);
 
 /// How the policy controller runs: bursts of request changes are coalesced (they only
 /// update its history).
-pub fn config(config: &Config) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default()
-        .concurrency(config.concurrency)
-        .debounce(DEBOUNCE)
+pub fn config(config: &Config) -> crate::controller::runner::Settings {
+    crate::controller::runner::Settings {
+        concurrency: config.concurrency.into(),
+        debounce: DEBOUNCE,
+        max_delay: MAX_DELAY,
+    }
 }
 
 pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -16,9 +16,9 @@ pub mod status;
 
 use std::sync::Arc;
 
+use super::runner::{Action, Settings};
 use jiff::Timestamp;
 use kube::Api;
-use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 
 use super::context::Context;
@@ -37,21 +37,28 @@ pub const NAME: &str = "request";
 pub const FINALIZER: &str = crate::api::jit_request::REVOKE_FINALIZER;
 
 /// How the request controller runs.
-pub fn config(config: &Config) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(config.concurrency)
+pub fn config(config: &Config) -> Settings {
+    Settings::immediate(config.concurrency.into())
 }
 
 pub async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
     let (_, namespace) = name_and_namespace(request.as_ref(), "JitRequest")?;
     let api: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &namespace);
+    // kube's finalizer helper speaks kube's Action, which does not tell its requeue time;
+    // what apply or cleanup ask for is kept here. When the helper acted itself (added the
+    // finalizer), its own patch wakes the request again.
+    let next = std::sync::Mutex::new(Action::await_change());
     finalizer(&api, FINALIZER, request, |event| async {
-        match event {
-            Finalizer::Apply(request) => apply(&request, &ctx).await,
-            Finalizer::Cleanup(request) => cleanup(&request, &ctx).await,
-        }
+        let action = match event {
+            Finalizer::Apply(request) => apply(&request, &ctx).await?,
+            Finalizer::Cleanup(request) => cleanup(&request, &ctx).await?,
+        };
+        *next.lock().expect("next lock") = action;
+        Ok::<_, Error>(kube::runtime::controller::Action::await_change())
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    Ok(next.into_inner().expect("next lock"))
 }
 
 async fn apply(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {

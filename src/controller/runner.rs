@@ -1,0 +1,441 @@
+//! Runs one controller's reconciles: each object at most once at a time, at most
+//! `concurrency` at once, a wake at once, a requeue at its time.
+//!
+//! kube-runtime's `Controller` does this too, but its scheduler puts every wake in a timer
+//! queue of millisecond resolution (tokio-util's `DelayQueue`), so a reconcile starts about
+//! 2 ms after its wake even without debounce (measured alone: p50 2.1 ms, p99 3.2 ms; in a
+//! grant, 2.2 ms of about 12). A grant is a chain of wakes (the request, then the objects its
+//! writes concern), so here a wake runs at once and only requeues wait on a timer.
+//!
+//! [`Queue`] is the bookkeeping, plain data with synchronous tests; [`run`] drives it.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::channel::mpsc::UnboundedReceiver;
+use futures::stream::FuturesUnordered;
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::time::Instant;
+
+use super::Watched;
+use super::index::Key;
+
+/// What a reconcile asks for next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Action(Option<Duration>);
+
+impl Action {
+    /// Reconcile again after `after`, unless a wake comes first.
+    pub const fn requeue(after: Duration) -> Self {
+        Self(Some(after))
+    }
+
+    /// Nothing until a wake.
+    pub const fn await_change() -> Self {
+        Self(None)
+    }
+
+    /// When to reconcile again without a wake, if at all.
+    pub fn requeue_after(&self) -> Option<Duration> {
+        self.0
+    }
+}
+
+/// How a controller runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Reconciles at once, at most.
+    pub concurrency: usize,
+    /// Zero: a wake runs at once. Otherwise a wake runs this long after the object's last
+    /// wake (so a burst of wakes is one reconcile), but no later than `max_delay` after the
+    /// first wake not run yet (so a steady stream still runs every `max_delay`).
+    pub debounce: Duration,
+    pub max_delay: Duration,
+}
+
+impl Settings {
+    /// Every wake at once.
+    pub fn immediate(concurrency: usize) -> Self {
+        Self {
+            concurrency,
+            debounce: Duration::ZERO,
+            max_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Which objects are due, running, or waiting on a timer.
+///
+/// An object is at most once in the ready queue and never runs twice at once; one woken
+/// while it runs is woken again when it finishes. Its timer is the sooner of the requeue its
+/// last reconcile asked for and the end of its debounce.
+#[derive(Debug)]
+pub struct Queue<T> {
+    debounce: Duration,
+    max_delay: Duration,
+    ready: VecDeque<T>,
+    queued: HashSet<T>,
+    running: HashSet<T>,
+    again: HashSet<T>,
+    timers: BTreeSet<(Instant, T)>,
+    /// Each timed object's timer, as in `timers`.
+    due: BTreeMap<T, Instant>,
+    /// When its last reconcile asked to run again.
+    requeue: BTreeMap<T, Instant>,
+    /// Debounced wakes not run yet: the first one's time, and when they run.
+    burst: BTreeMap<T, (Instant, Instant)>,
+}
+
+impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            debounce: settings.debounce,
+            max_delay: settings.max_delay,
+            ready: VecDeque::new(),
+            queued: HashSet::new(),
+            running: HashSet::new(),
+            again: HashSet::new(),
+            timers: BTreeSet::new(),
+            due: BTreeMap::new(),
+            requeue: BTreeMap::new(),
+            burst: BTreeMap::new(),
+        }
+    }
+
+    /// `key` changed at `now`: due at once, or when its debounce ends.
+    pub fn wake(&mut self, key: T, now: Instant) {
+        if self.running.contains(&key) {
+            self.again.insert(key);
+            return;
+        }
+        if self.queued.contains(&key) {
+            return;
+        }
+        if self.debounce.is_zero() {
+            self.make_ready(key);
+            return;
+        }
+        let first = self.burst.get(&key).map_or(now, |(first, _)| *first);
+        let at = (now + self.debounce).min(first + self.max_delay);
+        self.burst.insert(key.clone(), (first, at));
+        self.reschedule(key);
+    }
+
+    /// Makes every timer due by `now` ready.
+    pub fn fire(&mut self, now: Instant) {
+        while let Some((at, key)) = self.timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.make_ready(key);
+        }
+    }
+
+    /// When the next timer is due.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// The next object to run, now marked running.
+    pub fn start(&mut self) -> Option<T> {
+        let key = self.ready.pop_front()?;
+        self.queued.remove(&key);
+        self.running.insert(key.clone());
+        Some(key)
+    }
+
+    /// `key` finished at `now` asking for `action`.
+    pub fn finished(&mut self, key: &T, action: Action, now: Instant) {
+        self.running.remove(key);
+        if let Some(after) = action.requeue_after() {
+            self.requeue.insert(key.clone(), now + after);
+        }
+        if self.again.remove(key) {
+            self.wake(key.clone(), now);
+        }
+        if !self.queued.contains(key) {
+            self.reschedule(key.clone());
+        }
+    }
+
+    /// Due now: whatever it waited for is settled by the reconcile it is queued for.
+    fn make_ready(&mut self, key: T) {
+        self.clear_timer(&key);
+        self.requeue.remove(&key);
+        self.burst.remove(&key);
+        if self.queued.insert(key.clone()) {
+            self.ready.push_back(key);
+        }
+    }
+
+    fn clear_timer(&mut self, key: &T) {
+        if let Some(at) = self.due.remove(key) {
+            self.timers.remove(&(at, key.clone()));
+        }
+    }
+
+    /// Sets `key`'s timer to the sooner of its requeue and its debounce.
+    fn reschedule(&mut self, key: T) {
+        self.clear_timer(&key);
+        let requeue = self.requeue.get(&key).copied();
+        let debounce = self.burst.get(&key).map(|(_, at)| *at);
+        if let Some(at) = requeue.into_iter().chain(debounce).min() {
+            self.due.insert(key.clone(), at);
+            self.timers.insert((at, key));
+        }
+    }
+}
+
+/// Reconciles what `wakes` names with `reconcile`, the object read from `store` when it
+/// starts (an object no longer there is not reconciled: whatever depended on it was woken
+/// by its deletion), until `shutdown`; then lets what runs finish.
+pub async fn run<K, R, F>(
+    store: Store<K>,
+    mut wakes: UnboundedReceiver<ObjectRef<K>>,
+    settings: Settings,
+    reconcile: R,
+    shutdown: impl Future<Output = ()>,
+) where
+    K: Watched,
+    R: Fn(Arc<K>) -> F,
+    F: Future<Output = Action>,
+{
+    let mut queue: Queue<Key> = Queue::new(&settings);
+    let mut running = FuturesUnordered::new();
+    let mut shutdown = pin!(shutdown);
+    let mut stopping = false;
+    loop {
+        while !stopping && running.len() < settings.concurrency.max(1) {
+            let Some(key) = queue.start() else { break };
+            let object = store.get(&ObjectRef::new(&key.1).within(&key.0));
+            match object {
+                Some(object) => {
+                    let reconciled = reconcile(object);
+                    running.push(async move { (key, reconciled.await) });
+                }
+                None => queue.finished(&key, Action::await_change(), Instant::now()),
+            }
+        }
+        if stopping && running.is_empty() {
+            return;
+        }
+        let timer = queue.next_timer();
+        tokio::select! {
+            Some((key, action)) = running.next(), if !running.is_empty() => {
+                queue.finished(&key, action, Instant::now());
+            }
+            wake = wakes.next(), if !stopping => match wake {
+                Some(object) => {
+                    queue.wake((object.namespace.unwrap_or_default(), object.name), Instant::now());
+                }
+                None => stopping = true,
+            },
+            () = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() && !stopping => {
+                queue.fire(Instant::now());
+            }
+            () = &mut shutdown, if !stopping => stopping = true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start_all(queue: &mut Queue<&'static str>) -> Vec<&'static str> {
+        std::iter::from_fn(|| queue.start()).collect()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_wake_is_ready_at_once_and_only_once() {
+        let mut queue = Queue::new(&Settings::immediate(1));
+        let now = Instant::now();
+        queue.wake("a", now);
+        queue.wake("b", now);
+        queue.wake("a", now);
+        assert_eq!(start_all(&mut queue), ["a", "b"]);
+        assert_eq!(queue.start(), None);
+    }
+
+    #[test]
+    fn an_object_woken_while_it_runs_runs_again_after_and_never_twice_at_once() {
+        let mut queue = Queue::new(&Settings::immediate(1));
+        let now = Instant::now();
+        queue.wake("a", now);
+        assert_eq!(queue.start(), Some("a"));
+        queue.wake("a", now);
+        queue.wake("a", now);
+        assert_eq!(queue.start(), None, "not while it runs");
+        queue.finished(&"a", Action::requeue(Duration::from_secs(60)), now);
+        assert_eq!(start_all(&mut queue), ["a"], "once more, at once");
+        queue.finished(&"a", Action::await_change(), now);
+        assert_eq!(queue.start(), None);
+        assert_eq!(
+            queue.next_timer(),
+            None,
+            "the last reconcile asked for nothing"
+        );
+    }
+
+    #[test]
+    fn a_requeue_waits_for_its_time_and_a_wake_overtakes_it() {
+        let mut queue = Queue::new(&Settings::immediate(1));
+        let now = Instant::now();
+        queue.wake("a", now);
+        queue.start();
+        queue.finished(&"a", Action::requeue(ms(10_000)), now);
+        queue.fire(now + ms(9_999));
+        assert_eq!(queue.start(), None);
+        assert_eq!(queue.next_timer(), Some(now + ms(10_000)));
+        queue.fire(now + ms(10_000));
+        assert_eq!(start_all(&mut queue), ["a"]);
+
+        queue.finished(&"a", Action::requeue(ms(10_000)), now);
+        queue.wake("a", now);
+        assert_eq!(
+            queue.next_timer(),
+            None,
+            "the wake's reconcile decides the next time"
+        );
+        assert_eq!(start_all(&mut queue), ["a"]);
+    }
+
+    #[test]
+    fn timers_fire_in_order() {
+        let mut queue = Queue::new(&Settings::immediate(1));
+        let now = Instant::now();
+        for (key, after) in [("late", 30), ("soon", 10), ("middle", 20)] {
+            queue.wake(key, now);
+            queue.start();
+            queue.finished(&key, Action::requeue(ms(after)), now);
+        }
+        queue.fire(now + ms(25));
+        assert_eq!(start_all(&mut queue), ["soon", "middle"]);
+        queue.fire(now + ms(30));
+        assert_eq!(start_all(&mut queue), ["late"]);
+        assert_eq!(queue.next_timer(), None);
+    }
+
+    fn debounced() -> Queue<&'static str> {
+        Queue::new(&Settings {
+            concurrency: 1,
+            debounce: ms(300),
+            max_delay: ms(5_000),
+        })
+    }
+
+    #[test]
+    fn a_debounced_burst_runs_once_after_its_last_wake() {
+        let mut queue = debounced();
+        let now = Instant::now();
+        for at in [0, 100, 200] {
+            queue.wake("nsg", now + ms(at));
+        }
+        queue.fire(now + ms(499));
+        assert_eq!(queue.start(), None);
+        queue.fire(now + ms(500));
+        assert_eq!(start_all(&mut queue), ["nsg"]);
+        // Woken while it runs: debounced again from when it finishes.
+        queue.wake("nsg", now + ms(600));
+        queue.finished(&"nsg", Action::await_change(), now + ms(700));
+        assert_eq!(queue.start(), None);
+        assert_eq!(queue.next_timer(), Some(now + ms(1_000)));
+    }
+
+    #[test]
+    fn a_steady_stream_of_wakes_still_runs_every_max_delay() {
+        let mut queue = debounced();
+        let now = Instant::now();
+        let mut runs = Vec::new();
+        for at in (0..12_000).step_by(100) {
+            let at = now + ms(at);
+            queue.fire(at);
+            if let Some(key) = queue.start() {
+                runs.push(at.duration_since(now));
+                queue.finished(&key, Action::await_change(), at);
+            }
+            queue.wake("policy", at);
+        }
+        assert_eq!(runs, [ms(5_000), ms(10_000)]);
+    }
+
+    #[test]
+    fn a_debounce_never_delays_a_sooner_requeue() {
+        let mut queue = debounced();
+        let now = Instant::now();
+        queue.wake("policy", now);
+        queue.fire(now + ms(300));
+        queue.start();
+        queue.finished(&"policy", Action::requeue(ms(400)), now + ms(300));
+        queue.wake("policy", now + ms(350));
+        assert_eq!(
+            queue.next_timer(),
+            Some(now + ms(650)),
+            "the debounce ends first"
+        );
+        queue.wake("policy", now + ms(600));
+        assert_eq!(
+            queue.next_timer(),
+            Some(now + ms(700)),
+            "then the requeue is sooner"
+        );
+    }
+
+    #[tokio::test]
+    async fn run_reconciles_woken_objects_and_stops_on_shutdown() {
+        use crate::api::{NetworkSecurityGroup, NetworkSecurityGroupSpec};
+        use kube::runtime::reflector;
+        use kube::runtime::watcher::Event;
+        let (reader, mut writer) = reflector::store::<NetworkSecurityGroup>();
+        let mut nsg = NetworkSecurityGroup::new(
+            "web",
+            NetworkSecurityGroupSpec {
+                virtual_network_prefixes: Vec::new(),
+                load_balancer_prefixes: Vec::new(),
+                security_rules: Vec::new(),
+            },
+        );
+        nsg.metadata.namespace = Some("ns".into());
+        writer.apply_watcher_event(&Event::Apply(nsg));
+        let (wakes, woken) = futures::channel::mpsc::unbounded();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runner = tokio::spawn(run(
+            reader,
+            woken,
+            Settings::immediate(2),
+            move |nsg: Arc<NetworkSecurityGroup>| {
+                let seen = seen_tx.clone();
+                async move {
+                    let _ = seen.send(nsg.metadata.name.clone());
+                    Action::await_change()
+                }
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        wakes
+            .unbounded_send(ObjectRef::new("web").within("ns"))
+            .expect("runner listens");
+        // Not in the store: nothing to reconcile.
+        wakes
+            .unbounded_send(ObjectRef::new("gone").within("ns"))
+            .expect("runner listens");
+        wakes
+            .unbounded_send(ObjectRef::new("web").within("ns"))
+            .expect("runner listens");
+        assert_eq!(seen.recv().await, Some(Some("web".to_owned())));
+        assert_eq!(seen.recv().await, Some(Some("web".to_owned())));
+        let _ = stop.send(());
+        runner.await.expect("the runner stops");
+        assert_eq!(seen.recv().await, None, "nothing else ran");
+    }
+}
