@@ -339,7 +339,8 @@ async fn a_start_more_than_a_week_ahead_is_denied(ctx: Ctx) -> TestResult {
 }
 
 /// Approvals are judged again at every evaluation: one whose approver lost `approve`
-/// since counts no more, so a request cannot be pushed through with an old decision.
+/// since counts no more, so a request cannot be pushed through with an old decision, and
+/// the approval's status says so.
 async fn an_approval_stops_counting_when_its_approver_loses_the_role(ctx: Ctx) -> TestResult {
     setup(&ctx, "  approval:\n    approvalsRequired: 2\n")?;
     bind_roles(&ctx)?;
@@ -373,6 +374,13 @@ subjects:
             .map(|a| a.approver.as_str())
             .collect();
         (approvers == ["carol"] && status.phase == Some(Phase::Pending)).then_some(())
+    })
+    .await?;
+    // Dave is told too: his approval's own status no longer says it counts.
+    let approvals: Api<JitApproval> = ctx.api();
+    eventually("dave's approval to say it no longer counts", || async {
+        let status = approvals.get_opt("dave").await.ok().flatten()?.status?;
+        (!status.counted && status.reason.as_deref() == Some("NotAuthorized")).then_some(())
     })
     .await?;
     Ok(())

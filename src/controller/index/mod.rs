@@ -100,6 +100,9 @@ pub struct RequestEntry {
     /// The (machine, port) pairs its open grants hold, sorted: where a newer request by the
     /// same requestor supersedes it. A vector, not a set: it holds one or a few pairs.
     pub open: Vec<(String, u16)>,
+    /// Whose approvals it counted at its last evaluation: when one is counted out (their
+    /// role withdrawn), that approval's own status must say so too.
+    pub approvers: Vec<String>,
 }
 
 impl RequestEntry {
@@ -130,6 +133,9 @@ impl RequestEntry {
                 }
                 _ => Vec::new(),
             },
+            approvers: status
+                .map(|s| s.approvals.iter().map(|a| a.approver.clone()).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -461,8 +467,11 @@ impl Index {
                 }
             }
         }
-        // Its approvals' statuses follow its phase (closed requests count nothing new).
-        if before.as_ref().map(|b| b.phase) != entry.as_ref().map(|e| e.phase) {
+        // Its approvals' statuses follow its phase (closed requests count nothing new) and
+        // what it counted.
+        if before.as_ref().map(|b| (b.phase, &b.approvers))
+            != entry.as_ref().map(|e| (e.phase, &e.approvers))
+        {
             wake.approvals
                 .extend(self.approvals_by_request.get(&key).map(|a| key_in(&key, a)));
         }

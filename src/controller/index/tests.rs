@@ -31,6 +31,7 @@ fn request(policy: &str, requestor: &str, phase: Option<Phase>) -> Option<Reques
         } else {
             Vec::new()
         },
+        approvers: Vec::new(),
     })
 }
 
@@ -271,4 +272,38 @@ fn a_multi_map_keeps_its_values_in_order_and_forgets_empty_keys() {
     assert!(matches!(multi.0.get("k"), Some(Bucket::One(3))));
     multi.remove(&"k", &3);
     assert!(multi.0.is_empty());
+}
+
+#[test]
+fn an_approver_counted_out_wakes_the_approvals_of_the_request() {
+    let mut index = Index::default();
+    let waiting = |approvers: &[&str]| {
+        let mut entry = request("p1", "alice", Some(Phase::Pending));
+        if let Some(e) = entry.as_mut() {
+            e.approvers = approvers.iter().map(|a| (*a).to_owned()).collect();
+        }
+        entry
+    };
+    index.request(k("ask"), waiting(&[]));
+    index.approval(
+        k("dave"),
+        Some(ApprovalEntry {
+            request: "ask".into(),
+        }),
+    );
+    index.approval(
+        k("carol"),
+        Some(ApprovalEntry {
+            request: "ask".into(),
+        }),
+    );
+    let counted = index.request(k("ask"), waiting(&["dave"]));
+    assert_eq!(counted.approvals, keys(&["carol", "dave"]));
+    // The same phase and the same approvers: their statuses stand.
+    assert_eq!(
+        index.request(k("ask"), waiting(&["dave"])).approvals,
+        keys(&[])
+    );
+    let dave_out = index.request(k("ask"), waiting(&["carol"]));
+    assert_eq!(dave_out.approvals, keys(&["carol", "dave"]));
 }
