@@ -15,7 +15,9 @@
 //! - notifications: grant latency with a `--notify-url` sink that never answers, against
 //!   none (each on a fresh operator);
 //! - API writes per grant, from the apiserver's own request counters;
-//! - the operator's peak RSS with 10,000 active grants.
+//! - the operator's peak RSS with 10,000 active grants;
+//! - last, with the operator stopped: the burst's API calls made by a plain client (what the
+//!   burst costs beyond them is the operator's own).
 //!
 //! `scale`: 100,000 grants over 10,000 machines, and 10,000 machines behind one NSG (see
 //! [`scale`]).
@@ -141,9 +143,120 @@ async fn standard() -> BenchResult<Vec<Row>> {
         target: "≤ 100 MiB".into(),
         met: Some(rss <= 100.0),
     });
+    // Last: the operator is stopped for it, and its objects would weigh on the RSS above.
     operator.stop();
+    let by_hand = burst_by_hand(&plane, &admin, &requesters).await?;
+    rows.push(Row {
+        name: "burst: 1,000 requests / 50 policies, the operator's API calls made by hand",
+        value: format!(
+            "{by_hand:.2} s; the operator's burst takes {:.2} × that",
+            burst_seconds / by_hand
+        ),
+        target: "-".into(),
+        met: None,
+    });
     drop(plane);
     Ok(rows)
+}
+
+/// The burst's API work with no operator: a plain client makes, for each of [`BURST`]
+/// requests over [`BURST_POLICIES`] fresh policies, the calls the operator makes to grant it
+/// (a SubjectAccessReview, the allow rule, the status, the Event) right after creating it,
+/// [`PARALLEL`] requests at a time. What the burst costs beyond this is the operator's own.
+async fn burst_by_hand(
+    plane: &ControlPlane,
+    admin: &Client,
+    requesters: &Requesters,
+) -> BenchResult<f64> {
+    use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::{Patch, PatchParams};
+    use portcullis::rules::{PortRange, Protocol, Scope, place};
+    let operator = plane.client(OPERATOR).await?;
+    let mut policies = Vec::new();
+    for p in 0..BURST_POLICIES {
+        let ns = format!("bench-by-hand-{p}");
+        namespace(admin, &ns).await?;
+        policy(admin, &ns, 1).await?;
+        policies.push(
+            Api::<JitPolicy>::namespaced(admin.clone(), &ns)
+                .get("web-0")
+                .await?,
+        );
+    }
+    let priority = place(
+        &[],
+        "198.18.0.1".parse()?,
+        &[(PortRange::single(22), Protocol::Tcp)],
+        &Scope::default(),
+    )?
+    .allow;
+    let (policies, operator) = (&policies, &operator);
+    let start = Instant::now();
+    futures::stream::iter(0..BURST)
+        .map(|i| async move {
+            let ns = format!("bench-by-hand-{}", i % BURST_POLICIES);
+            let created =
+                Api::<JitRequest>::namespaced(requesters.get(i / BURST_POLICIES).clone(), &ns)
+                    .create(
+                        &PostParams::default(),
+                        &request(&format!("hand-{i}"), i, 0, "PT24H")?,
+                    )
+                    .await?;
+            let requestor = created.spec.requestor.clone().ok_or("not stamped")?;
+            let review: SubjectAccessReview = serde_json::from_value(json!({
+                "spec": {
+                    "user": requestor.username,
+                    "groups": requestor.groups,
+                    "resourceAttributes": {
+                        "namespace": ns, "verb": "initiate", "group": "jit.portcullis.dev",
+                        "resource": "jitpolicies", "name": created.spec.policy_name,
+                    },
+                },
+            }))?;
+            Api::<SubjectAccessReview>::all(operator.clone())
+                .create(&PostParams::default(), &review)
+                .await?;
+            let (rule, status) =
+                scale::granted_by_hand(&created, &policies[i % BURST_POLICIES], priority)?;
+            Api::<SecurityRule>::namespaced(operator.clone(), &ns)
+                .create(&PostParams::default(), &rule)
+                .await?;
+            let name = created.metadata.name.clone().unwrap_or_default();
+            Api::<JitRequest>::namespaced(operator.clone(), &ns)
+                .patch_status(
+                    &name,
+                    &PatchParams::apply(portcullis::controller::MANAGER).force(),
+                    &Patch::Apply(json!({
+                        "apiVersion": "jit.portcullis.dev/v1alpha1",
+                        "kind": "JitRequest",
+                        "status": status,
+                    })),
+                )
+                .await?;
+            let event: Event = serde_json::from_value(json!({
+                "metadata": {"name": format!("{name}.granted")},
+                "eventTime": jiff::Timestamp::now().to_string(),
+                "reportingController": portcullis::controller::MANAGER,
+                "reportingInstance": "bench",
+                "action": "Granted",
+                "reason": "Granted",
+                "type": "Normal",
+                "note": "granted by hand",
+                "regarding": {
+                    "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "JitRequest",
+                    "namespace": ns, "name": name, "uid": created.metadata.uid,
+                },
+            }))?;
+            Api::<Event>::namespaced(operator.clone(), &ns)
+                .create(&PostParams::default(), &event)
+                .await?;
+            BenchResult::Ok(())
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// The `grant` scenario: the floor, admission, and sequential grant latency with the API

@@ -375,6 +375,40 @@ async fn largest_object(admin: &Client, ns: &str) -> BenchResult<(String, usize)
 
 /// Phase 3: writes `machines` machines with [`GRANTS_PER_MACHINE`] grants each, as the
 /// operator would have; returns the number of grants.
+/// The allow rule and the `Granted` status the operator would write for `created` (a
+/// request for one port of `policy`, for 24 hours from now) at `priority`, built with the
+/// operator's own code.
+pub fn granted_by_hand(
+    created: &JitRequest,
+    policy: &JitPolicy,
+    priority: u32,
+) -> BenchResult<(SecurityRule, serde_json::Value)> {
+    let grant = validate(&policy.spec, &created.spec)
+        .map_err(|v| format!("request refused: {v:?}"))?
+        .pop()
+        .ok_or("no grant")?;
+    let now = jiff::Timestamp::now();
+    let start = jiff::Timestamp::from_second(now.as_second())?;
+    let end = start.checked_add(jiff::SignedDuration::from_hours(24))?;
+    let namespace = created.metadata.namespace.as_deref().unwrap_or_default();
+    let owner = Owner {
+        name: created.metadata.name.as_deref().unwrap_or_default(),
+        uid: created.metadata.uid.as_deref().unwrap_or_default(),
+    };
+    let allow = materialize::allow_rule(owner, &created.spec.policy_name, &grant, priority, end);
+    let reference = created
+        .controller_owner_ref(&())
+        .ok_or("request without uid")?;
+    let rule = serde_json::from_value(rule_manifest(namespace, &allow, &reference))?;
+    let status = status::granted(
+        vec![status::grant_status(&grant, allow.name, end, false)],
+        Time(start),
+        now,
+        created.metadata.generation,
+    );
+    Ok((rule, serde_json::to_value(status)?))
+}
+
 async fn seed(
     plane: &ControlPlane,
     requesters: &Requesters,
@@ -450,35 +484,8 @@ async fn seed(
                 .iter()
                 .find(|p| p.metadata.name.as_deref() == Some(&created.spec.policy_name))
                 .ok_or("no policy")?;
-            let grant = validate(&policy.spec, &created.spec)
-                .map_err(|v| format!("seed request refused: {v:?}"))?
-                .pop()
-                .ok_or("no grant")?;
-            let now = jiff::Timestamp::now();
-            let start = jiff::Timestamp::from_second(now.as_second())?;
-            let end = start.checked_add(jiff::SignedDuration::from_hours(24))?;
-            let owner = Owner {
-                name: &name,
-                uid: created.metadata.uid.as_deref().unwrap_or_default(),
-            };
-            let allow = materialize::allow_rule(
-                owner,
-                &created.spec.policy_name,
-                &grant,
-                placement.allow,
-                end,
-            );
-            let reference = created
-                .controller_owner_ref(&())
-                .ok_or("request without uid")?;
-            let object = serde_json::from_value(rule_manifest(ns, &allow, &reference))?;
-            rules.create(&PostParams::default(), &object).await?;
-            let status = status::granted(
-                vec![status::grant_status(&grant, allow.name, end, false)],
-                Time(start),
-                now,
-                created.metadata.generation,
-            );
+            let (rule, status) = granted_by_hand(&created, policy, placement.allow)?;
+            rules.create(&PostParams::default(), &rule).await?;
             Api::<JitRequest>::namespaced(admin.clone(), ns)
                 .patch_status(
                     &name,
