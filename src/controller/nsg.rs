@@ -28,8 +28,9 @@ const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 /// Coalesces a burst of rule changes (many grants at once) into one status write; the
 /// status is a view for people, enforcement does not wait for it.
 const DEBOUNCE: Duration = Duration::from_millis(200);
-/// However long the burst, the status is at most this old.
-const MAX_DELAY: Duration = Duration::from_secs(5);
+/// However long the burst, the status is at most this old. Long enough that under steady
+/// churn every NSG costs a status write a minute at most, not one per few seconds each.
+const MAX_DELAY: Duration = Duration::from_secs(60);
 /// How many JIT deny rules the status lists before it only counts them (see [`listed`]).
 const MAX_LISTED_DENIES: usize = 256;
 /// A safety net: even with no change and no expiry ahead, look again this often.

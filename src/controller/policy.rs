@@ -32,8 +32,9 @@ pub const HISTORY_LIMIT: usize = 50;
 const RESYNC: Duration = Duration::from_secs(600);
 /// Coalesces bursts (many requests on one policy) into one status write.
 const DEBOUNCE: Duration = Duration::from_millis(300);
-/// However long the burst, the history is at most this old.
-const MAX_DELAY: Duration = Duration::from_secs(5);
+/// However long the burst, the history is at most this old (and each policy under steady
+/// churn costs a status write a minute at most).
+const MAX_DELAY: Duration = Duration::from_secs(60);
 
 /// How the policy controller runs: bursts of request changes are coalesced (they only
 /// update its history).
