@@ -23,11 +23,12 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use kube::Resource;
 
+use super::cached::CachedRule;
 use crate::access::materialize::{LABEL_ROLE, ROLE_DENY};
 use crate::api::jit_policy::GrantState;
 use crate::api::jit_request::Phase;
-use crate::api::nsg_model::is_managed;
-use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::nsg_model::RuleObject;
+use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup};
 
 /// An object's namespace and name.
 pub type Key = (String, String);
@@ -254,32 +255,21 @@ pub struct RuleEntry {
 }
 
 impl RuleEntry {
-    pub fn of(rule: &SecurityRule) -> Self {
-        let role = rule
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_ROLE));
-        let owner = rule
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| {
-                let kind = if o.kind == JitPolicy::kind(&()) {
-                    OwnerKind::Policy
-                } else if o.kind == JitRequest::kind(&()) {
-                    OwnerKind::Request
-                } else {
-                    OwnerKind::Other
-                };
-                (kind, o.name.as_str().into(), o.uid.as_str().into())
-            });
+    pub fn of(rule: &CachedRule) -> Self {
+        let owner = rule.controller.as_ref().map(|o| {
+            let kind = if o.kind == JitPolicy::kind(&()) {
+                OwnerKind::Policy
+            } else if o.kind == JitRequest::kind(&()) {
+                OwnerKind::Request
+            } else {
+                OwnerKind::Other
+            };
+            (kind, o.name.as_str().into(), o.uid.as_str().into())
+        });
         Self {
             nsg: rule.spec.network_security_group_name.as_str().into(),
-            managed: is_managed(rule),
-            deny: role.is_some_and(|r| r == ROLE_DENY),
+            managed: rule.managed(),
+            deny: rule.labels.get(LABEL_ROLE) == Some(ROLE_DENY),
             owner,
         }
     }

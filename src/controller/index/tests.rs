@@ -224,7 +224,7 @@ fn a_user_rule_moving_between_nsgs_wakes_both_sides() {
 
 #[test]
 fn entries_read_labels_and_controlling_owner() {
-    let object: SecurityRule = serde_json::from_value(json!({
+    let object: crate::api::SecurityRule = serde_json::from_value(json!({
         "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "SecurityRule",
         "metadata": {
             "name": "jit-deny-p-m-0123abcd", "namespace": NS,
@@ -244,7 +244,7 @@ fn entries_read_labels_and_controlling_owner() {
     }))
     .unwrap();
     assert_eq!(
-        RuleEntry::of(&object),
+        RuleEntry::of(&CachedRule::of(object)),
         RuleEntry {
             nsg: "a".into(),
             managed: true,
