@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::convert::{self, ConvertError};
 use super::jit_policy::EstablishedConnections;
 use super::nsg::NetworkSecurityGroup;
-use super::security_rule::{LABEL_MANAGED_BY, MANAGED_BY, SecurityRule};
+use super::security_rule::{LABEL_MANAGED_BY, MANAGED_BY, SecurityRule, SecurityRuleSpec};
 use crate::rules::{self, Origin, Scope, duration};
 
 /// An NSG's rules in the model, as of one instant.
@@ -35,12 +35,42 @@ pub struct NsgModel {
     pub invalid: Vec<ConvertError>,
 }
 
+/// A `SecurityRule` object as the model reads it: the object itself, or what a cache keeps
+/// of it (the operator's keeps only what its readers use).
+pub trait RuleObject {
+    /// The object's name, which its rule takes.
+    fn object_name(&self) -> &str;
+    /// Whether the operator created it (see [`is_managed`]).
+    fn managed(&self) -> bool;
+    /// When it was created.
+    fn created(&self) -> Option<Timestamp>;
+    fn rule_spec(&self) -> &SecurityRuleSpec;
+}
+
+impl RuleObject for SecurityRule {
+    fn object_name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    fn managed(&self) -> bool {
+        is_managed(self)
+    }
+
+    fn created(&self) -> Option<Timestamp> {
+        self.metadata.creation_timestamp.as_ref().map(|t| t.0)
+    }
+
+    fn rule_spec(&self) -> &SecurityRuleSpec {
+        &self.spec
+    }
+}
+
 impl NsgModel {
     /// `nsg` with `objects` (the `SecurityRule`s naming it) at `now`: an object whose
     /// `expiresAt` has passed is not in force, deleted yet or not.
-    pub fn new<'a>(
+    pub fn new<'a, R: RuleObject + 'a>(
         nsg: &NetworkSecurityGroup,
-        objects: impl IntoIterator<Item = &'a SecurityRule>,
+        objects: impl IntoIterator<Item = &'a R>,
         now: Timestamp,
     ) -> Self {
         let mut invalid = Vec::new();
@@ -59,16 +89,15 @@ impl NsgModel {
         let mut closing = BTreeSet::new();
         let mut idle = BTreeMap::new();
         for object in objects {
-            if expired(object.spec.expires_at.as_ref(), now) {
+            let spec = object.rule_spec();
+            if expired(spec.expires_at.as_ref(), now) {
                 continue;
             }
             match object_rule(object) {
                 Ok(rule) => {
-                    if let Some(at) = &object.spec.expires_at {
+                    if let Some(at) = &spec.expires_at {
                         expiries.insert(rule.name.clone(), at.0);
-                        if object.spec.established_connections
-                            == Some(EstablishedConnections::Close)
-                        {
+                        if spec.established_connections == Some(EstablishedConnections::Close) {
                             closing.insert(rule.name.clone());
                         }
                         match idle_limit(object) {
@@ -110,31 +139,29 @@ pub fn is_managed(rule: &SecurityRule) -> bool {
 }
 
 /// A `SecurityRule` object in the model, named after the object.
-pub fn object_rule(object: &SecurityRule) -> Result<rules::Rule, ConvertError> {
-    let name = object.metadata.name.clone().unwrap_or_default();
+pub fn object_rule(object: &impl RuleObject) -> Result<rules::Rule, ConvertError> {
+    let name = object.object_name();
     convert::rule(
-        &name,
-        &object.spec.fields,
-        Origin::SecurityRule { name: name.clone() },
-        is_managed(object),
+        name,
+        &object.rule_spec().fields,
+        Origin::SecurityRule {
+            name: name.to_owned(),
+        },
+        object.managed(),
     )
 }
 
 /// An object's `idleTimeout` and creation time, if it has a timeout.
-fn idle_limit(object: &SecurityRule) -> Result<Option<(Duration, Timestamp)>, ConvertError> {
-    let Some(timeout) = &object.spec.idle_timeout else {
+fn idle_limit(object: &impl RuleObject) -> Result<Option<(Duration, Timestamp)>, ConvertError> {
+    let Some(timeout) = &object.rule_spec().idle_timeout else {
         return Ok(None);
     };
     let limit = duration::parse(timeout).map_err(|_| ConvertError {
-        rule: object.metadata.name.clone().unwrap_or_default(),
+        rule: object.object_name().to_owned(),
         field: "idleTimeout",
         value: timeout.clone(),
     })?;
-    let since = object
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map_or(Timestamp::UNIX_EPOCH, |t| t.0);
+    let since = object.created().unwrap_or(Timestamp::UNIX_EPOCH);
     Ok(Some((limit, since)))
 }
 

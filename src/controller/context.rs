@@ -14,13 +14,14 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 
+use super::cached::{CachedRule, Keep};
 use super::index::{Index, Key};
 use super::metrics::Metrics;
 use crate::access::Violation;
 use crate::access::materialize::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::api::convert::ConvertError;
 use crate::api::jit_request::Requestor;
-use crate::api::nsg_model::NsgModel;
+use crate::api::nsg_model::{NsgModel, RuleObject};
 pub use crate::api::nsg_model::{expired, is_managed, object_rule};
 use crate::api::{GROUP, JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self, Scope};
@@ -31,7 +32,7 @@ pub struct Stores {
     pub nsgs: Store<NetworkSecurityGroup>,
     pub policies: Store<JitPolicy>,
     pub requests: Store<JitRequest>,
-    pub rules: Store<SecurityRule>,
+    pub rules: Store<CachedRule>,
     pub approvals: Store<JitApproval>,
 }
 
@@ -144,7 +145,7 @@ impl Context {
     }
 
     /// The `SecurityRule` objects that reference the NSG.
-    pub fn rules_of(&self, namespace: &str, nsg: &str) -> Vec<Arc<SecurityRule>> {
+    pub fn rules_of(&self, namespace: &str, nsg: &str) -> Vec<Arc<CachedRule>> {
         let names = self.index().rules_on(namespace, nsg);
         cached(&self.stores.rules, namespace, names)
     }
@@ -174,7 +175,7 @@ impl Context {
     }
 
     /// The operator's rules in `namespace` that `owner_uid` controls.
-    pub fn rules_owned_by(&self, namespace: &str, owner_uid: &str) -> Vec<Arc<SecurityRule>> {
+    pub fn rules_owned_by(&self, namespace: &str, owner_uid: &str) -> Vec<Arc<CachedRule>> {
         let keys = self.index().rules_owned_by(owner_uid);
         let names = keys
             .into_iter()
@@ -303,17 +304,11 @@ pub enum Ownership {
 /// Whether the operator may write `rule` on behalf of the owner with UID `owner_uid`: only a
 /// managed rule that owner controls. A managed rule another object controls (two owners'
 /// names clashing) or a user's rule of the same name is someone else's.
-pub fn ownership(rule: &SecurityRule, owner_uid: &str) -> Ownership {
-    let controller = rule
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true));
-    match controller {
-        Some(o) if o.uid == owner_uid && is_managed(rule) => Ownership::Ours,
+pub fn ownership(rule: &CachedRule, owner_uid: &str) -> Ownership {
+    match &rule.controller {
+        Some(o) if o.uid == owner_uid && rule.managed() => Ownership::Ours,
         Some(o) => Ownership::Foreign(format!("it is controlled by {} {}", o.kind, o.name)),
-        None if is_managed(rule) => Ownership::Foreign("it has no controlling owner".to_owned()),
+        None if rule.managed() => Ownership::Foreign("it has no controlling owner".to_owned()),
         None => Ownership::Foreign(format!(
             "it is a user's rule (no {LABEL_MANAGED_BY}={MANAGED_BY} label)"
         )),
@@ -438,7 +433,10 @@ impl Context {
             match api.create(&params, &new).await {
                 Ok(_) => return Ok(true),
                 Err(kube::Error::Api(status)) if status.code == 409 => {
-                    current = api.get_opt(&desired.name).await?.map(Arc::new);
+                    current = api
+                        .get_opt(&desired.name)
+                        .await?
+                        .map(|rule| Arc::new(rule.keep()));
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -458,7 +456,7 @@ impl Context {
                 && desired
                     .labels
                     .iter()
-                    .all(|(k, v)| rule.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v));
+                    .all(|(k, v)| rule.labels.get(k) == Some(v.as_str()));
             if in_place {
                 return Ok(false);
             }
@@ -497,7 +495,7 @@ impl Context {
 /// The cached objects `names` in `namespace` (a name not cached any more is skipped).
 fn cached<K>(store: &Store<K>, namespace: &str, names: Vec<String>) -> Vec<Arc<K>>
 where
-    K: Resource<DynamicType = ()> + Clone,
+    K: kube::runtime::reflector::Lookup<DynamicType = ()> + Clone,
 {
     names
         .iter()
@@ -507,10 +505,10 @@ where
 
 impl NsgView {
     /// The view of `nsg` with the users' `SecurityRule` objects among `objects`, at `now`.
-    fn build(nsg: &NetworkSecurityGroup, objects: &[Arc<SecurityRule>], now: Timestamp) -> Self {
+    fn build(nsg: &NetworkSecurityGroup, objects: &[Arc<CachedRule>], now: Timestamp) -> Self {
         let model = NsgModel::new(
             nsg,
-            objects.iter().map(Arc::as_ref).filter(|o| !is_managed(o)),
+            objects.iter().map(Arc::as_ref).filter(|o| !o.managed()),
             now,
         );
         Self {
@@ -549,8 +547,8 @@ mod tests {
 
     use super::*;
 
-    fn rule(labels: serde_json::Value, owners: serde_json::Value) -> SecurityRule {
-        serde_json::from_value(json!({
+    fn rule(labels: serde_json::Value, owners: serde_json::Value) -> CachedRule {
+        serde_json::from_value::<SecurityRule>(json!({
             "apiVersion": "jit.portcullis.dev/v1alpha1",
             "kind": "SecurityRule",
             "metadata": { "name": "jit-deny-x-y-z-1234abcd", "labels": labels, "ownerReferences": owners },
@@ -562,6 +560,7 @@ mod tests {
             },
         }))
         .unwrap()
+        .keep()
     }
 
     fn owner(uid: &str, controller: bool) -> serde_json::Value {

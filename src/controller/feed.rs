@@ -11,13 +11,13 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use futures::StreamExt;
 use futures::channel::mpsc::UnboundedSender;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
-use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::reflector::{Lookup, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 
-use super::Watched;
+use super::cached::Keep;
 use super::index::{Key, Wake};
 use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup};
 
@@ -29,7 +29,7 @@ pub enum Change<K> {
     Deleted(Key, Option<Arc<K>>),
 }
 
-impl<K: kube::Resource> Change<K> {
+impl<K: Lookup> Change<K> {
     /// The object's key and, unless it was deleted, what `entry` makes of it.
     pub fn entry<E>(&self, entry: impl Fn(&K) -> E) -> (Key, Option<E>) {
         match self {
@@ -39,10 +39,10 @@ impl<K: kube::Resource> Change<K> {
     }
 }
 
-fn key_of<K: kube::Resource>(object: &K) -> Key {
+fn key_of<K: Lookup>(object: &K) -> Key {
     (
-        object.meta().namespace.clone().unwrap_or_default(),
-        object.meta().name.clone().unwrap_or_default(),
+        object.namespace().unwrap_or_default().into_owned(),
+        object.name().unwrap_or_default().into_owned(),
     )
 }
 
@@ -141,40 +141,24 @@ impl Triggers {
     }
 }
 
-/// What `kubectl apply` keeps on every object it applies: a second copy of the object.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Leaves out of the cache what no reconciler reads and what can be as large as the object
-/// itself: `managedFields`, and the copy `kubectl apply` keeps in an annotation. Policies,
-/// requests and NSGs are applied with kubectl; at 100,000 requests that halves the cache.
-fn slim<K: Watched>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.remove(LAST_APPLIED);
-        if annotations.is_empty() {
-            meta.annotations = None;
-        }
-    }
-}
-
 /// Watches `api` for as long as the stream lasts (it retries with backoff, never ends on
-/// its own): each batch of changes goes to `changed` after the cache `writer` holds it;
-/// the first full list calls `all_synced` if it was the last of the kinds to list.
+/// its own): each batch of changes goes to `changed` after the cache `writer` holds what
+/// it keeps of them (see [`Keep`]); the first full list calls `all_synced` if it was the
+/// last of the kinds to list.
 pub async fn watch<K>(
     api: Api<K>,
-    mut writer: Writer<K>,
+    mut writer: Writer<K::Kept>,
     triggers: Arc<Triggers>,
-    mut changed: impl FnMut(Vec<Change<K>>),
+    mut changed: impl FnMut(Vec<Change<K::Kept>>),
     all_synced: Arc<dyn Fn() + Send + Sync>,
 ) where
-    K: Watched,
+    K: Keep,
 {
     let reader = writer.as_reader();
     let mut events = pin!(
         watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(slim::<K>)
+            .map_ok(kept::<K>)
     );
     let mut first_list = true;
     while let Some(event) = events.next().await {
@@ -217,10 +201,22 @@ pub async fn watch<K>(
     }
 }
 
+/// The event as the cache keeps it.
+fn kept<K: Keep>(event: watcher::Event<K>) -> watcher::Event<K::Kept> {
+    use watcher::Event;
+    match event {
+        Event::Apply(object) => Event::Apply(object.keep()),
+        Event::Delete(object) => Event::Delete(object.keep()),
+        Event::Init => Event::Init,
+        Event::InitApply(object) => Event::InitApply(object.keep()),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
 /// The changes a (re-)list makes: it replaces the cache at once, so every listed object is
 /// applied, and what it no longer holds was deleted while the watch was down and must wake
 /// what depended on it.
-fn relisted<K: kube::Resource>(before: Vec<Arc<K>>, after: Vec<Arc<K>>) -> Vec<Change<K>> {
+fn relisted<K: Lookup>(before: Vec<Arc<K>>, after: Vec<Arc<K>>) -> Vec<Change<K>> {
     let listed: HashSet<Key> = after.iter().map(|o| key_of(o.as_ref())).collect();
     let mut changes: Vec<Change<K>> = after.into_iter().map(Change::Applied).collect();
     changes.extend(
@@ -235,10 +231,10 @@ fn relisted<K: kube::Resource>(before: Vec<Arc<K>>, after: Vec<Arc<K>>) -> Vec<C
 /// The cached copy of an object just applied (shared, not cloned again).
 fn cached<K>(reader: &Store<K>, object: &K) -> Arc<K>
 where
-    K: kube::Resource<DynamicType = ()> + Clone,
+    K: Lookup<DynamicType = ()> + Clone,
 {
     reader
-        .get(&ObjectRef::from_obj(object))
+        .get(&object.to_object_ref(()))
         .unwrap_or_else(|| Arc::new(object.clone()))
 }
 
@@ -286,25 +282,5 @@ mod tests {
         // The same name in another namespace is another object; the lost one keeps its
         // last state for whoever needs it (a deleted request's history record).
         assert_eq!(deleted, [(key("a", "gone"), true)]);
-    }
-
-    #[test]
-    fn the_cache_keeps_no_copy_of_the_object_and_the_users_annotations() {
-        let mut object = Arc::unwrap_or_clone(nsg("a", "web"));
-        object.metadata.managed_fields = Some(vec![Default::default()]);
-        object.metadata.annotations = Some(
-            [
-                (LAST_APPLIED.to_owned(), "{\"a copy\": true}".to_owned()),
-                ("team".to_owned(), "web".to_owned()),
-            ]
-            .into(),
-        );
-        slim(&mut object);
-        assert_eq!(object.metadata.managed_fields, None);
-        let annotations = object.metadata.annotations.clone().unwrap();
-        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
-        object.metadata.annotations = Some([(LAST_APPLIED.to_owned(), String::new())].into());
-        slim(&mut object);
-        assert_eq!(object.metadata.annotations, None);
     }
 }

@@ -11,9 +11,11 @@
 //! the configured sinks ([`notify`]), off the reconcile path.
 //!
 //! Each controller's primary cache doubles as a lookup store for the others, and one extra
-//! reflector caches `SecurityRule`s, so hot paths read memory, not the API.
+//! reflector caches what the operator reads of `SecurityRule`s ([`cached`]), so hot paths
+//! read memory, not the API.
 
 pub mod approval;
+pub mod cached;
 pub mod context;
 mod events;
 mod feed;
@@ -243,13 +245,13 @@ impl Feeding<'_> {
     /// The watch of kind `K` into the cache `writer`. Each batch of changes is indexed with
     /// `index` under the index's lock; then the active-grants gauge is set and what the
     /// changes concern is woken.
-    fn watch<K: Watched>(
+    fn watch<K: cached::Keep>(
         &self,
-        writer: reflector::store::Writer<K>,
-        index: impl Fn(&mut index::Index, &feed::Change<K>) -> Wake,
+        writer: reflector::store::Writer<K::Kept>,
+        index: impl Fn(&mut index::Index, &feed::Change<K::Kept>) -> Wake,
     ) -> impl Future<Output = ()> {
         let (ctx, triggers) = (self.ctx.clone(), self.triggers.clone());
-        let changed = move |changes: Vec<feed::Change<K>>| {
+        let changed = move |changes: Vec<feed::Change<K::Kept>>| {
             for change in &changes {
                 if let feed::Change::Deleted((namespace, name), _) = change {
                     ctx.forget_written::<K>(namespace, name);
@@ -371,7 +373,7 @@ pub async fn run(
         all_synced: &all_synced,
     };
     let feeds = futures::future::join5(
-        feed.watch(nsg_writer, {
+        feed.watch::<crate::api::NetworkSecurityGroup>(nsg_writer, {
             let views = ctx.clone();
             move |index, change| {
                 if let feed::Change::Deleted((namespace, name), _) = change {
@@ -381,11 +383,11 @@ pub async fn run(
                 index.nsg(key, entry)
             }
         }),
-        feed.watch(policy_writer, |index, change| {
+        feed.watch::<crate::api::JitPolicy>(policy_writer, |index, change| {
             let (key, entry) = change.entry(PolicyEntry::of);
             index.policy(key, entry)
         }),
-        feed.watch(request_writer, {
+        feed.watch::<crate::api::JitRequest>(request_writer, {
             let departed = ctx.departed.clone();
             move |index, change| {
                 match change {
@@ -398,11 +400,11 @@ pub async fn run(
                 index.request(key, entry)
             }
         }),
-        feed.watch(rule_writer, |index, change| {
+        feed.watch::<crate::api::SecurityRule>(rule_writer, |index, change| {
             let (key, entry) = change.entry(RuleEntry::of);
             index.rule(key, entry)
         }),
-        feed.watch(approval_writer, |index, change| {
+        feed.watch::<crate::api::JitApproval>(approval_writer, |index, change| {
             let (key, entry) = change.entry(ApprovalEntry::of);
             index.approval(key, entry)
         }),

@@ -153,14 +153,8 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
     let keep: BTreeSet<&str> = desired.iter().map(|r| r.name.as_str()).collect();
     let uid = owner.uid.as_str();
     for stale in ctx.rules_owned_by(&namespace, uid) {
-        let is_deny = stale
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_ROLE))
-            .map(String::as_str)
-            == Some(ROLE_DENY);
-        let stale_name = stale.metadata.name.as_deref().unwrap_or_default();
+        let is_deny = stale.labels.get(LABEL_ROLE) == Some(ROLE_DENY);
+        let stale_name = stale.name.as_str();
         if is_deny && !keep.contains(stale_name) {
             tracing::info!(policy = %name, rule = stale_name, "removing stale deny rule");
             ctx.delete_rule(&namespace, stale_name).await?;

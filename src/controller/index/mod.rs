@@ -9,38 +9,106 @@
 //! It is plain data: each change goes in as `(key, Some(entry))` or `(key, None)` for a
 //! deletion, and returns the [`Wake`]: the objects of each kind whose reconcile depends on
 //! it. Tests drive it synchronously.
+//!
+//! Every name it holds is held once (see [`Names`]): a grant's request and rule appear in
+//! several maps each, and namespaces, policies, requestors and machines in thousands of
+//! entries, so copies of each would make the index a large part of the operator's memory.
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use kube::Resource;
 
+use super::cached::CachedRule;
 use crate::access::materialize::{LABEL_ROLE, ROLE_DENY};
 use crate::api::jit_policy::GrantState;
 use crate::api::jit_request::Phase;
-use crate::api::nsg_model::is_managed;
-use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::nsg_model::RuleObject;
+use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup};
 
 /// An object's namespace and name.
 pub type Key = (String, String);
 
+/// A name as the index holds it: one allocation, shared by every map that holds it.
+pub type Name = Arc<str>;
+
+/// An object's namespace and name as the index holds them.
+type Held = (Name, Name);
+
 /// A namespace, a requestor, a machine and a port: what one grant holds open.
-type PortKey = (String, String, String, u16);
+type PortKey = (Name, Name, Name, u16);
 
-fn port_key(namespace: &str, requestor: &str, (machine, port): &(String, u16)) -> PortKey {
-    (
-        namespace.to_owned(),
-        requestor.to_owned(),
-        machine.clone(),
-        *port,
-    )
-}
-
+#[cfg(test)]
 fn key(namespace: &str, name: &str) -> Key {
     (namespace.to_owned(), name.to_owned())
+}
+
+/// `name` in the namespace of `of`, as a key to wake.
+fn key_in(of: &Key, name: &str) -> Key {
+    (of.0.clone(), name.to_owned())
+}
+
+/// The key to wake for what the index holds as `held`.
+fn unheld((namespace, name): &Held) -> Key {
+    (namespace.to_string(), name.to_string())
+}
+
+/// The names the index holds, each once: every name in a map is the copy held here. One no
+/// map holds any more (its objects are gone) is dropped by a sweep once the set has doubled
+/// since the last one: amortized O(1) per name, and churn never grows the set without bound.
+#[derive(Debug)]
+struct Names {
+    held: HashSet<Name>,
+    sweep_at: usize,
+}
+
+/// Below this many names the set is never swept.
+const FEWEST_SWEPT: usize = 1024;
+
+impl Default for Names {
+    fn default() -> Self {
+        Self {
+            held: HashSet::new(),
+            sweep_at: FEWEST_SWEPT,
+        }
+    }
+}
+
+impl Names {
+    /// The held copy of `name`, which is held from now on if it was not.
+    fn hold(&mut self, name: &str) -> Name {
+        match self.held.get(name) {
+            Some(held) => held.clone(),
+            None => self.insert(name.into()),
+        }
+    }
+
+    /// [`Names::hold`] for a name already allocated: it becomes the held copy if there is
+    /// none yet.
+    fn share(&mut self, name: &Name) -> Name {
+        match self.held.get(name.as_ref()) {
+            Some(held) => held.clone(),
+            None => self.insert(name.clone()),
+        }
+    }
+
+    fn insert(&mut self, name: Name) -> Name {
+        if self.held.len() >= self.sweep_at {
+            self.held.retain(|held| Arc::strong_count(held) > 1);
+            self.sweep_at = (2 * self.held.len()).max(FEWEST_SWEPT);
+        }
+        self.held.insert(name.clone());
+        name
+    }
+
+    /// The held copy of `name`; none if no entry holds it (then no map has it either).
+    fn find(&self, name: &str) -> Option<Name> {
+        self.held.get(name).cloned()
+    }
 }
 
 /// What depends on an NSG: its spec, through the generation, and the grants its agents
@@ -72,7 +140,7 @@ impl NsgEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyEntry {
     pub generation: Option<i64>,
-    pub nsgs: BTreeSet<String>,
+    pub nsgs: BTreeSet<Name>,
 }
 
 impl PolicyEntry {
@@ -83,8 +151,15 @@ impl PolicyEntry {
                 .spec
                 .virtual_machines
                 .iter()
-                .map(|m| m.network_security_group_name.clone())
+                .map(|m| m.network_security_group_name.as_str().into())
                 .collect(),
+        }
+    }
+
+    fn held(self, names: &mut Names) -> Self {
+        Self {
+            nsgs: self.nsgs.iter().map(|n| names.share(n)).collect(),
+            ..self
         }
     }
 }
@@ -92,14 +167,14 @@ impl PolicyEntry {
 /// A request's policy, requestor and where it is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestEntry {
-    pub policy: String,
-    pub requestor: Option<String>,
+    pub policy: Name,
+    pub requestor: Option<Name>,
     pub phase: Option<Phase>,
     /// What the policy's history shows of it; a change wakes the policy.
     pub record: (Option<Phase>, Option<Timestamp>, Option<Timestamp>, bool),
     /// The (machine, port) pairs its open grants hold, sorted: where a newer request by the
     /// same requestor supersedes it. A vector, not a set: it holds one or a few pairs.
-    pub open: Vec<(String, u16)>,
+    pub open: Vec<(Name, u16)>,
     /// Whose approvals it counted at its last evaluation: when one is counted out (their
     /// role withdrawn), that approval's own status must say so too.
     pub approvers: Vec<String>,
@@ -110,8 +185,12 @@ impl RequestEntry {
         let status = request.status.as_ref();
         let phase = status.and_then(|s| s.phase);
         Self {
-            policy: request.spec.policy_name.clone(),
-            requestor: request.spec.requestor.as_ref().map(|r| r.username.clone()),
+            policy: request.spec.policy_name.as_str().into(),
+            requestor: request
+                .spec
+                .requestor
+                .as_ref()
+                .map(|r| r.username.as_str().into()),
             phase,
             record: (
                 phase,
@@ -121,11 +200,11 @@ impl RequestEntry {
             ),
             open: match status {
                 Some(status) if phase == Some(Phase::Granted) => {
-                    let mut open: Vec<(String, u16)> = status
+                    let mut open: Vec<(Name, u16)> = status
                         .grants
                         .iter()
                         .filter(|g| g.status == GrantState::Initiated)
-                        .map(|g| (g.virtual_machine.clone(), g.number))
+                        .map(|g| (g.virtual_machine.as_str().into(), g.number))
                         .collect();
                     open.sort();
                     open.dedup();
@@ -137,6 +216,16 @@ impl RequestEntry {
                 .map(|s| s.approvals.iter().map(|a| a.approver.clone()).collect())
                 .unwrap_or_default(),
         }
+    }
+
+    fn held(mut self, names: &mut Names) -> Self {
+        self.policy = names.share(&self.policy);
+        self.requestor = self.requestor.map(|r| names.share(&r));
+        for (machine, _) in &mut self.open {
+            *machine = names.share(machine);
+        }
+        self.open.shrink_to_fit();
+        self
     }
 
     fn live(&self) -> bool {
@@ -163,42 +252,41 @@ pub enum OwnerKind {
 /// A rule's NSG, whether the operator made it, and who controls it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleEntry {
-    pub nsg: String,
+    pub nsg: Name,
     /// Carries the operator's label: a JIT deny or grant, not a user's rule.
     pub managed: bool,
     pub deny: bool,
     /// The controlling owner: kind, name, UID.
-    pub owner: Option<(OwnerKind, String, String)>,
+    pub owner: Option<(OwnerKind, Name, Name)>,
 }
 
 impl RuleEntry {
-    pub fn of(rule: &SecurityRule) -> Self {
-        let role = rule
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_ROLE));
-        let owner = rule
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| {
-                let kind = if o.kind == JitPolicy::kind(&()) {
-                    OwnerKind::Policy
-                } else if o.kind == JitRequest::kind(&()) {
-                    OwnerKind::Request
-                } else {
-                    OwnerKind::Other
-                };
-                (kind, o.name.clone(), o.uid.clone())
-            });
+    pub fn of(rule: &CachedRule) -> Self {
+        let owner = rule.controller.as_ref().map(|o| {
+            let kind = if o.kind == JitPolicy::kind(&()) {
+                OwnerKind::Policy
+            } else if o.kind == JitRequest::kind(&()) {
+                OwnerKind::Request
+            } else {
+                OwnerKind::Other
+            };
+            (kind, o.name.as_str().into(), o.uid.as_str().into())
+        });
         Self {
-            nsg: rule.spec.network_security_group_name.clone(),
-            managed: is_managed(rule),
-            deny: role.is_some_and(|r| r == ROLE_DENY),
+            nsg: rule.spec.network_security_group_name.as_str().into(),
+            managed: rule.managed(),
+            deny: rule.labels.get(LABEL_ROLE) == Some(ROLE_DENY),
             owner,
+        }
+    }
+
+    fn held(self, names: &mut Names) -> Self {
+        Self {
+            nsg: names.share(&self.nsg),
+            owner: self
+                .owner
+                .map(|(kind, name, uid)| (kind, names.share(&name), names.share(&uid))),
+            ..self
         }
     }
 }
@@ -206,13 +294,19 @@ impl RuleEntry {
 /// The request an approval decides on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApprovalEntry {
-    pub request: String,
+    pub request: Name,
 }
 
 impl ApprovalEntry {
     pub fn of(approval: &JitApproval) -> Self {
         Self {
-            request: approval.spec.request_name.clone(),
+            request: approval.spec.request_name.as_str().into(),
+        }
+    }
+
+    fn held(self, names: &mut Names) -> Self {
+        Self {
+            request: names.share(&self.request),
         }
     }
 }
@@ -322,46 +416,58 @@ impl<K: std::hash::Hash + Eq, V: Ord + Clone> Multi<K, V> {
 /// The indexes. See the module documentation.
 #[derive(Debug, Default)]
 pub struct Index {
-    nsgs: HashMap<Key, NsgEntry>,
-    policies: HashMap<Key, PolicyEntry>,
-    requests: HashMap<Key, RequestEntry>,
-    rules: HashMap<Key, RuleEntry>,
+    nsgs: HashMap<Held, NsgEntry>,
+    policies: HashMap<Held, PolicyEntry>,
+    requests: HashMap<Held, RequestEntry>,
+    rules: HashMap<Held, RuleEntry>,
     /// (namespace, NSG) → policies with a machine behind it.
-    policies_by_nsg: Multi<Key, String>,
+    policies_by_nsg: Multi<Held, Name>,
     /// (namespace, policy) → every request naming it (its history).
-    requests_by_policy: Multi<Key, String>,
+    requests_by_policy: Multi<Held, Name>,
     /// (namespace, policy) → its requests not terminal yet.
-    live_by_policy: Multi<Key, String>,
+    live_by_policy: Multi<Held, Name>,
     /// (namespace, policy) → its requests not granted yet.
-    waiting_by_policy: Multi<Key, String>,
+    waiting_by_policy: Multi<Held, Name>,
     /// (namespace, requestor, machine, port) → granted requests holding that port open.
-    granted_by_port: Multi<PortKey, String>,
+    granted_by_port: Multi<PortKey, Name>,
     /// (namespace, request) → the approvals deciding on it.
-    approvals_by_request: Multi<Key, String>,
-    approvals: HashMap<Key, ApprovalEntry>,
+    approvals_by_request: Multi<Held, Name>,
+    approvals: HashMap<Held, ApprovalEntry>,
     /// (namespace, NSG) → every SecurityRule naming it.
-    rules_by_nsg: Multi<Key, String>,
+    rules_by_nsg: Multi<Held, Name>,
     /// (namespace, NSG) → users' SecurityRules naming it (what JIT placement works around).
-    user_rules_by_nsg: Multi<Key, String>,
+    user_rules_by_nsg: Multi<Held, Name>,
     /// Owner UID → the operator's rules it controls.
-    rules_by_owner: Multi<String, Key>,
+    rules_by_owner: Multi<Name, Held>,
     /// (namespace, NSG) → a number that changes whenever its user rules do, so a placement
     /// view built from them can be kept until it is out of date.
-    user_rules_revision: HashMap<Key, u64>,
+    user_rules_revision: HashMap<Held, u64>,
     revision: u64,
     granted: usize,
+    names: Names,
 }
 
 impl Index {
+    /// `key` as held: its names are held from now on.
+    fn hold(&mut self, (namespace, name): &Key) -> Held {
+        (self.names.hold(namespace), self.names.hold(name))
+    }
+
+    /// The held key of `name` in `namespace`, if the index holds both names.
+    fn held(&self, namespace: &str, name: &str) -> Option<Held> {
+        Some((self.names.find(namespace)?, self.names.find(name)?))
+    }
+
     /// Records the NSG `key` as it is now (`None`: deleted).
     pub fn nsg(&mut self, key: Key, entry: Option<NsgEntry>) -> Wake {
         let mut wake = Wake::default();
+        let held = self.hold(&key);
         let before = match &entry {
             Some(entry) => {
                 wake.nsgs.insert(key.clone());
-                self.nsgs.insert(key.clone(), entry.clone())
+                self.nsgs.insert(held.clone(), entry.clone())
             }
-            None => self.nsgs.remove(&key),
+            None => self.nsgs.remove(&held),
         };
         // A grant newly reported idle wakes its request, which revokes it.
         if let Some(entry) = &entry {
@@ -374,7 +480,9 @@ impl Index {
                 if let Some(RuleEntry {
                     owner: Some((OwnerKind::Request, request, _)),
                     ..
-                }) = self.rules.get(&key_in(&key, rule))
+                }) = self
+                    .held(&key.0, rule)
+                    .and_then(|rule| self.rules.get(&rule))
                 {
                     wake.requests.insert(key_in(&key, request));
                 }
@@ -382,14 +490,11 @@ impl Index {
         }
         // Policies place their denies, and waiting requests their grants, from the spec.
         if before.map(|b| b.generation) != entry.map(|e| e.generation) {
-            for policy in self.policies_on(&key.0, &key.1) {
-                let policy = (key.0.clone(), policy);
-                wake.requests.extend(
-                    self.waiting_by_policy
-                        .get(&policy)
-                        .map(|r| key_in(&policy, r)),
-                );
-                wake.policies.insert(policy);
+            for policy in self.policies_by_nsg.get(&held) {
+                let policy = (held.0.clone(), policy.clone());
+                wake.requests
+                    .extend(self.waiting_by_policy.get(&policy).map(|r| key_in(&key, r)));
+                wake.policies.insert(unheld(&policy));
             }
         }
         wake
@@ -401,11 +506,13 @@ impl Index {
         if entry.is_some() {
             wake.policies.insert(key.clone());
         }
+        let held = self.hold(&key);
+        let entry = entry.map(|e| e.held(&mut self.names));
         let before = match &entry {
-            Some(entry) => self.policies.insert(key.clone(), entry.clone()),
-            None => self.policies.remove(&key),
+            Some(entry) => self.policies.insert(held.clone(), entry.clone()),
+            None => self.policies.remove(&held),
         };
-        let (namespace, name) = &key;
+        let (namespace, name) = &held;
         for nsg in before.iter().flat_map(|b| &b.nsgs) {
             self.policies_by_nsg
                 .remove(&(namespace.clone(), nsg.clone()), name);
@@ -425,7 +532,7 @@ impl Index {
                     .map(|nsg| key_in(&key, nsg)),
             );
             wake.requests
-                .extend(self.live_by_policy.get(&key).map(|r| key_in(&key, r)));
+                .extend(self.live_by_policy.get(&held).map(|r| key_in(&key, r)));
         }
         wake
     }
@@ -436,14 +543,16 @@ impl Index {
         if entry.is_some() {
             wake.requests.insert(key.clone());
         }
+        let held = self.hold(&key);
+        let entry = entry.map(|e| e.held(&mut self.names));
         let before = match &entry {
-            Some(entry) => self.requests.insert(key.clone(), entry.clone()),
-            None => self.requests.remove(&key),
+            Some(entry) => self.requests.insert(held.clone(), entry.clone()),
+            None => self.requests.remove(&held),
         };
-        let (namespace, name) = &key;
+        let (namespace, name) = &held;
         for (entry, present) in [(&before, false), (&entry, true)] {
             let Some(entry) = entry else { continue };
-            let policy = key_in(&key, &entry.policy);
+            let policy = (namespace.clone(), entry.policy.clone());
             self.requests_by_policy
                 .set(policy.clone(), name.clone(), present);
             self.live_by_policy
@@ -451,9 +560,9 @@ impl Index {
             self.waiting_by_policy
                 .set(policy, name.clone(), present && entry.waiting());
             if let Some(requestor) = &entry.requestor {
-                for open in &entry.open {
+                for (machine, port) in &entry.open {
                     self.granted_by_port.set(
-                        port_key(namespace, requestor, open),
+                        (namespace.clone(), requestor.clone(), machine.clone(), *port),
                         name.clone(),
                         present,
                     );
@@ -472,8 +581,11 @@ impl Index {
         if before.as_ref().map(|b| (b.phase, &b.approvers))
             != entry.as_ref().map(|e| (e.phase, &e.approvers))
         {
-            wake.approvals
-                .extend(self.approvals_by_request.get(&key).map(|a| key_in(&key, a)));
+            wake.approvals.extend(
+                self.approvals_by_request
+                    .get(&held)
+                    .map(|a| key_in(&key, a)),
+            );
         }
         if before.as_ref().map(|b| &b.record) != entry.as_ref().map(|e| &e.record)
             || before.as_ref().map(|b| &b.policy) != entry.as_ref().map(|e| &e.policy)
@@ -490,14 +602,15 @@ impl Index {
         if let Some(entry) = &entry
             && let Some(requestor) = &entry.requestor
         {
-            for open in entry
+            for (machine, port) in entry
                 .open
                 .iter()
                 .filter(|o| !before.as_ref().is_some_and(|b| b.open.contains(*o)))
             {
+                let port = (namespace.clone(), requestor.clone(), machine.clone(), *port);
                 wake.requests.extend(
                     self.granted_by_port
-                        .get(&port_key(namespace, requestor, open))
+                        .get(&port)
                         .filter(|peer| *peer != name)
                         .map(|peer| key_in(&key, peer)),
                 );
@@ -511,22 +624,24 @@ impl Index {
     /// must reach the policy that restores it.
     pub fn rule(&mut self, key: Key, entry: Option<RuleEntry>) -> Wake {
         let mut wake = Wake::default();
+        let held = self.hold(&key);
+        let entry = entry.map(|e| e.held(&mut self.names));
         let before = match &entry {
-            Some(entry) => self.rules.insert(key.clone(), entry.clone()),
-            None => self.rules.remove(&key),
+            Some(entry) => self.rules.insert(held.clone(), entry.clone()),
+            None => self.rules.remove(&held),
         };
-        let name = &key.1;
+        let name = &held.1;
         for (entry, present) in [(&before, false), (&entry, true)] {
             let Some(entry) = entry else { continue };
-            let nsg = key_in(&key, &entry.nsg);
+            let nsg = (held.0.clone(), entry.nsg.clone());
             self.rules_by_nsg.set(nsg.clone(), name.clone(), present);
             self.user_rules_by_nsg
                 .set(nsg.clone(), name.clone(), present && !entry.managed);
             if let Some((_, _, uid)) = &entry.owner {
                 self.rules_by_owner
-                    .set(uid.clone(), key.clone(), present && entry.managed);
+                    .set(uid.clone(), held.clone(), present && entry.managed);
             }
-            wake.nsgs.insert(nsg.clone());
+            wake.nsgs.insert(unheld(&nsg));
             if entry.managed {
                 // The operator's rule changed or went: its owner restores or accepts it.
                 match &entry.owner {
@@ -541,12 +656,9 @@ impl Index {
             } else {
                 // A user's rule can move where the policies' denies go.
                 self.revision += 1;
-                self.user_rules_revision.insert(nsg.clone(), self.revision);
-                wake.policies.extend(
-                    self.policies_on(&nsg.0, &nsg.1)
-                        .iter()
-                        .map(|p| key_in(&nsg, p)),
-                );
+                wake.policies
+                    .extend(self.policies_by_nsg.get(&nsg).map(|p| key_in(&key, p)));
+                self.user_rules_revision.insert(nsg, self.revision);
             }
         }
         wake
@@ -555,47 +667,47 @@ impl Index {
     /// Records the approval `key` as it is now (`None`: deleted): it and its request wake.
     pub fn approval(&mut self, key: Key, entry: Option<ApprovalEntry>) -> Wake {
         let mut wake = Wake::default();
+        let held = self.hold(&key);
+        let entry = entry.map(|e| e.held(&mut self.names));
         let before = match &entry {
             Some(entry) => {
                 wake.approvals.insert(key.clone());
-                self.approvals.insert(key.clone(), entry.clone())
+                self.approvals.insert(held.clone(), entry.clone())
             }
-            None => self.approvals.remove(&key),
+            None => self.approvals.remove(&held),
         };
         for (entry, present) in [(&before, false), (&entry, true)] {
             let Some(entry) = entry else { continue };
-            let request = key_in(&key, &entry.request);
+            let request = (held.0.clone(), entry.request.clone());
             self.approvals_by_request
-                .set(request.clone(), key.1.clone(), present);
+                .set(request.clone(), held.1.clone(), present);
             if self.requests.contains_key(&request) {
-                wake.requests.insert(request);
+                wake.requests.insert(unheld(&request));
             }
         }
         wake
     }
 
+    /// The names under `name` in `namespace` in `multi`.
+    fn names_under(&self, multi: &Multi<Held, Name>, namespace: &str, name: &str) -> Vec<String> {
+        self.held(namespace, name)
+            .map(|key| multi.get(&key).map(|n| n.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// The approvals deciding on `request` in `namespace`.
     pub fn approvals_of(&self, namespace: &str, request: &str) -> Vec<String> {
-        self.approvals_by_request
-            .get(&key(namespace, request))
-            .cloned()
-            .collect()
+        self.names_under(&self.approvals_by_request, namespace, request)
     }
 
     /// The policies with a machine behind NSG `nsg` in `namespace`.
     pub fn policies_on(&self, namespace: &str, nsg: &str) -> Vec<String> {
-        self.policies_by_nsg
-            .get(&key(namespace, nsg))
-            .cloned()
-            .collect()
+        self.names_under(&self.policies_by_nsg, namespace, nsg)
     }
 
     /// Every request naming `policy` in `namespace`.
     pub fn requests_of(&self, namespace: &str, policy: &str) -> Vec<String> {
-        self.requests_by_policy
-            .get(&key(namespace, policy))
-            .cloned()
-            .collect()
+        self.names_under(&self.requests_by_policy, namespace, policy)
     }
 
     /// The granted requests of `requestor` in `namespace` holding `port` on `machine` open.
@@ -606,44 +718,45 @@ impl Index {
         machine: &str,
         port: u16,
     ) -> Vec<String> {
+        let (Some(namespace), Some(requestor), Some(machine)) = (
+            self.names.find(namespace),
+            self.names.find(requestor),
+            self.names.find(machine),
+        ) else {
+            return Vec::new();
+        };
         self.granted_by_port
-            .get(&port_key(namespace, requestor, &(machine.to_owned(), port)))
-            .cloned()
+            .get(&(namespace, requestor, machine, port))
+            .map(|n| n.to_string())
             .collect()
     }
 
     /// Every SecurityRule naming NSG `nsg` in `namespace`.
     pub fn rules_on(&self, namespace: &str, nsg: &str) -> Vec<String> {
-        self.rules_by_nsg
-            .get(&key(namespace, nsg))
-            .cloned()
-            .collect()
+        self.names_under(&self.rules_by_nsg, namespace, nsg)
     }
 
     /// The users' SecurityRules naming NSG `nsg` in `namespace`, and their revision.
     pub fn user_rules_on(&self, namespace: &str, nsg: &str) -> (Vec<String>, u64) {
-        let nsg = key(namespace, nsg);
+        let revision = self
+            .held(namespace, nsg)
+            .and_then(|nsg| self.user_rules_revision.get(&nsg).copied());
         (
-            self.user_rules_by_nsg.get(&nsg).cloned().collect(),
-            self.user_rules_revision.get(&nsg).copied().unwrap_or(0),
+            self.names_under(&self.user_rules_by_nsg, namespace, nsg),
+            revision.unwrap_or(0),
         )
     }
 
     /// The operator's rules the object with UID `owner` controls.
     pub fn rules_owned_by(&self, owner: &str) -> Vec<Key> {
-        self.rules_by_owner
-            .get(&owner.to_owned())
-            .cloned()
-            .collect()
+        self.names
+            .find(owner)
+            .map(|owner| self.rules_by_owner.get(&owner).map(unheld).collect())
+            .unwrap_or_default()
     }
 
     /// How many requests are granted right now.
     pub fn granted(&self) -> usize {
         self.granted
     }
-}
-
-/// `name` in the namespace of `of`.
-fn key_in(of: &Key, name: &str) -> Key {
-    (of.0.clone(), name.to_owned())
 }

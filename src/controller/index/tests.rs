@@ -16,7 +16,7 @@ fn keys(names: &[&str]) -> BTreeSet<Key> {
 fn policy(generation: i64, nsgs: &[&str]) -> Option<PolicyEntry> {
     Some(PolicyEntry {
         generation: Some(generation),
-        nsgs: nsgs.iter().map(|n| (*n).to_owned()).collect(),
+        nsgs: nsgs.iter().map(|n| (*n).into()).collect(),
     })
 }
 
@@ -27,7 +27,7 @@ fn request(policy: &str, requestor: &str, phase: Option<Phase>) -> Option<Reques
         phase,
         record: (phase, None, None, false),
         open: if phase == Some(Phase::Granted) {
-            vec![("vm".to_owned(), 22)]
+            vec![("vm".into(), 22)]
         } else {
             Vec::new()
         },
@@ -40,7 +40,7 @@ fn rule(nsg: &str, owner: Option<(OwnerKind, &str)>, deny: bool) -> Option<RuleE
         nsg: nsg.into(),
         managed: owner.is_some(),
         deny,
-        owner: owner.map(|(kind, name)| (kind, name.to_owned(), format!("uid-{name}"))),
+        owner: owner.map(|(kind, name)| (kind, name.into(), format!("uid-{name}").into())),
     })
 }
 
@@ -176,7 +176,7 @@ fn a_new_grant_wakes_the_requestors_other_grants_only() {
     assert_eq!(wake.requests, keys(&["newer"]));
     // A grant of another port on the same machine supersedes nothing.
     let mut rdp = request("p1", "bob", Some(Phase::Granted)).unwrap();
-    rdp.open = vec![("vm".to_owned(), 3389)];
+    rdp.open = vec![("vm".into(), 3389)];
     let wake = index.request(k("rdp"), Some(rdp));
     assert_eq!(wake.requests, keys(&["rdp"]));
 }
@@ -225,7 +225,7 @@ fn a_user_rule_moving_between_nsgs_wakes_both_sides() {
 
 #[test]
 fn entries_read_labels_and_controlling_owner() {
-    let object: SecurityRule = serde_json::from_value(json!({
+    let object: crate::api::SecurityRule = serde_json::from_value(json!({
         "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "SecurityRule",
         "metadata": {
             "name": "jit-deny-p-m-0123abcd", "namespace": NS,
@@ -245,7 +245,7 @@ fn entries_read_labels_and_controlling_owner() {
     }))
     .unwrap();
     assert_eq!(
-        RuleEntry::of(&object),
+        RuleEntry::of(&CachedRule::of(object)),
         RuleEntry {
             nsg: "a".into(),
             managed: true,
@@ -306,4 +306,23 @@ fn an_approver_counted_out_wakes_the_approvals_of_the_request() {
     );
     let dave_out = index.request(k("ask"), waiting(&["carol"]));
     assert_eq!(dave_out.approvals, keys(&["carol", "dave"]));
+}
+
+#[test]
+fn names_of_objects_gone_are_not_held_for_ever() {
+    let mut index = populated();
+    for i in 0..8 * FEWEST_SWEPT {
+        let (name, requestor) = (format!("r-{i}"), format!("u-{i}"));
+        index.request(k(&name), request("p1", &requestor, Some(Phase::Granted)));
+        index.request(k(&name), None);
+    }
+    assert!(
+        index.names.held.len() <= 2 * FEWEST_SWEPT,
+        "{} names held",
+        index.names.held.len()
+    );
+    // What is still indexed keeps its names.
+    assert_eq!(index.requests_of(NS, "p1"), vec!["done", "open", "waits"]);
+    assert_eq!(index.granted_on(NS, "bob", "vm", 22), vec!["open"]);
+    assert_eq!(index.policies_on(NS, "a"), vec!["p1", "p2"]);
 }

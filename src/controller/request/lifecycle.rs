@@ -39,8 +39,7 @@ pub(super) async fn close_all(
 ) -> Result<(), Error> {
     let uid = request.metadata.uid.as_deref().unwrap_or_default();
     for rule in ctx.rules_owned_by(namespace, uid) {
-        ctx.delete_rule(namespace, rule.metadata.name.as_deref().unwrap_or_default())
-            .await?;
+        ctx.delete_rule(namespace, &rule.name).await?;
     }
     Ok(())
 }
@@ -235,9 +234,7 @@ async fn decide(
         .iter()
         .filter_map(|(grant, _)| {
             let rule_name = allow_name(request, name, grant);
-            let rule = owned
-                .iter()
-                .find(|r| r.metadata.name.as_deref() == Some(rule_name.as_str()))?;
+            let rule = owned.iter().find(|r| r.name == rule_name)?;
             let expires = rule.spec.expires_at.as_ref()?.0;
             expires
                 .checked_sub(jiff::SignedDuration::try_from(grant.duration).ok()?)
