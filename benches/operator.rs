@@ -175,6 +175,8 @@ async fn burst_by_hand(
     use k8s_openapi::api::authorization::v1::SubjectAccessReview;
     use k8s_openapi::api::events::v1::Event;
     use kube::api::{Patch, PatchParams};
+    use portcullis::api::INITIATE;
+    use portcullis::controller::context::access_review;
     use portcullis::rules::{PortRange, Protocol, Scope, place};
     let operator = plane.client(OPERATOR).await?;
     let mut policies = Vec::new();
@@ -207,17 +209,8 @@ async fn burst_by_hand(
                         &request(&format!("hand-{i}"), i, 0, "PT24H")?,
                     )
                     .await?;
-            let requestor = created.spec.requestor.clone().ok_or("not stamped")?;
-            let review: SubjectAccessReview = serde_json::from_value(json!({
-                "spec": {
-                    "user": requestor.username,
-                    "groups": requestor.groups,
-                    "resourceAttributes": {
-                        "namespace": ns, "verb": "initiate", "group": "jit.portcullis.dev",
-                        "resource": "jitpolicies", "name": created.spec.policy_name,
-                    },
-                },
-            }))?;
+            let requestor = created.spec.requestor.as_ref().ok_or("not stamped")?;
+            let review = access_review(requestor, INITIATE, &ns, &created.spec.policy_name);
             Api::<SubjectAccessReview>::all(operator.clone())
                 .create(&PostParams::default(), &review)
                 .await?;

@@ -36,6 +36,25 @@ pub const VERSION: &str = "v1alpha1";
 /// analogue of Azure's `jitNetworkAccessPolicies/initiate/action`.
 pub const INITIATE: &str = "initiate";
 
+/// What an access review asks about: `verb` on the Portcullis `resource` (`name`, when
+/// one) in `namespace`. The operator (SubjectAccessReview) and `kubectl jit`
+/// (SelfSubjectAccessReview) ask the same question.
+pub fn access_attributes(
+    namespace: &str,
+    verb: &str,
+    resource: &str,
+    name: Option<&str>,
+) -> k8s_openapi::api::authorization::v1::ResourceAttributes {
+    k8s_openapi::api::authorization::v1::ResourceAttributes {
+        namespace: Some(namespace.to_owned()),
+        verb: Some(verb.to_owned()),
+        group: Some(GROUP.to_owned()),
+        resource: Some(resource.to_owned()),
+        name: name.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
 /// All CRDs in a stable order: what `portcullis crds` prints and `crds/` holds.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![

@@ -226,3 +226,19 @@ pub struct IdleGrant {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_packet: Option<Time>,
 }
+
+/// An NSG with nothing in it, named `name` in `namespace`: for the tests of what caches,
+/// indexes and runs over NSGs.
+#[cfg(test)]
+pub fn empty(namespace: &str, name: &str) -> NetworkSecurityGroup {
+    let mut nsg = NetworkSecurityGroup::new(
+        name,
+        NetworkSecurityGroupSpec {
+            virtual_network_prefixes: Vec::new(),
+            load_balancer_prefixes: Vec::new(),
+            security_rules: Vec::new(),
+        },
+    );
+    nsg.metadata.namespace = Some(namespace.to_owned());
+    nsg
+}

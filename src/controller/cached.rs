@@ -203,22 +203,9 @@ mod tests {
     use super::*;
     use crate::access::materialize;
 
-    fn nsg(namespace: &str, name: &str) -> NetworkSecurityGroup {
-        let mut nsg = NetworkSecurityGroup::new(
-            name,
-            crate::api::NetworkSecurityGroupSpec {
-                virtual_network_prefixes: Vec::new(),
-                load_balancer_prefixes: Vec::new(),
-                security_rules: Vec::new(),
-            },
-        );
-        nsg.metadata.namespace = Some(namespace.to_owned());
-        nsg
-    }
-
     #[test]
     fn the_cache_keeps_no_copy_of_the_object_and_the_users_annotations() {
-        let mut object = nsg("a", "web");
+        let mut object = crate::api::nsg::empty("a", "web");
         object.metadata.managed_fields = Some(vec![Default::default()]);
         object.metadata.annotations = Some(
             [

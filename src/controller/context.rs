@@ -10,9 +10,7 @@ use kube::Resource;
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
-};
+use k8s_openapi::api::authorization::v1::{SubjectAccessReview, SubjectAccessReviewSpec};
 
 use super::cached::{CachedRule, Keep};
 use super::index::{Index, Key};
@@ -23,7 +21,7 @@ use crate::api::convert::ConvertError;
 use crate::api::jit_request::Requestor;
 use crate::api::nsg_model::{NsgModel, RuleObject};
 pub use crate::api::nsg_model::{expired, is_managed, object_rule};
-use crate::api::{GROUP, JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self, Scope};
 
 /// The reflector caches, read instead of the API on every hot path.
@@ -236,6 +234,32 @@ impl Context {
     }
 }
 
+/// The SubjectAccessReview of whether `requestor` (user, uid, groups and extra, exactly as
+/// admission recorded them) may `verb` the policy `policy` in `namespace`.
+pub fn access_review(
+    requestor: &Requestor,
+    verb: &str,
+    namespace: &str,
+    policy: &str,
+) -> SubjectAccessReview {
+    SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(requestor.username.clone()),
+            uid: requestor.uid.clone().filter(|u| !u.is_empty()),
+            groups: Some(requestor.groups.clone()),
+            extra: (!requestor.extra.is_empty()).then(|| requestor.extra.clone()),
+            resource_attributes: Some(crate::api::access_attributes(
+                namespace,
+                verb,
+                &JitPolicy::plural(&()),
+                Some(policy),
+            )),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    }
+}
+
 impl Context {
     /// Asks the apiserver whether `requestor` (user, uid, groups and extra, exactly as
     /// admission recorded them) may `verb` the policy `policy` in `namespace`; returns the
@@ -248,24 +272,7 @@ impl Context {
         namespace: &str,
         policy: &str,
     ) -> Result<Option<Violation>, super::Error> {
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(requestor.username.clone()),
-                uid: requestor.uid.clone().filter(|u| !u.is_empty()),
-                groups: Some(requestor.groups.clone()),
-                extra: (!requestor.extra.is_empty()).then(|| requestor.extra.clone()),
-                resource_attributes: Some(ResourceAttributes {
-                    namespace: Some(namespace.to_owned()),
-                    verb: Some(verb.to_owned()),
-                    group: Some(GROUP.to_owned()),
-                    resource: Some(JitPolicy::plural(&()).into_owned()),
-                    name: Some(policy.to_owned()),
-                    ..ResourceAttributes::default()
-                }),
-                ..SubjectAccessReviewSpec::default()
-            },
-            ..SubjectAccessReview::default()
-        };
+        let review = access_review(requestor, verb, namespace, policy);
         let reviewed = kube::Api::<SubjectAccessReview>::all(self.client.clone())
             .create(&kube::api::PostParams::default(), &review)
             .await?;

@@ -243,16 +243,7 @@ mod tests {
     use super::*;
 
     fn nsg(namespace: &str, name: &str) -> Arc<NetworkSecurityGroup> {
-        let mut nsg = NetworkSecurityGroup::new(
-            name,
-            crate::api::NetworkSecurityGroupSpec {
-                virtual_network_prefixes: Vec::new(),
-                load_balancer_prefixes: Vec::new(),
-                security_rules: Vec::new(),
-            },
-        );
-        nsg.metadata.namespace = Some(namespace.to_owned());
-        Arc::new(nsg)
+        Arc::new(crate::api::nsg::empty(namespace, name))
     }
 
     #[test]

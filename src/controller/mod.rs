@@ -1,4 +1,4 @@
-//! The operator: four kube-runtime controllers sharing one [`Context`].
+//! The operator: four controllers sharing one [`Context`], each driven by [`runner`].
 //!
 //! - [`nsg`] aggregates inline rules, `SecurityRule` objects and the defaults into each
 //!   NSG's effective view, conflicts and exposure;

@@ -206,6 +206,8 @@ pub async fn run<K, R, F>(
     let mut queue: Queue<Key> = Queue::new(&settings);
     let mut running = FuturesUnordered::new();
     let mut shutdown = pin!(shutdown);
+    // One timer, moved to the queue's next deadline, not a new one per event.
+    let mut sleep = pin!(tokio::time::sleep_until(Instant::now()));
     let mut stopping = false;
     loop {
         while !stopping && running.len() < settings.concurrency.max(1) {
@@ -223,6 +225,11 @@ pub async fn run<K, R, F>(
             return;
         }
         let timer = queue.next_timer();
+        if let Some(at) = timer
+            && sleep.deadline() != at
+        {
+            sleep.as_mut().reset(at);
+        }
         tokio::select! {
             Some((key, action)) = running.next(), if !running.is_empty() => {
                 queue.finished(&key, action, Instant::now());
@@ -233,7 +240,7 @@ pub async fn run<K, R, F>(
                 }
                 None => stopping = true,
             },
-            () = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() && !stopping => {
+            () = &mut sleep, if timer.is_some() && !stopping => {
                 queue.fire(Instant::now());
             }
             () = &mut shutdown, if !stopping => stopping = true,
@@ -390,20 +397,11 @@ mod tests {
 
     #[tokio::test]
     async fn run_reconciles_woken_objects_and_stops_on_shutdown() {
-        use crate::api::{NetworkSecurityGroup, NetworkSecurityGroupSpec};
+        use crate::api::NetworkSecurityGroup;
         use kube::runtime::reflector;
         use kube::runtime::watcher::Event;
         let (reader, mut writer) = reflector::store::<NetworkSecurityGroup>();
-        let mut nsg = NetworkSecurityGroup::new(
-            "web",
-            NetworkSecurityGroupSpec {
-                virtual_network_prefixes: Vec::new(),
-                load_balancer_prefixes: Vec::new(),
-                security_rules: Vec::new(),
-            },
-        );
-        nsg.metadata.namespace = Some("ns".into());
-        writer.apply_watcher_event(&Event::Apply(nsg));
+        writer.apply_watcher_event(&Event::Apply(crate::api::nsg::empty("ns", "web")));
         let (wakes, woken) = futures::channel::mpsc::unbounded();
         let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -437,5 +435,43 @@ mod tests {
         let _ = stop.send(());
         runner.await.expect("the runner stops");
         assert_eq!(seen.recv().await, None, "nothing else ran");
+    }
+
+    /// A requeue comes back by itself, at its time (the expiry of a grant is one).
+    #[tokio::test(start_paused = true)]
+    async fn run_reconciles_again_when_a_requeue_is_due() {
+        use crate::api::NetworkSecurityGroup;
+        use kube::runtime::reflector;
+        use kube::runtime::watcher::Event;
+        let (reader, mut writer) = reflector::store::<NetworkSecurityGroup>();
+        writer.apply_watcher_event(&Event::Apply(crate::api::nsg::empty("ns", "web")));
+        let (wakes, woken) = futures::channel::mpsc::unbounded();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(run(
+            reader,
+            woken,
+            Settings::immediate(1),
+            move |_: Arc<NetworkSecurityGroup>| {
+                let (seen, runs) = (seen_tx.clone(), runs.clone());
+                async move {
+                    let _ = seen.send(Instant::now());
+                    match runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                        0 => Action::requeue(Duration::from_secs(30)),
+                        _ => Action::await_change(),
+                    }
+                }
+            },
+            std::future::pending(),
+        ));
+        wakes
+            .unbounded_send(ObjectRef::new("web").within("ns"))
+            .expect("runner listens");
+        let first = seen.recv().await.expect("first run");
+        let second = seen.recv().await.expect("the requeue");
+        assert_eq!(second.duration_since(first), Duration::from_secs(30));
+        // Asked for nothing more: nothing more runs.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(seen.try_recv().is_err());
     }
 }

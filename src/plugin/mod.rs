@@ -201,18 +201,16 @@ impl Session {
         name: Option<&str>,
     ) -> Result<bool, Error> {
         use k8s_openapi::api::authorization::v1::{
-            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+            SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
         };
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(ResourceAttributes {
-                    namespace: Some(self.namespace.clone()),
-                    verb: Some(verb.to_owned()),
-                    group: Some(crate::api::GROUP.to_owned()),
-                    resource: Some(resource.to_owned()),
-                    name: name.map(str::to_owned),
-                    ..ResourceAttributes::default()
-                }),
+                resource_attributes: Some(crate::api::access_attributes(
+                    &self.namespace,
+                    verb,
+                    resource,
+                    name,
+                )),
                 ..SelfSubjectAccessReviewSpec::default()
             },
             ..SelfSubjectAccessReview::default()

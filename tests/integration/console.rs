@@ -10,7 +10,9 @@ use kube::api::Api;
 use portcullis::api::JitRequest;
 use portcullis::api::jit_request::Phase;
 
-use crate::support::{Ctx, TestResult, eventually, ssh_policy, succeeded, web_nsg};
+use crate::support::{
+    Ctx, TestResult, approver_binding, eventually, ssh_policy, succeeded, web_nsg,
+};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![the_console_serves_only_its_user_and_acts_as_them]
@@ -258,6 +260,14 @@ async fn the_console_serves_only_its_user_and_acts_as_them(ctx: Ctx) -> TestResu
     )?;
     assert_eq!(status, 403, "{refused}");
     assert!(refused.contains("jitapprovals"), "{refused}");
+    // Any other refusal keeps its status too: revoking a request that does not exist.
+    let (status, _, missing) = console.call(
+        "POST",
+        "/api/requests/nope/revoke",
+        &[("Cookie", &cookie), ("Content-Type", "application/json")],
+        "{}",
+    )?;
+    assert_eq!(status, 404, "{missing}");
     assert_eq!(
         granted.spec.requestor.map(|r| r.username).as_deref(),
         Some("alice")
@@ -304,7 +314,7 @@ async fn in_a_browser(ctx: &Ctx, console: &Console) -> Result<(), Error> {
                 ),
         ),
     )?;
-    succeeded(&ctx.apply(crate::support::ALICE_APPROVES))?;
+    succeeded(&ctx.apply(&approver_binding("alice")))?;
     succeeded(
         &ctx.apply_as(
             "bob",

@@ -357,16 +357,21 @@ pub fn inline_allow(name: &str, priority: u32, source: &str, port: u16) -> Strin
     )
 }
 
-/// A RoleBinding of `portcullis-approver` to user alice in the namespace it is applied to:
-/// she may then approve others' requests (and her own is refused on its merits, not by RBAC).
-pub const ALICE_APPROVES: &str = r#"apiVersion: rbac.authorization.k8s.io/v1
+/// A RoleBinding `{user}-approves` of `portcullis-approver` to `user` in the namespace it
+/// is applied to: they may then approve others' requests (their own is refused on its
+/// merits, not by RBAC). Deleting the binding withdraws the role.
+pub fn approver_binding(user: &str) -> String {
+    format!(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
 metadata:
-  name: alice-approves
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-approver}
+  name: {user}-approves
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-approver}}
 subjects:
-- {kind: User, apiGroup: rbac.authorization.k8s.io, name: alice}
-"#;
+- {{kind: User, apiGroup: rbac.authorization.k8s.io, name: {user}}}
+"#
+    )
+}
 
 /// Policy `web` protecting SSH on web-1 (198.18.0.10, behind `nsg`) from `source` for up
 /// to an hour; `more` follows that port, so it may add fields to it (indented six spaces).

@@ -8,7 +8,9 @@ use portcullis::api::jit_request::Phase;
 use portcullis::api::{JitApproval, JitRequest};
 use portcullis::testenv::APPROVERS;
 
-use crate::support::{Ctx, TestResult, eventually, ssh_policy, succeeded, web_nsg};
+use crate::support::{
+    Ctx, TestResult, approver_binding, eventually, ssh_policy, succeeded, web_nsg,
+};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
@@ -69,7 +71,7 @@ spec:
 /// approve others' requests, and her own is refused on its merits, not by RBAC), and a role
 /// that may only create approvals to group `hopefuls`.
 fn bind_roles(ctx: &Ctx) -> Result<(), Error> {
-    succeeded(&ctx.apply(crate::support::ALICE_APPROVES))?;
+    succeeded(&ctx.apply(&approver_binding("alice")))?;
     succeeded(&ctx.apply(
         r#"apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
@@ -344,16 +346,7 @@ async fn a_start_more_than_a_week_ahead_is_denied(ctx: Ctx) -> TestResult {
 async fn an_approval_stops_counting_when_its_approver_loses_the_role(ctx: Ctx) -> TestResult {
     setup(&ctx, "  approval:\n    approvalsRequired: 2\n")?;
     bind_roles(&ctx)?;
-    succeeded(&ctx.apply(
-        r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: dave-approves
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-approver}
-subjects:
-- {kind: User, apiGroup: rbac.authorization.k8s.io, name: dave}
-"#,
-    ))?;
+    succeeded(&ctx.apply(&approver_binding("dave")))?;
     succeeded(&ctx.apply_as("alice", &["team-web"], &request("ask", "PT10M", "")))?;
     until_reason(&ctx, "ask", Phase::Pending, "AwaitingApproval").await?;
     succeeded(&ctx.apply_as("dave", &[], &approval("dave", "ask", "Approve", "ok")))?;
