@@ -124,11 +124,7 @@ pub async fn reconcile(approval: Arc<JitApproval>, ctx: Arc<Context>) -> Result<
         message,
     };
     if status != previous {
-        ctx.apply_status(
-            approval.as_ref(),
-            serde_json::to_value(&status).expect("status serializes"),
-        )
-        .await?;
+        ctx.apply_status(approval.as_ref(), &status).await?;
     }
     Ok(Action::await_change())
 }

@@ -179,20 +179,40 @@ pub const KEPT_LABELS: [&str; 6] = [
     LABEL_REQUEST,
 ];
 
-/// A rule's values of the [`KEPT_LABELS`], in that order: a map of six would cost a tree
-/// node and a copy of each key per rule.
+/// A rule's values of the [`KEPT_LABELS`], one after another in one string: a map of six
+/// would cost a tree node and a copy of each key per rule, and six strings six allocations
+/// of at least 32 bytes each, for values of a few characters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RuleLabels([Option<Box<str>>; KEPT_LABELS.len()]);
+pub struct RuleLabels {
+    values: Box<str>,
+    /// Where each label's value lies in `values`; none for a label not set.
+    spans: [Option<(u16, u16)>; KEPT_LABELS.len()],
+}
 
 impl RuleLabels {
     fn of(labels: &BTreeMap<String, String>) -> Self {
-        Self(KEPT_LABELS.map(|key| labels.get(key).map(|v| v.as_str().into())))
+        let mut values = String::new();
+        let spans = KEPT_LABELS.map(|key| {
+            let value = labels.get(key)?;
+            let start = values.len();
+            values.push_str(value);
+            // A label value has at most 63 characters.
+            Some((
+                u16::try_from(start).ok()?,
+                u16::try_from(values.len()).ok()?,
+            ))
+        });
+        Self {
+            values: values.into(),
+            spans,
+        }
     }
 
     /// The value of label `key`; none for a label not set, or not kept.
     pub fn get(&self, key: &str) -> Option<&str> {
         let at = KEPT_LABELS.iter().position(|k| *k == key)?;
-        self.0[at].as_deref()
+        let (start, end) = self.spans[at]?;
+        self.values.get(usize::from(start)..usize::from(end))
     }
 }
 
@@ -301,6 +321,20 @@ mod tests {
         assert!(!kept.managed());
         assert_eq!(kept.labels, RuleLabels::default());
         assert_eq!(kept.controller, None);
+    }
+
+    #[test]
+    fn an_empty_label_is_set_and_a_missing_one_is_not() {
+        let labels = RuleLabels::of(
+            &[
+                (LABEL_ROLE.to_owned(), String::new()),
+                (LABEL_REQUEST.to_owned(), "r".to_owned()),
+            ]
+            .into(),
+        );
+        assert_eq!(labels.get(LABEL_ROLE), Some(""));
+        assert_eq!(labels.get(LABEL_REQUEST), Some("r"));
+        assert_eq!(labels.get(LABEL_NSG), None);
     }
 
     #[test]

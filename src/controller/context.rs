@@ -325,24 +325,21 @@ pub fn ownership(rule: &CachedRule, owner_uid: &str) -> Ownership {
 impl Context {
     /// Writes `status` by server-side apply as the operator's field manager. Fields other
     /// managers own (agents' enforcement reports) are left alone.
-    pub async fn apply_status<K>(
-        &self,
-        object: &K,
-        status: serde_json::Value,
-    ) -> Result<(), super::Error>
+    pub async fn apply_status<K, S>(&self, object: &K, status: &S) -> Result<(), super::Error>
     where
         K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
             + Clone
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
+        S: serde::Serialize + std::fmt::Debug + Sync,
     {
         let (name, namespace) = super::name_and_namespace(object, "object")?;
         let api: kube::Api<K> = kube::Api::namespaced(self.client.clone(), &namespace);
-        let patch = serde_json::json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "status": status,
-        });
+        let patch = StatusPatch {
+            api_version: K::api_version(&()),
+            kind: K::kind(&()),
+            status,
+        };
         let written = api
             .patch_status(
                 &name,
@@ -392,6 +389,17 @@ impl Context {
             .expect("written lock")
             .remove(&written_key::<K>(namespace, name));
     }
+}
+
+/// The body of a status write, serialized straight from the status: a JSON tree of it
+/// first would cost many times its size (a policy's history is hundreds of nodes), once per
+/// write in flight.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusPatch<'a, S> {
+    api_version: std::borrow::Cow<'static, str>,
+    kind: std::borrow::Cow<'static, str>,
+    status: &'a S,
 }
 
 /// The kind, namespace and name of an object the operator wrote status to.
@@ -573,6 +581,28 @@ mod tests {
     fn owner(uid: &str, controller: bool) -> serde_json::Value {
         json!([{ "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "JitPolicy",
                  "name": "x", "uid": uid, "controller": controller }])
+    }
+
+    #[test]
+    fn a_status_patch_is_the_status_under_the_kind() {
+        let status = crate::api::JitApprovalStatus {
+            counted: true,
+            reason: Some("Counted".into()),
+            ..Default::default()
+        };
+        let patch = StatusPatch {
+            api_version: JitApproval::api_version(&()),
+            kind: JitApproval::kind(&()),
+            status: &status,
+        };
+        assert_eq!(
+            serde_json::to_value(&patch).unwrap(),
+            json!({
+                "apiVersion": "jit.portcullis.dev/v1alpha1",
+                "kind": "JitApproval",
+                "status": serde_json::to_value(&status).unwrap(),
+            })
+        );
     }
 
     #[test]

@@ -156,11 +156,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
         ..previous
     } == status;
     if !unchanged {
-        ctx.apply_status(
-            nsg.as_ref(),
-            serde_json::to_value(&status).expect("status serializes"),
-        )
-        .await?;
+        ctx.apply_status(nsg.as_ref(), &status).await?;
     }
     let wait = next_expiry
         .and_then(|at| at.duration_since(now).try_into().ok())

@@ -204,11 +204,7 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Arc<Context>) -> Result<Acti
         ),
     };
     if status != previous {
-        ctx.apply_status(
-            policy.as_ref(),
-            serde_json::to_value(&status).expect("status serializes"),
-        )
-        .await?;
+        ctx.apply_status(policy.as_ref(), &status).await?;
     }
     Ok(Action::requeue(RESYNC))
 }

@@ -91,11 +91,7 @@ async fn finish(
         if status.phase != previous.phase {
             audit::audit(request, &status);
         }
-        ctx.apply_status(
-            request,
-            serde_json::to_value(&status).expect("status serializes"),
-        )
-        .await?;
+        ctx.apply_status(request, &status).await?;
         // Only after the write: a failed one is retried by the next reconcile, which
         // publishes then, so a transition is published once (see `notify` for a crash).
         if ctx.notifier.enabled() {
