@@ -99,6 +99,10 @@ pub fn to_authorize<'a>(requestor: &str, approvals: &'a [&'a JitApproval]) -> Ve
 /// Judges `approvals` of a request by `requestor`; `refusals` holds, by approver username,
 /// why the apiserver refused `approve` to those it refused (an approver absent from it was
 /// allowed).
+///
+/// A decision's verdict depends only on its own approver's answer (and on the order of
+/// that approver's decisions), never on another approver's: so whoever needs one
+/// approval's verdict need ask about its approver alone.
 pub fn judge(
     requestor: &str,
     approvals: &[&JitApproval],
@@ -212,6 +216,47 @@ mod tests {
         assert_eq!(judged.tally, Tally::Approved(2));
         let approvers: Vec<&str> = judged.records.iter().map(|r| r.approver.as_str()).collect();
         assert_eq!(approvers, ["bob", "carol"]);
+    }
+
+    #[test]
+    fn a_verdict_depends_on_its_own_approvers_answer_alone() {
+        let approvals = [
+            approval("self", Some("alice"), "Approve", 1),
+            approval("bob-1", Some("bob"), "Approve", 2),
+            approval("mallory", Some("mallory"), "Reject", 3),
+            approval("bob-2", Some("bob"), "Reject", 4),
+            approval("carol", Some("carol"), "Approve", 5),
+            approval("forged", None, "Approve", 6),
+        ];
+        let all: Vec<&JitApproval> = approvals.iter().collect();
+        let approvers = ["alice", "bob", "mallory", "carol"];
+        // Every set of refusals over the approvers: each approval's verdict judged with all
+        // of them equals its verdict judged with its own approver's answer alone.
+        for set in 0..1u32 << approvers.len() {
+            let refused = |who: &str| {
+                let i = approvers.iter().position(|a| *a == who).unwrap();
+                set & 1 << i != 0
+            };
+            let refusals: BTreeMap<String, String> = approvers
+                .iter()
+                .filter(|a| refused(a))
+                .map(|a| (a.to_string(), "no role".to_owned()))
+                .collect();
+            let everyone = judge("alice", &all, &refusals);
+            for one in &approvals {
+                let name = one.metadata.name.clone().unwrap();
+                let own: BTreeMap<String, String> = refusals
+                    .iter()
+                    .filter(|(who, _)| one.spec.approver.as_ref().map(|a| &a.username) == Some(who))
+                    .map(|(who, why)| (who.clone(), why.clone()))
+                    .collect();
+                let alone = judge("alice", &all, &own);
+                assert_eq!(
+                    alone.verdicts[&name], everyone.verdicts[&name],
+                    "{name} in set {set:#b}"
+                );
+            }
+        }
     }
 
     #[test]
