@@ -15,7 +15,7 @@
 //! - notifications: grant latency with a `--notify-url` sink that never answers, against
 //!   none (each on a fresh operator);
 //! - API writes per grant, from the apiserver's own request counters;
-//! - the operator's peak RSS with 10,000 active grants;
+//! - the operator's peak RSS with 10,000 active grants (the earlier phases' grants, topped up);
 //! - last, with the operator stopped: the burst's API calls made by a plain client (what the
 //!   burst costs beyond them is the operator's own).
 //!
@@ -131,19 +131,27 @@ async fn standard() -> BenchResult<Vec<Row>> {
 
     rows.push(notify_ratio(&plane, &admin, &requesters, &mut operator).await?);
 
+    // The earlier phases left grants active: the fill tops them up to the target's count.
+    let adding = RSS_GRANTS.saturating_sub(active_grants(&admin).await?);
     let fill_start = Instant::now();
-    let active = fill(&admin, &requesters, RSS_GRANTS).await?;
+    let active = fill(&admin, &requesters, adding).await?;
     let fill_seconds = fill_start.elapsed().as_secs_f64();
     let rss = operator.peak_rss_mib()?;
     rows.push(Row {
-        name: "grant throughput (10,000 over 200 policies)",
-        value: format!("{:.0} grants/s", RSS_GRANTS as f64 / fill_seconds),
+        name: "grant throughput (the fill, over 200 policies)",
+        value: format!(
+            "{:.0} grants/s ({adding} grants)",
+            adding as f64 / fill_seconds
+        ),
         target: "-".into(),
         met: None,
     });
     rows.push(Row {
         name: "operator peak RSS, 10,000 active grants",
-        value: format!("{rss:.1} MiB ({active} grants active)"),
+        value: format!(
+            "{rss:.1} MiB ({active} grants active, {} before the fill)",
+            active - adding
+        ),
         target: "≤ 100 MiB".into(),
         met: Some(rss <= 100.0),
     });
@@ -895,6 +903,11 @@ async fn fill(admin: &Client, requesters: &Requesters, count: usize) -> BenchRes
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    active_grants(admin).await
+}
+
+/// How many requests in the cluster are `Granted` now.
+async fn active_grants(admin: &Client) -> BenchResult<usize> {
     let requests: Api<JitRequest> = Api::all(admin.clone());
     let list = requests.list(&Default::default()).await?.items;
     Ok(list.iter().filter(|r| phase_is(r, Phase::Granted)).count())
