@@ -28,9 +28,12 @@ const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 /// Coalesces a burst of rule changes (many grants at once) into one status write; the
 /// status is a view for people, enforcement does not wait for it.
 const DEBOUNCE: Duration = Duration::from_millis(200);
-/// However long the burst, the status is at most this old. Long enough that under steady
-/// churn every NSG costs a status write a minute at most, not one per few seconds each.
+/// However long the burst, the status is at most this old.
 const MAX_DELAY: Duration = Duration::from_secs(60);
+/// Under steady churn (grants on one NSG further apart than the debounce) an NSG's status
+/// is written at most this often, not once per grant: a burst of 1,000 grants over 50 NSGs
+/// cost 1,034 NSG status writes before it.
+const SPACING: Duration = Duration::from_secs(2);
 /// How many JIT deny rules the status lists before it only counts them (see [`listed`]).
 const MAX_LISTED_DENIES: usize = 256;
 /// A safety net: even with no change and no expiry ahead, look again this often.
@@ -54,6 +57,7 @@ pub fn config(config: &Config) -> crate::controller::runner::Settings {
         concurrency: config.concurrency.into(),
         debounce: DEBOUNCE,
         max_delay: MAX_DELAY,
+        spacing: SPACING,
     }
 }
 

@@ -32,9 +32,12 @@ pub const HISTORY_LIMIT: usize = 50;
 const RESYNC: Duration = Duration::from_secs(600);
 /// Coalesces bursts (many requests on one policy) into one status write.
 const DEBOUNCE: Duration = Duration::from_millis(300);
-/// However long the burst, the history is at most this old (and each policy under steady
-/// churn costs a status write a minute at most).
+/// However long the burst, the history is at most this old.
 const MAX_DELAY: Duration = Duration::from_secs(60);
+/// Under steady churn (requests on one policy further apart than the debounce) a policy
+/// is reconciled at most this often, not once per request: its history is a view for
+/// people. Its deny rules wait at most this long after an edit in such a stream.
+const SPACING: Duration = Duration::from_secs(2);
 
 /// How the policy controller runs: bursts of request changes are coalesced (they only
 /// update its history).
@@ -43,6 +46,7 @@ pub fn config(config: &Config) -> crate::controller::runner::Settings {
         concurrency: config.concurrency.into(),
         debounce: DEBOUNCE,
         max_delay: MAX_DELAY,
+        spacing: SPACING,
     }
 }
 

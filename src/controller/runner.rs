@@ -9,7 +9,7 @@
 //!
 //! [`Queue`] is the bookkeeping, plain data with synchronous tests; [`run`] drives it.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +54,10 @@ pub struct Settings {
     /// first wake not run yet (so a steady stream still runs every `max_delay`).
     pub debounce: Duration,
     pub max_delay: Duration,
+    /// A woken object runs no sooner than this after its last run started. Debounce alone
+    /// coalesces only wakes closer together than it: a stream of grants a second apart on
+    /// one NSG would still cost a status write each. Requeues are not held back.
+    pub spacing: Duration,
 }
 
 impl Settings {
@@ -63,6 +67,7 @@ impl Settings {
             concurrency,
             debounce: Duration::ZERO,
             max_delay: Duration::ZERO,
+            spacing: Duration::ZERO,
         }
     }
 }
@@ -76,6 +81,7 @@ impl Settings {
 pub struct Queue<T> {
     debounce: Duration,
     max_delay: Duration,
+    spacing: Duration,
     ready: VecDeque<T>,
     queued: HashSet<T>,
     running: HashSet<T>,
@@ -87,6 +93,10 @@ pub struct Queue<T> {
     requeue: BTreeMap<T, Instant>,
     /// Debounced wakes not run yet: the first one's time, and when they run.
     burst: BTreeMap<T, (Instant, Instant)>,
+    /// Objects whose last run started less than `spacing` ago: when their spacing ends.
+    spaced: HashMap<T, Instant>,
+    /// The same, in the order they end, to forget them then.
+    spacing_ends: VecDeque<(Instant, T)>,
 }
 
 impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
@@ -94,6 +104,7 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
         Self {
             debounce: settings.debounce,
             max_delay: settings.max_delay,
+            spacing: settings.spacing,
             ready: VecDeque::new(),
             queued: HashSet::new(),
             running: HashSet::new(),
@@ -102,6 +113,8 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
             due: BTreeMap::new(),
             requeue: BTreeMap::new(),
             burst: BTreeMap::new(),
+            spaced: HashMap::new(),
+            spacing_ends: VecDeque::new(),
         }
     }
 
@@ -114,18 +127,22 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
         if self.queued.contains(&key) {
             return;
         }
-        if self.debounce.is_zero() {
+        let spaced = self.spaced.get(&key).copied().filter(|end| *end > now);
+        if self.debounce.is_zero() && spaced.is_none() {
             self.make_ready(key);
             return;
         }
         let first = self.burst.get(&key).map_or(now, |(first, _)| *first);
-        let at = (now + self.debounce).min(first + self.max_delay);
+        let at = (now + self.debounce)
+            .max(spaced.unwrap_or(now))
+            .min(first + self.max_delay.max(self.spacing));
         self.burst.insert(key.clone(), (first, at));
         self.reschedule(key);
     }
 
     /// Makes every timer due by `now` ready.
     pub fn fire(&mut self, now: Instant) {
+        self.forget_spacings(now);
         while let Some((at, key)) = self.timers.first().cloned() {
             if at > now {
                 break;
@@ -139,11 +156,17 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
         self.timers.first().map(|(at, _)| *at)
     }
 
-    /// The next object to run, now marked running.
-    pub fn start(&mut self) -> Option<T> {
+    /// The next object to run at `now`, now marked running.
+    pub fn start(&mut self, now: Instant) -> Option<T> {
         let key = self.ready.pop_front()?;
         self.queued.remove(&key);
         self.running.insert(key.clone());
+        if !self.spacing.is_zero() {
+            self.forget_spacings(now);
+            let end = now + self.spacing;
+            self.spaced.insert(key.clone(), end);
+            self.spacing_ends.push_back((end, key.clone()));
+        }
         Some(key)
     }
 
@@ -158,6 +181,19 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
         }
         if !self.queued.contains(key) {
             self.reschedule(key.clone());
+        }
+    }
+
+    /// Forgets the spacings ended by `now`, so the bookkeeping holds only recent runs.
+    fn forget_spacings(&mut self, now: Instant) {
+        while let Some((end, key)) = self.spacing_ends.front() {
+            if *end > now {
+                break;
+            }
+            if self.spaced.get(key) == Some(end) {
+                self.spaced.remove(key);
+            }
+            self.spacing_ends.pop_front();
         }
     }
 
@@ -211,7 +247,9 @@ pub async fn run<K, R, F>(
     let mut stopping = false;
     loop {
         while !stopping && running.len() < settings.concurrency.max(1) {
-            let Some(key) = queue.start() else { break };
+            let Some(key) = queue.start(Instant::now()) else {
+                break;
+            };
             let object = store.get(&ObjectRef::new(&key.1).within(&key.0));
             match object {
                 Some(object) => {
@@ -253,7 +291,7 @@ mod tests {
     use super::*;
 
     fn start_all(queue: &mut Queue<&'static str>) -> Vec<&'static str> {
-        std::iter::from_fn(|| queue.start()).collect()
+        std::iter::from_fn(|| queue.start(Instant::now())).collect()
     }
 
     fn ms(n: u64) -> Duration {
@@ -268,7 +306,7 @@ mod tests {
         queue.wake("b", now);
         queue.wake("a", now);
         assert_eq!(start_all(&mut queue), ["a", "b"]);
-        assert_eq!(queue.start(), None);
+        assert_eq!(queue.start(now), None);
     }
 
     #[test]
@@ -276,14 +314,14 @@ mod tests {
         let mut queue = Queue::new(&Settings::immediate(1));
         let now = Instant::now();
         queue.wake("a", now);
-        assert_eq!(queue.start(), Some("a"));
+        assert_eq!(queue.start(now), Some("a"));
         queue.wake("a", now);
         queue.wake("a", now);
-        assert_eq!(queue.start(), None, "not while it runs");
+        assert_eq!(queue.start(now), None, "not while it runs");
         queue.finished(&"a", Action::requeue(Duration::from_secs(60)), now);
         assert_eq!(start_all(&mut queue), ["a"], "once more, at once");
         queue.finished(&"a", Action::await_change(), now);
-        assert_eq!(queue.start(), None);
+        assert_eq!(queue.start(now), None);
         assert_eq!(
             queue.next_timer(),
             None,
@@ -296,10 +334,10 @@ mod tests {
         let mut queue = Queue::new(&Settings::immediate(1));
         let now = Instant::now();
         queue.wake("a", now);
-        queue.start();
+        queue.start(now);
         queue.finished(&"a", Action::requeue(ms(10_000)), now);
         queue.fire(now + ms(9_999));
-        assert_eq!(queue.start(), None);
+        assert_eq!(queue.start(now), None);
         assert_eq!(queue.next_timer(), Some(now + ms(10_000)));
         queue.fire(now + ms(10_000));
         assert_eq!(start_all(&mut queue), ["a"]);
@@ -320,7 +358,7 @@ mod tests {
         let now = Instant::now();
         for (key, after) in [("late", 30), ("soon", 10), ("middle", 20)] {
             queue.wake(key, now);
-            queue.start();
+            queue.start(now);
             queue.finished(&key, Action::requeue(ms(after)), now);
         }
         queue.fire(now + ms(25));
@@ -335,6 +373,7 @@ mod tests {
             concurrency: 1,
             debounce: ms(300),
             max_delay: ms(5_000),
+            spacing: Duration::ZERO,
         })
     }
 
@@ -346,13 +385,13 @@ mod tests {
             queue.wake("nsg", now + ms(at));
         }
         queue.fire(now + ms(499));
-        assert_eq!(queue.start(), None);
+        assert_eq!(queue.start(now), None);
         queue.fire(now + ms(500));
         assert_eq!(start_all(&mut queue), ["nsg"]);
         // Woken while it runs: debounced again from when it finishes.
         queue.wake("nsg", now + ms(600));
         queue.finished(&"nsg", Action::await_change(), now + ms(700));
-        assert_eq!(queue.start(), None);
+        assert_eq!(queue.start(now), None);
         assert_eq!(queue.next_timer(), Some(now + ms(1_000)));
     }
 
@@ -364,7 +403,7 @@ mod tests {
         for at in (0..12_000).step_by(100) {
             let at = now + ms(at);
             queue.fire(at);
-            if let Some(key) = queue.start() {
+            if let Some(key) = queue.start(now) {
                 runs.push(at.duration_since(now));
                 queue.finished(&key, Action::await_change(), at);
             }
@@ -374,12 +413,53 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_of_wakes_apart_runs_once_per_spacing_and_a_requeue_is_not_held() {
+        let mut queue = Queue::new(&Settings {
+            concurrency: 1,
+            debounce: ms(300),
+            max_delay: ms(60_000),
+            spacing: ms(2_000),
+        });
+        let now = Instant::now();
+        let mut runs = Vec::new();
+        // A wake every 500 ms, further apart than the debounce, for 10 s.
+        for at in (0..10_000).step_by(100) {
+            let at = now + ms(at);
+            queue.fire(at);
+            if let Some(key) = queue.start(at) {
+                runs.push(at.duration_since(now));
+                queue.finished(&key, Action::await_change(), at);
+            }
+            if at.duration_since(now).as_millis().is_multiple_of(500) {
+                queue.wake("nsg", at);
+            }
+        }
+        assert_eq!(runs, [ms(300), ms(2_300), ms(4_300), ms(6_300), ms(8_300)]);
+
+        // The stream's last wakes run at the next spacing's end.
+        queue.fire(now + ms(10_300));
+        assert_eq!(queue.start(now + ms(10_300)), Some("nsg"));
+        queue.finished(&"nsg", Action::await_change(), now + ms(10_300));
+        // Quiet for longer than the spacing: a wake runs a debounce after it; a requeue
+        // keeps its time.
+        let later = now + ms(20_000);
+        queue.fire(later);
+        assert_eq!(queue.next_timer(), None);
+        queue.wake("nsg", later);
+        assert_eq!(queue.next_timer(), Some(later + ms(300)));
+        queue.fire(later + ms(300));
+        assert_eq!(queue.start(later + ms(300)), Some("nsg"));
+        queue.finished(&"nsg", Action::requeue(ms(100)), later + ms(300));
+        assert_eq!(queue.next_timer(), Some(later + ms(400)));
+    }
+
+    #[test]
     fn a_debounce_never_delays_a_sooner_requeue() {
         let mut queue = debounced();
         let now = Instant::now();
         queue.wake("policy", now);
         queue.fire(now + ms(300));
-        queue.start();
+        queue.start(now);
         queue.finished(&"policy", Action::requeue(ms(400)), now + ms(300));
         queue.wake("policy", now + ms(350));
         assert_eq!(
