@@ -83,8 +83,9 @@ pub enum Error {
     },
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Adding or removing the request's revoke finalizer failed.
+    #[error("finalizer patch: {0}")]
+    Finalizer(#[source] kube::Error),
     /// The rule the operator would write exists and belongs to someone else: it is reported,
     /// never taken over.
     #[error("SecurityRule {rule} already exists and is not {owner}'s: {holder}")]
@@ -190,21 +191,14 @@ fn error_policy<K>(controller: &'static str, object: &K, error: &Error, ctx: &Co
 where
     K: kube::Resource,
 {
-    use kube::runtime::finalizer::Error as Finalizer;
-    if let Error::Finalizer(inner) = error {
-        match inner.as_ref() {
-            // The finalizer patch tests the object's current finalizers; a reconcile that
-            // ran on a cache one write behind fails that test. Not an error: the cache is
-            // about to catch up, so look again soon.
-            Finalizer::AddFinalizer(kube::Error::Api(status))
-            | Finalizer::RemoveFinalizer(kube::Error::Api(status))
-                if status.code == 422 || status.code == 409 =>
-            {
-                tracing::debug!(controller, %error, "stale cache; retrying");
-                return Action::requeue(WAIT_AFTER);
-            }
-            _ => {}
-        }
+    // The finalizer patch tests the object's current finalizers; a reconcile that ran on
+    // a cache one write behind fails that test. Not an error: the cache is about to catch
+    // up, so look again soon.
+    if let Error::Finalizer(kube::Error::Api(status)) = error
+        && (status.code == 422 || status.code == 409)
+    {
+        tracing::debug!(controller, %error, "stale cache; retrying");
+        return Action::requeue(WAIT_AFTER);
     }
     ctx.metrics.reconcile_error(controller);
     tracing::warn!(

@@ -22,6 +22,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         lookalike_names_never_share_a_rule,
         operator_never_takes_over_a_rule_it_does_not_own,
         deleting_a_request_beyond_the_bounded_history_completes,
+        a_revoke_finalizer_stripped_from_a_grant_is_put_back,
         managed_rules_are_the_operators_alone,
         admission_policies_type_check,
     ]
@@ -441,6 +442,41 @@ spec:
         "the operator took the rule over: {:?}",
         squatter.metadata
     );
+    Ok(())
+}
+
+/// Hole: a granted request stripped of its revoke finalizer (by anyone who may patch it)
+/// would be deleted without the operator revoking first. The operator puts it back, and a
+/// later delete still revokes.
+async fn a_revoke_finalizer_stripped_from_a_grant_is_put_back(ctx: Ctx) -> TestResult {
+    use portcullis::api::jit_request::REVOKE_FINALIZER;
+    setup(&ctx).await?;
+    succeeded(&ctx.apply_as(
+        "alice",
+        &["team-web"],
+        &request("kept", "web", "web-1", "198.19.0.10", ""),
+    ))?;
+    let granted = ctx.phase_of("kept", Phase::Granted).await?;
+    let rule = granted.status.ok_or("no status")?.grants[0].rule.clone();
+    succeeded(&ctx.kubectl(&[
+        "patch",
+        "jitrequest",
+        "kept",
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/metadata/finalizers"}]"#,
+    ]))?;
+    let requests: Api<JitRequest> = ctx.api();
+    eventually("the revoke finalizer to be put back", || async {
+        let finalizers = requests.get("kept").await.ok()?.metadata.finalizers?;
+        finalizers
+            .iter()
+            .any(|f| f == REVOKE_FINALIZER)
+            .then_some(())
+    })
+    .await?;
+    succeeded(&ctx.kubectl(&["delete", "jitrequest", "kept", "--wait=true"]))?;
+    ctx.rule_gone(&rule).await?;
     Ok(())
 }
 

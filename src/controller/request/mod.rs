@@ -6,20 +6,22 @@
 //! neither re-opens nor extends anything: the expiry of a grant whose status write was lost
 //! is recovered from its rules' `expiresAt`.
 //!
-//! This module is the wiring (finalizer, write of the outcome, its notification);
-//! [`lifecycle`] decides, [`status`] builds the status a decision leads to, [`audit`]
-//! records it.
+//! This module is the wiring (write of the outcome, its notification); [`finalizer`] says
+//! which step a request calls for, [`lifecycle`] decides, [`status`] builds the status a
+//! decision leads to, [`audit`] records it.
 
 mod audit;
+mod finalizer;
 mod lifecycle;
 pub mod status;
 
 use std::sync::Arc;
 
 use super::runner::{Action, Settings};
+use finalizer::Step;
 use jiff::Timestamp;
 use kube::Api;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::api::{Patch, PatchParams};
 
 use super::context::Context;
 use super::metrics::GrantResult;
@@ -42,23 +44,29 @@ pub fn config(config: &Config) -> Settings {
 }
 
 pub async fn reconcile(request: Arc<JitRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let (_, namespace) = name_and_namespace(request.as_ref(), "JitRequest")?;
+    let (name, namespace) = name_and_namespace(request.as_ref(), "JitRequest")?;
     let api: Api<JitRequest> = Api::namespaced(ctx.client.clone(), &namespace);
-    // kube's finalizer helper speaks kube's Action, which does not tell its requeue time;
-    // what apply or cleanup ask for is kept here. When the helper acted itself (added the
-    // finalizer), its own patch wakes the request again.
-    let next = std::sync::Mutex::new(Action::await_change());
-    finalizer(&api, FINALIZER, request, |event| async {
-        let action = match event {
-            Finalizer::Apply(request) => apply(&request, &ctx).await?,
-            Finalizer::Cleanup(request) => cleanup(&request, &ctx).await?,
-        };
-        *next.lock().expect("next lock") = action;
-        Ok::<_, Error>(kube::runtime::controller::Action::await_change())
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
-    Ok(next.into_inner().expect("next lock"))
+    let patch = async |patch: serde_json::Value| {
+        let patch = Patch::Json::<()>(serde_json::from_value(patch).expect("a JSON patch"));
+        api.patch(&name, &PatchParams::default(), &patch)
+            .await
+            .map_err(Error::Finalizer)
+    };
+    match finalizer::step(&request.metadata, FINALIZER) {
+        Step::Apply => apply(&request, &ctx).await,
+        // The patch's own watch event wakes the request again.
+        Step::Add => {
+            patch(finalizer::add(&request.metadata, FINALIZER)).await?;
+            Ok(Action::await_change())
+        }
+        // The finalizer goes only once everything it guards is revoked.
+        Step::Cleanup { index } => {
+            let action = cleanup(&request, &ctx).await?;
+            patch(finalizer::remove(index, FINALIZER)).await?;
+            Ok(action)
+        }
+        Step::Nothing => Ok(Action::await_change()),
+    }
 }
 
 async fn apply(request: &JitRequest, ctx: &Context) -> Result<Action, Error> {
