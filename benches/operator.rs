@@ -97,13 +97,21 @@ fn write(name: &str, rows: &[Row]) -> BenchResult<()> {
     Ok(())
 }
 
-async fn standard() -> BenchResult<Vec<Row>> {
+/// What every scenario here starts from: a control plane of its own with the product
+/// installed, the admin, the requesters (admission stamps and authorizes their requests, as
+/// on a cluster) and a ready operator.
+async fn start_scenario() -> BenchResult<(ControlPlane, Client, Requesters, Operator)> {
     let plane = ControlPlane::start().await?;
     portcullis::testenv::install::product(&plane).await?;
     let admin = plane.client(ADMIN).await?;
-    // Requests come from requesters as on a cluster: admission stamps and authorizes them.
     let requesters = Requesters::new(&plane, GRANTS).await?;
-    let mut operator = Operator::start(&plane)?;
+    let operator = Operator::start(&plane)?;
+    operator.ready().await?;
+    Ok((plane, admin, requesters, operator))
+}
+
+async fn standard() -> BenchResult<Vec<Row>> {
+    let (plane, admin, requesters, mut operator) = start_scenario().await?;
     let (mut rows, per_grant) = grant_rows(&admin, &requesters).await?;
 
     let lateness = revoke_lateness(&admin, &requesters).await?;
@@ -241,12 +249,7 @@ async fn metered<T>(
 /// The `burst` scenario: only the burst and its API calls made by hand, with the CPU time
 /// and API requests of each (the quick loop while working on the burst).
 async fn burst_only() -> BenchResult<Vec<Row>> {
-    let plane = ControlPlane::start().await?;
-    portcullis::testenv::install::product(&plane).await?;
-    let admin = plane.client(ADMIN).await?;
-    let requesters = Requesters::new(&plane, GRANTS).await?;
-    let mut operator = Operator::start(&plane)?;
-    operator.ready().await?;
+    let (plane, admin, requesters, mut operator) = start_scenario().await?;
     let processes = measured_processes(&plane, &operator);
     let (seconds, cost) = metered("burst", &admin, &processes, async {
         burst(&admin, &requesters).await
@@ -392,11 +395,7 @@ async fn burst_by_hand(
 /// writes each grant costs, on a control plane of its own (the quick loop while working on
 /// the grant path; `standard` includes these rows).
 async fn grant() -> BenchResult<Vec<Row>> {
-    let plane = ControlPlane::start().await?;
-    portcullis::testenv::install::product(&plane).await?;
-    let admin = plane.client(ADMIN).await?;
-    let requesters = Requesters::new(&plane, GRANTS).await?;
-    let mut operator = Operator::start(&plane)?;
+    let (_plane, admin, requesters, mut operator) = start_scenario().await?;
     let (rows, _) = grant_rows(&admin, &requesters).await?;
     operator.stop();
     Ok(rows)
@@ -408,12 +407,7 @@ async fn grant() -> BenchResult<Vec<Row>> {
 /// (after more churn, so it may read higher); the current figure tells a transient peak
 /// from what stays.
 async fn rss() -> BenchResult<Vec<Row>> {
-    let plane = ControlPlane::start().await?;
-    portcullis::testenv::install::product(&plane).await?;
-    let admin = plane.client(ADMIN).await?;
-    let requesters = Requesters::new(&plane, GRANTS).await?;
-    let mut operator = Operator::start(&plane)?;
-    operator.ready().await?;
+    let (_plane, admin, requesters, mut operator) = start_scenario().await?;
     let (_, active) = fill(&admin, &requesters, RSS_GRANTS).await?;
     let peak = operator.peak_rss_mib()?;
     let current = memory_mib(operator.pid(), "VmRSS")?;
@@ -537,9 +531,7 @@ impl Operator {
 
     /// [`Operator::start`] with `args` added to `portcullis controller`.
     fn start_with(plane: &ControlPlane, args: &[&str]) -> BenchResult<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = portcullis::testenv::free_port()?;
         let http = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["controller", "--http-addr", &format!("127.0.0.1:{port}")])
