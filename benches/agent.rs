@@ -722,7 +722,7 @@ async fn end_to_end(lab: &mut Lab, sources: &[Ipv4Addr]) -> BenchResult<EndToEnd
     let operator_client = plane.client(portcullis::testenv::OPERATOR).await?;
     let (stop, stopped) = oneshot::channel::<()>();
     let config = portcullis::controller::Config {
-        http_addr: std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
+        http_addr: std::net::SocketAddr::from(([127, 0, 0, 1], portcullis::testenv::free_port()?)),
         ..Default::default()
     };
     let operator = tokio::spawn(portcullis::controller::run(

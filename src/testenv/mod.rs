@@ -17,7 +17,8 @@ use std::fs;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kube::Client;
@@ -415,14 +416,55 @@ fn sweep_stale(base: &Path) {
     }
 }
 
-fn free_port() -> Result<u16, Error> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("find a free port", e))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| Error::io("find a free port", e))?
-        .port();
-    Ok(port)
+/// A free loopback port for a process about to listen on it, outside the kernel's
+/// ephemeral range. A port from that range (`bind` to port 0, then released for the
+/// process) can meanwhile become the local end of an outgoing connection, such as the
+/// apiserver's own to etcd while it starts, and the process then cannot listen ("address
+/// already in use"). Ports are handed out in turn from a random start, so one process
+/// never hands out the same port twice.
+pub fn free_port() -> Result<u16, Error> {
+    static START: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = ephemeral_range();
+    let (first, last) = if low > 12_000 {
+        (10_000, low - 1)
+    } else {
+        (high + 1, 65_535)
+    };
+    let span = last.saturating_sub(first) + 1;
+    let start = match START.get() {
+        Some(start) => *start,
+        None => {
+            let random = token()?;
+            let random = u32::from_str_radix(&random[..8], 16).unwrap_or_default();
+            *START.get_or_init(|| random)
+        }
+    };
+    for _ in 0..span {
+        let offset = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(first + offset).unwrap_or(u16::MAX);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(Error::io(
+        "find a free port",
+        std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "every port below the ephemeral range is taken",
+        ),
+    ))
+}
+
+/// The kernel's ephemeral port range (`ip_local_port_range`), Linux's default if unreadable.
+fn ephemeral_range() -> (u32, u32) {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| {
+            let mut bounds = range.split_whitespace().map(str::parse::<u32>);
+            Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 fn token() -> Result<String, Error> {
@@ -460,4 +502,21 @@ current-context: portcullis-local
 ",
         ca = ca.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let (low, high) = ephemeral_range();
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        for port in &ports {
+            let port = u32::from(*port);
+            assert!(port < low || port > high, "{port} in {low}-{high}");
+        }
+        let distinct: std::collections::BTreeSet<&u16> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
 }

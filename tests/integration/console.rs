@@ -131,9 +131,7 @@ impl Driver {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .ok_or("chromedriver is missing (apt-get install chromium chromium-driver)")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = portcullis::testenv::free_port()?;
         let child = Command::new(driver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

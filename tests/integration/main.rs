@@ -135,7 +135,7 @@ async fn start() -> Result<(ControlPlane, SocketAddr), Box<dyn std::error::Error
     let plane = ControlPlane::start().await?;
     portcullis::testenv::install::product(&plane).await?;
     let client = plane.client(portcullis::testenv::OPERATOR).await?;
-    let http_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], portcullis::testenv::free_port()?));
     let config = portcullis::controller::Config {
         http_addr,
         ..Default::default()

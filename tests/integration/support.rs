@@ -232,9 +232,7 @@ impl Operator {
         kubeconfig: &std::path::Path,
         args: &[&str],
     ) -> Result<Self, std::io::Error> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = portcullis::testenv::free_port().map_err(std::io::Error::other)?;
         let log = plane.dir().join(format!("operator-{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args([
