@@ -182,11 +182,13 @@ impl From<Error> for Failure {
         let status = match &error {
             Error::Usage(_) => StatusCode::BAD_REQUEST,
             // The API's refusals (403 by RBAC or admission, 404, 409, 422) are the user's to
-            // see as such; anything else is the cluster failing behind the console.
+            // see as such; anything else is the cluster failing behind the console. A 401 is
+            // the console's own credentials refused upstream, not the page's session: passed
+            // on, it would read as the console's guard turning the page away.
             Error::Api {
                 code: Some(code @ 400..=499),
                 ..
-            } => StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY),
+            } if *code != 401 => StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY),
             _ => StatusCode::BAD_GATEWAY,
         };
         Failure(status, error.to_string())
@@ -246,4 +248,30 @@ async fn decide(
 ) -> Result<axum::Json<Created>, Failure> {
     let name = data::decide(&console.session, &name, &decision).await?;
     Ok(axum::Json(Created { name }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_refusals_keep_their_status_and_failures_upstream_are_a_bad_gateway() {
+        let status = |code: Option<u16>| {
+            Failure::from(Error::Api {
+                message: "refused".into(),
+                code,
+            })
+            .0
+        };
+        for code in [400, 403, 404, 409, 422] {
+            assert_eq!(status(Some(code)).as_u16(), code);
+        }
+        for code in [Some(401), Some(500), Some(503), None] {
+            assert_eq!(status(code), StatusCode::BAD_GATEWAY, "{code:?}");
+        }
+        assert_eq!(
+            Failure::from(Error::Usage("no".into())).0,
+            StatusCode::BAD_REQUEST
+        );
+    }
 }
