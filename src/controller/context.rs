@@ -20,7 +20,6 @@ use crate::access::materialize::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::api::convert::ConvertError;
 use crate::api::jit_request::Requestor;
 use crate::api::nsg_model::{NsgModel, RuleObject};
-pub use crate::api::nsg_model::{expired, is_managed, object_rule};
 use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self, Scope};
 

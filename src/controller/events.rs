@@ -21,7 +21,7 @@ use k8s_openapi::api::events::v1::Event as Record;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Client;
 use kube::api::{Api, PostParams};
-use kube::runtime::events::{Event, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use tokio::sync::mpsc;
 
 use super::metrics::Metrics;
@@ -99,7 +99,13 @@ fn record(
         action: Some(event.action.clone()),
         reason: Some(event.reason.clone()),
         note: event.note.clone(),
-        type_: Some(format!("{:?}", event.type_)),
+        type_: Some(
+            match event.type_ {
+                EventType::Normal => "Normal",
+                EventType::Warning => "Warning",
+            }
+            .to_owned(),
+        ),
         regarding: Some(reference),
         related: event.secondary.clone(),
         reporting_controller: Some(reporter.controller.clone()),
@@ -135,7 +141,6 @@ mod tests {
 
     #[test]
     fn an_event_becomes_a_record_of_its_object_and_reporter() {
-        use kube::runtime::events::EventType;
         let event = Event {
             type_: EventType::Warning,
             reason: "Denied".into(),

@@ -613,3 +613,45 @@ fn a_gateway_guards_forwarded_traffic_to_each_machine_as_written() {
     let enforced = as_enforced(&model, &gateway);
     assert_eq!(enforced, model.rules, "a gateway enforces rules as written");
 }
+
+#[test]
+fn the_walk_finds_what_a_lookup_of_each_grant_finds() {
+    let key = |i: u32| GrantKey {
+        destination: "198.18.0.10".parse().unwrap(),
+        source: std::net::IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 + i)).into(),
+        protocol: 6,
+        ports: (22, 22),
+    };
+    // Every mix of gone, kept, added and re-timed grants over 32 keys, from a seed.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..200 {
+        let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
+        for i in 0..32 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let at = |s: i64| now() + jiff::SignedDuration::from_secs(s);
+            match seed >> 61 {
+                0 | 1 => {}
+                2 => drop(old.insert(key(i), at(30))),
+                3 => drop(new.insert(key(i), at(30))),
+                4 | 5 => {
+                    old.insert(key(i), at(30));
+                    new.insert(key(i), at(30));
+                }
+                _ => {
+                    old.insert(key(i), at(30));
+                    new.insert(key(i), at(60));
+                }
+            }
+        }
+        let gone: Vec<&GrantKey> = old
+            .iter()
+            .filter(|(k, e)| new.get(*k) != Some(*e))
+            .map(|(k, _)| k)
+            .collect();
+        let added: Vec<(&GrantKey, &Timestamp)> = new
+            .iter()
+            .filter(|(k, e)| old.get(*k) != Some(*e))
+            .collect();
+        assert_eq!(changed(&old, &new), (gone, added), "seed {seed:#x}");
+    }
+}
