@@ -6,7 +6,7 @@
 //! opens the gate and wakes every object once, so no reconcile acts on a partial view (a
 //! missing policy, a rule not seen yet) and none has to poll for readiness.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,6 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 
 use super::cached::Keep;
 use super::index::{Key, Wake};
+use super::runner::Pace;
 use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup};
 
 /// One object's change as the index takes it.
@@ -39,6 +40,13 @@ impl<K: Lookup> Change<K> {
     }
 }
 
+/// Sends each of `keys` to `to` at `pace` (a closed channel: the operator is stopping).
+fn send<K: Lookup<DynamicType = ()>>(to: &Wakes<K>, keys: BTreeSet<Key>, pace: Pace) {
+    for (namespace, name) in keys {
+        let _ = to.unbounded_send((ObjectRef::new(&name).within(&namespace), pace));
+    }
+}
+
 fn key_of<K: Lookup>(object: &K) -> Key {
     (
         object.namespace().unwrap_or_default().into_owned(),
@@ -46,12 +54,15 @@ fn key_of<K: Lookup>(object: &K) -> Key {
     )
 }
 
+/// Where wake-ups go, with their [`Pace`].
+type Wakes<K> = UnboundedSender<(ObjectRef<K>, Pace)>;
+
 /// Where wake-ups go: one channel per controller, closed until every kind has synced.
 pub struct Triggers {
-    pub nsgs: UnboundedSender<ObjectRef<NetworkSecurityGroup>>,
-    pub policies: UnboundedSender<ObjectRef<JitPolicy>>,
-    pub requests: UnboundedSender<ObjectRef<JitRequest>>,
-    pub approvals: UnboundedSender<ObjectRef<JitApproval>>,
+    pub nsgs: Wakes<NetworkSecurityGroup>,
+    pub policies: Wakes<JitPolicy>,
+    pub requests: Wakes<JitRequest>,
+    pub approvals: Wakes<JitApproval>,
     open: AtomicBool,
     unsynced: AtomicUsize,
 }
@@ -61,10 +72,10 @@ const KINDS: usize = 5;
 
 impl Triggers {
     pub fn new(
-        nsgs: UnboundedSender<ObjectRef<NetworkSecurityGroup>>,
-        policies: UnboundedSender<ObjectRef<JitPolicy>>,
-        requests: UnboundedSender<ObjectRef<JitRequest>>,
-        approvals: UnboundedSender<ObjectRef<JitApproval>>,
+        nsgs: Wakes<NetworkSecurityGroup>,
+        policies: Wakes<JitPolicy>,
+        requests: Wakes<JitRequest>,
+        approvals: Wakes<JitApproval>,
     ) -> Self {
         Self {
             nsgs,
@@ -77,31 +88,17 @@ impl Triggers {
     }
 
     /// Sends `wake` to the controllers, if the gate is open. Before it opens nothing is
-    /// lost: opening wakes every object.
+    /// lost: opening wakes every object. An NSG's reconcile only writes its summary, so its
+    /// wakes may all wait for its spacing.
     pub fn wake(&self, wake: Wake) {
         if !self.open.load(Ordering::SeqCst) {
             return;
         }
-        for (namespace, name) in wake.nsgs {
-            let _ = self
-                .nsgs
-                .unbounded_send(ObjectRef::new(&name).within(&namespace));
-        }
-        for (namespace, name) in wake.policies {
-            let _ = self
-                .policies
-                .unbounded_send(ObjectRef::new(&name).within(&namespace));
-        }
-        for (namespace, name) in wake.requests {
-            let _ = self
-                .requests
-                .unbounded_send(ObjectRef::new(&name).within(&namespace));
-        }
-        for (namespace, name) in wake.approvals {
-            let _ = self
-                .approvals
-                .unbounded_send(ObjectRef::new(&name).within(&namespace));
-        }
+        send(&self.nsgs, wake.nsgs, Pace::Spaced);
+        send(&self.policies, wake.policies, Pace::Prompt);
+        send(&self.policies, wake.policy_histories, Pace::Spaced);
+        send(&self.requests, wake.requests, Pace::Prompt);
+        send(&self.approvals, wake.approvals, Pace::Prompt);
     }
 
     /// Counts one kind's first full list; true for the last, which must then call
@@ -121,22 +118,24 @@ impl Triggers {
     ) {
         self.open.store(true, Ordering::SeqCst);
         for nsg in nsgs.state() {
-            let _ = self.nsgs.unbounded_send(ObjectRef::from_obj(nsg.as_ref()));
+            let _ = self
+                .nsgs
+                .unbounded_send((ObjectRef::from_obj(nsg.as_ref()), Pace::Prompt));
         }
         for policy in policies.state() {
             let _ = self
                 .policies
-                .unbounded_send(ObjectRef::from_obj(policy.as_ref()));
+                .unbounded_send((ObjectRef::from_obj(policy.as_ref()), Pace::Prompt));
         }
         for request in requests.state() {
             let _ = self
                 .requests
-                .unbounded_send(ObjectRef::from_obj(request.as_ref()));
+                .unbounded_send((ObjectRef::from_obj(request.as_ref()), Pace::Prompt));
         }
         for approval in approvals.state() {
             let _ = self
                 .approvals
-                .unbounded_send(ObjectRef::from_obj(approval.as_ref()));
+                .unbounded_send((ObjectRef::from_obj(approval.as_ref()), Pace::Prompt));
         }
     }
 }

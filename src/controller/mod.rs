@@ -146,7 +146,7 @@ impl<K> Watched for K where
 async fn drive<K, R, F>(
     name: &'static str,
     reader: reflector::Store<K>,
-    triggers: UnboundedReceiver<ObjectRef<K>>,
+    triggers: UnboundedReceiver<(ObjectRef<K>, runner::Pace)>,
     settings: runner::Settings,
     reconcile: R,
     ctx: Arc<Context>,

@@ -36,7 +36,8 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 const MAX_DELAY: Duration = Duration::from_secs(60);
 /// Under steady churn (requests on one policy further apart than the debounce) a policy
 /// is reconciled at most this often, not once per request: its history is a view for
-/// people. Its deny rules wait at most this long after an edit in such a stream.
+/// people. What its deny rules depend on (its spec, the denies themselves, the NSG's
+/// rules) wakes it without this wait ([`Pace::Prompt`](super::runner::Pace)).
 const SPACING: Duration = Duration::from_secs(2);
 
 /// How the policy controller runs: bursts of request changes are coalesced (they only

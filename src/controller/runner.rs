@@ -44,6 +44,17 @@ impl Action {
     }
 }
 
+/// Whether a wake may wait for the object's spacing ([`Settings::spacing`]) to end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Something the reconcile enforces changed (a policy's spec, one of its deny rules):
+    /// only the debounce holds it back.
+    Prompt,
+    /// Only a view the reconcile writes changed (a policy's request history, an NSG's
+    /// summary): it waits for the spacing too.
+    Spaced,
+}
+
 /// How a controller runs.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
@@ -54,9 +65,10 @@ pub struct Settings {
     /// first wake not run yet (so a steady stream still runs every `max_delay`).
     pub debounce: Duration,
     pub max_delay: Duration,
-    /// A woken object runs no sooner than this after its last run started. Debounce alone
-    /// coalesces only wakes closer together than it: a stream of grants a second apart on
-    /// one NSG would still cost a status write each. Requeues are not held back.
+    /// A [`Pace::Spaced`] wake runs no sooner than this after the object's last run
+    /// started. Debounce alone coalesces only wakes closer together than it: a stream of
+    /// grants a second apart on one NSG would still cost a status write each. Prompt wakes
+    /// and requeues are not held back.
     pub spacing: Duration,
 }
 
@@ -85,14 +97,16 @@ pub struct Queue<T> {
     ready: VecDeque<T>,
     queued: HashSet<T>,
     running: HashSet<T>,
-    again: HashSet<T>,
+    /// Woken while running, and how: it wakes again so when it finishes.
+    again: HashMap<T, Pace>,
     timers: BTreeSet<(Instant, T)>,
     /// Each timed object's timer, as in `timers`.
     due: BTreeMap<T, Instant>,
     /// When its last reconcile asked to run again.
     requeue: BTreeMap<T, Instant>,
-    /// Debounced wakes not run yet: the first one's time, and when they run.
-    burst: BTreeMap<T, (Instant, Instant)>,
+    /// Debounced wakes not run yet: the first one's time, when they run, and whether one
+    /// of them was [`Pace::Prompt`] (then the spacing does not hold them).
+    burst: BTreeMap<T, (Instant, Instant, bool)>,
     /// Objects whose last run started less than `spacing` ago: when their spacing ends.
     spaced: HashMap<T, Instant>,
     /// The same, in the order they end, to forget them then.
@@ -108,7 +122,7 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
             ready: VecDeque::new(),
             queued: HashSet::new(),
             running: HashSet::new(),
-            again: HashSet::new(),
+            again: HashMap::new(),
             timers: BTreeSet::new(),
             due: BTreeMap::new(),
             requeue: BTreeMap::new(),
@@ -118,25 +132,35 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
         }
     }
 
-    /// `key` changed at `now`: due at once, or when its debounce ends.
-    pub fn wake(&mut self, key: T, now: Instant) {
+    /// `key` changed at `now`: due at once, or when its debounce (and, for a
+    /// [`Pace::Spaced`] wake, its spacing) ends.
+    pub fn wake(&mut self, key: T, now: Instant, pace: Pace) {
         if self.running.contains(&key) {
-            self.again.insert(key);
+            let again = self.again.entry(key).or_insert(pace);
+            if pace == Pace::Prompt {
+                *again = Pace::Prompt;
+            }
             return;
         }
         if self.queued.contains(&key) {
             return;
         }
-        let spaced = self.spaced.get(&key).copied().filter(|end| *end > now);
+        let (first, prompt) = self
+            .burst
+            .get(&key)
+            .map_or((now, false), |(first, _, prompt)| (*first, *prompt));
+        let prompt = prompt || pace == Pace::Prompt;
+        let spaced = (!prompt)
+            .then(|| self.spaced.get(&key).copied().filter(|end| *end > now))
+            .flatten();
         if self.debounce.is_zero() && spaced.is_none() {
             self.make_ready(key);
             return;
         }
-        let first = self.burst.get(&key).map_or(now, |(first, _)| *first);
         let at = (now + self.debounce)
             .max(spaced.unwrap_or(now))
             .min(first + self.max_delay.max(self.spacing));
-        self.burst.insert(key.clone(), (first, at));
+        self.burst.insert(key.clone(), (first, at, prompt));
         self.reschedule(key);
     }
 
@@ -176,8 +200,8 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
         if let Some(after) = action.requeue_after() {
             self.requeue.insert(key.clone(), now + after);
         }
-        if self.again.remove(key) {
-            self.wake(key.clone(), now);
+        if let Some(pace) = self.again.remove(key) {
+            self.wake(key.clone(), now, pace);
         }
         if !self.queued.contains(key) {
             self.reschedule(key.clone());
@@ -217,7 +241,7 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
     fn reschedule(&mut self, key: T) {
         self.clear_timer(&key);
         let requeue = self.requeue.get(&key).copied();
-        let debounce = self.burst.get(&key).map(|(_, at)| *at);
+        let debounce = self.burst.get(&key).map(|(_, at, _)| *at);
         if let Some(at) = requeue.into_iter().chain(debounce).min() {
             self.due.insert(key.clone(), at);
             self.timers.insert((at, key));
@@ -230,7 +254,7 @@ impl<T: Clone + Ord + std::hash::Hash> Queue<T> {
 /// by its deletion), until `shutdown`; then lets what runs finish.
 pub async fn run<K, R, F>(
     store: Store<K>,
-    mut wakes: UnboundedReceiver<ObjectRef<K>>,
+    mut wakes: UnboundedReceiver<(ObjectRef<K>, Pace)>,
     settings: Settings,
     reconcile: R,
     shutdown: impl Future<Output = ()>,
@@ -273,8 +297,9 @@ pub async fn run<K, R, F>(
                 queue.finished(&key, action, Instant::now());
             }
             wake = wakes.next(), if !stopping => match wake {
-                Some(object) => {
-                    queue.wake((object.namespace.unwrap_or_default(), object.name), Instant::now());
+                Some((object, pace)) => {
+                    let key = (object.namespace.unwrap_or_default(), object.name);
+                    queue.wake(key, Instant::now(), pace);
                 }
                 None => stopping = true,
             },
@@ -302,9 +327,9 @@ mod tests {
     fn a_wake_is_ready_at_once_and_only_once() {
         let mut queue = Queue::new(&Settings::immediate(1));
         let now = Instant::now();
-        queue.wake("a", now);
-        queue.wake("b", now);
-        queue.wake("a", now);
+        queue.wake("a", now, Pace::Spaced);
+        queue.wake("b", now, Pace::Spaced);
+        queue.wake("a", now, Pace::Spaced);
         assert_eq!(start_all(&mut queue), ["a", "b"]);
         assert_eq!(queue.start(now), None);
     }
@@ -313,10 +338,10 @@ mod tests {
     fn an_object_woken_while_it_runs_runs_again_after_and_never_twice_at_once() {
         let mut queue = Queue::new(&Settings::immediate(1));
         let now = Instant::now();
-        queue.wake("a", now);
+        queue.wake("a", now, Pace::Spaced);
         assert_eq!(queue.start(now), Some("a"));
-        queue.wake("a", now);
-        queue.wake("a", now);
+        queue.wake("a", now, Pace::Spaced);
+        queue.wake("a", now, Pace::Spaced);
         assert_eq!(queue.start(now), None, "not while it runs");
         queue.finished(&"a", Action::requeue(Duration::from_secs(60)), now);
         assert_eq!(start_all(&mut queue), ["a"], "once more, at once");
@@ -333,7 +358,7 @@ mod tests {
     fn a_requeue_waits_for_its_time_and_a_wake_overtakes_it() {
         let mut queue = Queue::new(&Settings::immediate(1));
         let now = Instant::now();
-        queue.wake("a", now);
+        queue.wake("a", now, Pace::Spaced);
         queue.start(now);
         queue.finished(&"a", Action::requeue(ms(10_000)), now);
         queue.fire(now + ms(9_999));
@@ -343,7 +368,7 @@ mod tests {
         assert_eq!(start_all(&mut queue), ["a"]);
 
         queue.finished(&"a", Action::requeue(ms(10_000)), now);
-        queue.wake("a", now);
+        queue.wake("a", now, Pace::Spaced);
         assert_eq!(
             queue.next_timer(),
             None,
@@ -357,7 +382,7 @@ mod tests {
         let mut queue = Queue::new(&Settings::immediate(1));
         let now = Instant::now();
         for (key, after) in [("late", 30), ("soon", 10), ("middle", 20)] {
-            queue.wake(key, now);
+            queue.wake(key, now, Pace::Spaced);
             queue.start(now);
             queue.finished(&key, Action::requeue(ms(after)), now);
         }
@@ -382,14 +407,14 @@ mod tests {
         let mut queue = debounced();
         let now = Instant::now();
         for at in [0, 100, 200] {
-            queue.wake("nsg", now + ms(at));
+            queue.wake("nsg", now + ms(at), Pace::Spaced);
         }
         queue.fire(now + ms(499));
         assert_eq!(queue.start(now), None);
         queue.fire(now + ms(500));
         assert_eq!(start_all(&mut queue), ["nsg"]);
         // Woken while it runs: debounced again from when it finishes.
-        queue.wake("nsg", now + ms(600));
+        queue.wake("nsg", now + ms(600), Pace::Spaced);
         queue.finished(&"nsg", Action::await_change(), now + ms(700));
         assert_eq!(queue.start(now), None);
         assert_eq!(queue.next_timer(), Some(now + ms(1_000)));
@@ -407,7 +432,7 @@ mod tests {
                 runs.push(at.duration_since(now));
                 queue.finished(&key, Action::await_change(), at);
             }
-            queue.wake("policy", at);
+            queue.wake("policy", at, Pace::Spaced);
         }
         assert_eq!(runs, [ms(5_000), ms(10_000)]);
     }
@@ -431,7 +456,7 @@ mod tests {
                 queue.finished(&key, Action::await_change(), at);
             }
             if at.duration_since(now).as_millis().is_multiple_of(500) {
-                queue.wake("nsg", at);
+                queue.wake("nsg", at, Pace::Spaced);
             }
         }
         assert_eq!(runs, [ms(300), ms(2_300), ms(4_300), ms(6_300), ms(8_300)]);
@@ -445,7 +470,7 @@ mod tests {
         let later = now + ms(20_000);
         queue.fire(later);
         assert_eq!(queue.next_timer(), None);
-        queue.wake("nsg", later);
+        queue.wake("nsg", later, Pace::Spaced);
         assert_eq!(queue.next_timer(), Some(later + ms(300)));
         queue.fire(later + ms(300));
         assert_eq!(queue.start(later + ms(300)), Some("nsg"));
@@ -454,20 +479,49 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_wake_is_not_held_by_the_spacing_and_wins_over_spaced_ones() {
+        let mut queue = Queue::new(&Settings {
+            concurrency: 1,
+            debounce: ms(300),
+            max_delay: ms(60_000),
+            spacing: ms(2_000),
+        });
+        let now = Instant::now();
+        queue.wake("policy", now, Pace::Spaced);
+        queue.fire(now + ms(300));
+        assert_eq!(queue.start(now + ms(300)), Some("policy"));
+        queue.finished(&"policy", Action::await_change(), now + ms(300));
+        // A history change waits for the spacing; the policy's own edit does not, and a
+        // history change after it does not push it back.
+        queue.wake("policy", now + ms(400), Pace::Spaced);
+        assert_eq!(queue.next_timer(), Some(now + ms(2_300)));
+        queue.wake("policy", now + ms(500), Pace::Prompt);
+        assert_eq!(queue.next_timer(), Some(now + ms(800)));
+        queue.wake("policy", now + ms(600), Pace::Spaced);
+        assert_eq!(queue.next_timer(), Some(now + ms(900)));
+        // Woken promptly while it runs: it runs again after the debounce.
+        queue.fire(now + ms(900));
+        assert_eq!(queue.start(now + ms(900)), Some("policy"));
+        queue.wake("policy", now + ms(1_000), Pace::Prompt);
+        queue.finished(&"policy", Action::await_change(), now + ms(1_000));
+        assert_eq!(queue.next_timer(), Some(now + ms(1_300)));
+    }
+
+    #[test]
     fn a_debounce_never_delays_a_sooner_requeue() {
         let mut queue = debounced();
         let now = Instant::now();
-        queue.wake("policy", now);
+        queue.wake("policy", now, Pace::Spaced);
         queue.fire(now + ms(300));
         queue.start(now);
         queue.finished(&"policy", Action::requeue(ms(400)), now + ms(300));
-        queue.wake("policy", now + ms(350));
+        queue.wake("policy", now + ms(350), Pace::Spaced);
         assert_eq!(
             queue.next_timer(),
             Some(now + ms(650)),
             "the debounce ends first"
         );
-        queue.wake("policy", now + ms(600));
+        queue.wake("policy", now + ms(600), Pace::Spaced);
         assert_eq!(
             queue.next_timer(),
             Some(now + ms(700)),
@@ -501,14 +555,14 @@ mod tests {
             },
         ));
         wakes
-            .unbounded_send(ObjectRef::new("web").within("ns"))
+            .unbounded_send((ObjectRef::new("web").within("ns"), Pace::Prompt))
             .expect("runner listens");
         // Not in the store: nothing to reconcile.
         wakes
-            .unbounded_send(ObjectRef::new("gone").within("ns"))
+            .unbounded_send((ObjectRef::new("gone").within("ns"), Pace::Prompt))
             .expect("runner listens");
         wakes
-            .unbounded_send(ObjectRef::new("web").within("ns"))
+            .unbounded_send((ObjectRef::new("web").within("ns"), Pace::Prompt))
             .expect("runner listens");
         assert_eq!(seen.recv().await, Some(Some("web".to_owned())));
         assert_eq!(seen.recv().await, Some(Some("web".to_owned())));
@@ -545,7 +599,7 @@ mod tests {
             std::future::pending(),
         ));
         wakes
-            .unbounded_send(ObjectRef::new("web").within("ns"))
+            .unbounded_send((ObjectRef::new("web").within("ns"), Pace::Prompt))
             .expect("runner listens");
         let first = seen.recv().await.expect("first run");
         let second = seen.recv().await.expect("the requeue");

@@ -315,7 +315,13 @@ impl ApprovalEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wake {
     pub nsgs: BTreeSet<Key>,
+    /// Policies whose deny rules may have to change (their spec, their deny rules, the
+    /// NSG rules the denies are placed among).
     pub policies: BTreeSet<Key>,
+    /// Policies woken by what only their status shows (a request's history record, their
+    /// own status write), and nothing they enforce: they may wait (see
+    /// [`Pace::Spaced`](super::runner::Pace)).
+    pub policy_histories: BTreeSet<Key>,
     pub requests: BTreeSet<Key>,
     pub approvals: BTreeSet<Key>,
 }
@@ -325,6 +331,7 @@ impl Wake {
     pub fn merge(&mut self, other: Wake) {
         self.nsgs.extend(other.nsgs);
         self.policies.extend(other.policies);
+        self.policy_histories.extend(other.policy_histories);
         self.requests.extend(other.requests);
         self.approvals.extend(other.approvals);
     }
@@ -503,10 +510,16 @@ impl Index {
     /// Records the policy `key` as it is now (`None`: deleted).
     pub fn policy(&mut self, key: Key, entry: Option<PolicyEntry>) -> Wake {
         let mut wake = Wake::default();
-        if entry.is_some() {
-            wake.policies.insert(key.clone());
-        }
         let held = self.hold(&key);
+        if let Some(entry) = &entry {
+            // A new spec is enforced at once; any other write (its own status) may wait.
+            let before = self.policies.get(&held).map(|b| b.generation);
+            if before == Some(entry.generation) {
+                wake.policy_histories.insert(key.clone());
+            } else {
+                wake.policies.insert(key.clone());
+            }
+        }
         let entry = entry.map(|e| e.held(&mut self.names));
         let before = match &entry {
             Some(entry) => self.policies.insert(held.clone(), entry.clone()),
@@ -590,7 +603,7 @@ impl Index {
         if before.as_ref().map(|b| &b.record) != entry.as_ref().map(|e| &e.record)
             || before.as_ref().map(|b| &b.policy) != entry.as_ref().map(|e| &e.policy)
         {
-            wake.policies.extend(
+            wake.policy_histories.extend(
                 before
                     .iter()
                     .chain(entry.iter())

@@ -114,9 +114,15 @@ fn a_policy_moving_to_another_nsg_wakes_both_and_reindexes() {
     assert_eq!(wake.requests, keys(&["waits", "open"]));
     assert_eq!(index.policies_on(NS, "a"), vec!["p2"]);
     assert_eq!(index.policies_on(NS, "b"), vec!["p1", "p2"]);
-    // Its own status write wakes only itself.
+    assert_eq!(
+        wake.policies,
+        keys(&["p1"]),
+        "a new spec is enforced at once"
+    );
+    // Its own status write wakes only itself, and may wait its spacing.
     let wake = index.policy(k("p1"), policy(2, &["b"]));
-    assert_eq!(wake.policies, keys(&["p1"]));
+    assert_eq!(wake.policy_histories, keys(&["p1"]));
+    assert!(wake.policies.is_empty());
     assert!(wake.nsgs.is_empty() && wake.requests.is_empty());
 }
 
@@ -156,11 +162,14 @@ fn a_request_wakes_its_policy_only_when_its_record_changes() {
     let mut index = populated();
     let wake = index.request(k("open"), request("p1", "bob", Some(Phase::Granted)));
     assert_eq!(wake.requests, keys(&["open"]));
-    assert!(wake.policies.is_empty());
+    assert!(wake.policies.is_empty() && wake.policy_histories.is_empty());
+    // Only the history changes: the policy's denies do not, so it may wait its spacing.
     let wake = index.request(k("open"), request("p1", "bob", Some(Phase::Revoked)));
-    assert_eq!(wake.policies, keys(&["p1"]));
+    assert_eq!(wake.policy_histories, keys(&["p1"]));
+    assert!(wake.policies.is_empty());
     let wake = index.request(k("done"), None);
-    assert_eq!(wake.policies, keys(&["p1"]));
+    assert_eq!(wake.policy_histories, keys(&["p1"]));
+    assert!(wake.policies.is_empty());
     assert!(wake.requests.is_empty());
 }
 
