@@ -26,8 +26,10 @@ pub mod activity;
 pub mod addresses;
 pub mod apply;
 pub mod cut;
+pub mod inputs;
 pub mod listening;
 pub mod render;
+pub mod saver;
 pub mod state;
 
 use std::net::IpAddr;
@@ -35,7 +37,7 @@ use std::path::PathBuf;
 use std::pin::pin;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
@@ -50,7 +52,9 @@ use crate::api::{NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self};
 use activity::Activity;
 use apply::{Applied, Enforcer, Nft};
+use inputs::{Change, Inputs};
 use render::{Mode, Policy, Ruleset, Target};
+use saver::Saver;
 use state::State;
 
 /// The table name when `--table` is not given.
@@ -215,6 +219,9 @@ pub async fn run(
     let mut enforcer = Enforcer::new(config.nft.clone());
     restore(&state, &mut enforcer).await;
     notify_ready();
+    let hash = enforcer
+        .applied()
+        .map_or_else(|| "none".to_owned(), Ruleset::hash);
     let addresses = config.current_addresses().await?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), &config.namespace);
     let objects: Api<SecurityRule> = Api::namespaced(client, &config.namespace);
@@ -230,13 +237,13 @@ pub async fn run(
         ),
     )
     .default_backoff()
-    .map(|event| event.map(|e| matches!(e, watcher::Event::InitDone)));
+    .map(|event| event.map(|e| Change::of_nsg(&e)));
     let rule_events = reflector::reflector(
         rule_writer,
         watcher::watcher(objects, watcher::Config::default()),
     )
     .default_backoff()
-    .map(|event| event.map(|e| matches!(e, watcher::Event::InitDone)));
+    .map(|event| event.map(|e| Change::of_rule(&e)));
     let mut events = pin!(futures::stream::select(
         nsg_events.map(|e| (0, e)),
         rule_events.map(|e| (1, e))
@@ -245,8 +252,9 @@ pub async fn run(
     let mut synced = [false, false];
     let mut agent = Agent {
         enforcer,
-        state,
-        unstored: None,
+        hash,
+        saver: Saver::new(state.clone()),
+        inputs: Inputs::default(),
         addresses,
         addresses_read: tokio::time::Instant::now(),
         nsg_store,
@@ -266,28 +274,37 @@ pub async fn run(
         nsg = %format!("{}/{}", agent.config.namespace, agent.config.nsg),
         table = agent.config.table,
         addresses = ?agent.addresses,
-        state = %agent.state.path().display(),
+        state = %state.path().display(),
         "agent started"
     );
     let mut wake = tokio::time::Instant::now() + RESYNC;
     let mut resync = tokio::time::Instant::now() + RESYNC;
+    // Whether an event since the last round may have changed what is enforced.
+    let mut moved = false;
     loop {
-        tokio::select! {
+        let due = tokio::select! {
             () = &mut shutdown => break,
-            event = events.next() => match event {
-                Some((which, Ok(init_done))) => synced[which] |= init_done,
-                Some((_, Err(error))) => {
-                    tracing::warn!(%error, "watch failed; keeping the applied rules and retrying");
-                    continue;
+            event = events.next() => {
+                let Some(event) = event else { break };
+                moved |= heard(&agent.inputs, &agent.config.nsg, &mut synced, event);
+                // What else is ready joins the same round: a burst is one round, not one
+                // per event.
+                while let Some(Some(event)) = events.next().now_or_never() {
+                    moved |= heard(&agent.inputs, &agent.config.nsg, &mut synced, event);
                 }
-                None => break,
-            },
-            () = tokio::time::sleep_until(wake) => {}
-        }
+                false
+            }
+            () = agent.saver.failure_changed() => true,
+            () = tokio::time::sleep_until(wake) => true,
+        };
         if synced != [true, true] {
             wake = tokio::time::Instant::now() + RESYNC;
             continue;
         }
+        if !due && !moved {
+            continue;
+        }
+        moved = false;
         if tokio::time::Instant::now() >= resync {
             agent.enforcer.invalidate();
             resync = tokio::time::Instant::now() + RESYNC;
@@ -295,8 +312,31 @@ pub async fn run(
         let next = agent.round().await;
         wake = tokio::time::Instant::now() + next.min(RESYNC);
     }
+    // The last store asked for, on disk before the process ends if the disk allows.
+    let _ = tokio::time::timeout(RETRY, agent.saver.settled()).await;
     tracing::info!("agent stopped; its table stays in force");
     Ok(())
+}
+
+/// Takes one watch event: whether it may change what is enforced (see [`inputs`]). Marks
+/// the watch synced at the end of its first list; a failed watch changes nothing (it
+/// retries, and the applied rules stay).
+fn heard(
+    inputs: &Inputs,
+    nsg: &str,
+    synced: &mut [bool; 2],
+    (which, event): (usize, Result<Change, watcher::Error>),
+) -> bool {
+    match event {
+        Ok(change) => {
+            synced[which] |= change == Change::Relisted;
+            inputs.moved_by(nsg, &change)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "watch failed; keeping the applied rules and retrying");
+            false
+        }
+    }
 }
 
 /// Puts the stored ruleset back into the kernel. A failure is logged, not fatal: the agent
@@ -343,9 +383,12 @@ fn notify(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
 struct Agent {
     config: Config,
     enforcer: Enforcer,
-    state: State,
-    /// Why the ruleset in force is not on disk, until a store succeeds.
-    unstored: Option<String>,
+    /// The hash of the ruleset in force, computed when it changes.
+    hash: String,
+    /// Keeps the ruleset in force on disk.
+    saver: Saver,
+    /// What the last round read, to tell the events that change it.
+    inputs: Inputs,
     /// The addresses protected in the last round.
     addresses: Vec<IpAddr>,
     /// When they were read (without `--address`).
@@ -379,6 +422,7 @@ impl Agent {
                 tracing::warn!("the NSG does not exist; keeping the applied rules");
                 self.missing_warned = true;
             }
+            self.inputs.forget();
             return RESYNC;
         };
         self.missing_warned = false;
@@ -388,6 +432,7 @@ impl Agent {
             .map(AsRef::as_ref)
             .filter(|r| r.spec.network_security_group_name == self.config.nsg)
             .collect();
+        self.inputs.record(&nsg, &mine);
         let next_expiry = mine
             .iter()
             .filter_map(|r| r.spec.expires_at.as_ref().map(|t| t.0))
@@ -439,9 +484,10 @@ impl Agent {
             Ok(applied) => {
                 self.applied_at = Some(now);
                 let ruleset = self.enforcer.applied().expect("an applied ruleset");
+                self.hash = ruleset.hash();
                 tracing::info!(
                     how = ?applied,
-                    hash = ruleset.hash(),
+                    hash = self.hash,
                     grants = ruleset.grant_count(),
                     "rules applied"
                 );
@@ -452,7 +498,11 @@ impl Agent {
                 Some(error.to_string())
             }
         };
-        let error = error.or_else(|| self.unstored.clone());
+        let error = error.or_else(|| {
+            self.saver
+                .failure()
+                .map(|error| format!("enforced but not stored: {error}"))
+        });
         let failed = error.is_some();
         let reported = self.report(&nsg, error).await;
         let mut until_expiry = next_expiry
@@ -571,51 +621,39 @@ impl Agent {
 
     /// Applies `desired` and stores it. A change that closes anything (a revoked grant, a
     /// new deny) is stored first, so that a crash in between restores the new state rather
-    /// than one the change already shrank; a change that only adds grants is applied first,
-    /// since a store that lacks them restores less access, never more, and the grant need
-    /// not wait for the disk. A ruleset the kernel refused is not left on disk; the one in
-    /// force is stored again. A failed store does not stop enforcement; it is reported, and
-    /// retried each round until it succeeds.
+    /// than one the change already shrank; a change that only adds grants is applied first
+    /// and stored in the background ([`saver`]), since a store that lacks them restores
+    /// less access, never more, and the grant need not wait for the disk. A ruleset the
+    /// kernel refused is not left on disk; the one in force is stored again. A failed store
+    /// does not stop enforcement; it is reported, and retried each round until it succeeds.
     async fn enforce(&mut self, desired: Ruleset, now: Timestamp) -> Result<Applied, Error> {
         let changed = self.enforcer.applied() != Some(&desired);
-        let must_store = self.unstored.is_some() || changed;
+        let must_store = changed || self.saver.failure().is_some();
         let store_first = changed
             && !self
                 .enforcer
                 .applied()
                 .is_some_and(|applied| render::only_adds_grants(applied, &desired));
-        let mut stored = if store_first {
-            self.state.save(&desired)
-        } else {
-            Ok(())
-        };
-        let applied = self.enforcer.apply(desired, now).await;
-        if must_store && (applied.is_err() || !store_first) {
-            // After a refused change: what is in force; after an added grant: the new state.
-            if let Some(in_force) = self.enforcer.applied() {
-                stored = self.state.save(in_force);
-            }
+        if store_first && let Err(error) = self.saver.save_now(desired.clone()).await {
+            tracing::warn!(%error, "cannot store the ruleset; enforcing it all the same");
         }
-        self.unstored = match stored {
-            Ok(()) => None,
-            Err(error) => {
-                tracing::warn!(%error, "ruleset enforced but not stored; a restart would not restore it");
-                Some(format!("enforced but not stored: {error}"))
-            }
-        };
+        let applied = self.enforcer.apply(desired, now).await;
+        if must_store
+            && (applied.is_err() || !store_first)
+            && let Some(in_force) = self.enforcer.applied()
+        {
+            // After a refused change: what is in force; after an added grant: the new state.
+            self.saver.save_later(in_force.clone());
+        }
         applied
     }
 
     /// Writes this agent's `status.enforcement` entry when it changed; false if the write
     /// failed (retried with the next round).
     async fn report(&mut self, nsg: &NetworkSecurityGroup, error: Option<String>) -> bool {
-        let hash = self
-            .enforcer
-            .applied()
-            .map_or_else(|| "none".to_owned(), render::Ruleset::hash);
         let current = Reported {
             generation: nsg.metadata.generation,
-            hash,
+            hash: self.hash.clone(),
             error,
             idle: self.idle.clone(),
             listening: self.listening.clone(),

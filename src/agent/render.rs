@@ -230,9 +230,31 @@ pub struct Ruleset {
     pub grants: BTreeMap<String, BTreeMap<GrantKey, Timestamp>>,
 }
 
+/// Sorts every `flags` list in nft JSON. The nftables crate keeps flags in a `HashSet`,
+/// which serializes them in a different order in every instance: hashed as they come, one
+/// ruleset had a new hash in every render, and the agent rewrote its report on every event,
+/// each write waking it again.
+fn sort_flags(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Array(items) => items.iter_mut().for_each(sort_flags),
+        serde_json::Value::Object(fields) => {
+            for (key, field) in fields.iter_mut() {
+                match field {
+                    serde_json::Value::Array(flags) if key == "flags" => {
+                        flags.sort_by_key(ToString::to_string);
+                    }
+                    _ => sort_flags(field),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Ruleset {
-    /// A short stable hash of everything the ruleset enforces (FNV-1a over its JSON form):
-    /// what agents report as `rulesHash`, so that two agents or two runs can be compared.
+    /// A short stable hash of everything the ruleset enforces (FNV-1a over its canonical
+    /// JSON form): what agents report as `rulesHash`, so that two agents or two runs can be
+    /// compared, and what the agent's report is rewritten on when it changes.
     pub fn hash(&self) -> String {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let mut feed = |bytes: &[u8]| {
@@ -242,11 +264,10 @@ impl Ruleset {
             }
         };
         feed(self.table.as_bytes());
-        feed(
-            serde_json::to_string(&self.skeleton)
-                .expect("nftables objects serialize")
-                .as_bytes(),
-        );
+        let mut skeleton =
+            serde_json::to_value(&self.skeleton).expect("nftables objects serialize");
+        sort_flags(&mut skeleton);
+        feed(skeleton.to_string().as_bytes());
         for (set, elements) in &self.grants {
             feed(set.as_bytes());
             for (key, expires) in elements {

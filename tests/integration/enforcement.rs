@@ -57,7 +57,7 @@ pub const SLOW_CONNECT: Duration = Duration::from_secs(3);
 
 /// The NSG of the API-driven tests: the vm's /28 is the virtual network (so A and B are
 /// "Internet"), HTTP is open to the Internet, everything else falls to DenyAllInBound.
-fn nsg() -> String {
+pub fn nsg() -> String {
     web_nsg("198.18.0.0/28", "")
 }
 

@@ -11,7 +11,7 @@ use kube::api::Api;
 use portcullis::api::NetworkSecurityGroup;
 
 use crate::enforcement::{
-    A, B, Error, Lab, SLOW_CONNECT, VM, VM_6, enforced, expiry, granted, ip, policy, request,
+    A, B, Error, Lab, SLOW_CONNECT, VM, VM_6, enforced, expiry, granted, ip, nsg, policy, request,
     skipped,
 };
 use crate::support::{Ctx, TestResult, eventually, succeeded};
@@ -19,6 +19,7 @@ use crate::support::{Ctx, TestResult, eventually, succeeded};
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
         a_restart_without_apiserver_restores_the_table,
+        a_ruleset_that_cannot_be_stored_is_enforced_and_reported,
         every_address_of_the_machine_is_protected,
     ]
 }
@@ -44,6 +45,15 @@ async fn a_restart_without_apiserver_restores_the_table(ctx: Ctx) -> TestResult 
     // Nothing listens on 22: a SYN that passes is answered by a reset.
     lab.until(A, 22, true).await?;
     lab.until(B, 22, false).await?;
+    // An added grant is stored just after it is applied, off the agent's loop: the reboot
+    // comes once it is on disk (before that, a restart restores less, never more).
+    let state = lab.path("state").join("portcullis.json");
+    eventually("the grant stored", || async {
+        std::fs::read_to_string(&state)
+            .is_ok_and(|stored| stored.contains(&A.to_string()))
+            .then_some(())
+    })
+    .await?;
 
     // A reboot: the agent gone, the kernel's table gone, the apiserver out of reach.
     let mut agent = lab.agent.take().ok_or("no agent")?;
@@ -104,6 +114,55 @@ async fn a_restart_without_apiserver_restores_the_table(ctx: Ctx) -> TestResult 
 }
 
 /// The vm gets [`VM_2`] and [`VM_6`], the client [`A_6`] and [`B_6`].
+/// A full or read-only disk must not open anything or stop enforcement: the rules are
+/// applied, the agent's report says they are not stored (a restart would not restore
+/// them), and once the disk takes the file again the report says so without any other
+/// change.
+async fn a_ruleset_that_cannot_be_stored_is_enforced_and_reported(ctx: Ctx) -> TestResult {
+    if skipped("a_ruleset_that_cannot_be_stored_is_enforced_and_reported") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    // A file where the state directory would be: every store fails.
+    let state = lab.path("state");
+    std::fs::write(&state, b"")?;
+    lab.start_agent(&ctx, "vm-1")?;
+    succeeded(&ctx.apply(&nsg()))?;
+    succeeded(&ctx.apply(&policy()))?;
+    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let error = || async {
+        let nsg = nsgs.get_opt("nsg").await.ok().flatten()?;
+        let report = nsg
+            .status?
+            .enforcement
+            .into_iter()
+            .find(|r| r.agent == "vm-1")?;
+        Some((report.error, report.rules_hash))
+    };
+    eventually("the agent to report that it cannot store", || async {
+        let (error, hash) = error().await?;
+        (hash != "none" && error?.contains("enforced but not stored")).then_some(())
+    })
+    .await
+    .map_err(|e| format!("{e}\nagent log:\n{}", lab.agent_log()))?;
+    lab.until(B, 22, false).await?;
+    succeeded(&ctx.apply_as("alice", &["team-web"], &request("ssh-a", A.into(), "PT1M")))?;
+    granted(&ctx, "ssh-a").await?;
+    lab.until(A, 22, true).await?;
+
+    std::fs::remove_file(&state)?;
+    eventually("the agent to report the ruleset stored", || async {
+        error().await?.0.is_none().then_some(())
+    })
+    .await
+    .map_err(|e| format!("{e}\nagent log:\n{}", lab.agent_log()))?;
+    let stored = std::fs::read_to_string(state.join("portcullis.json"))?;
+    if !stored.contains(&A.to_string()) {
+        return Err("the stored ruleset lacks the grant".into());
+    }
+    Ok(())
+}
+
 fn dual_stack(lab: &Lab) -> Result<(), Error> {
     let (vm, client) = (lab.vm.as_str(), lab.client.as_str());
     ip(&[

@@ -96,6 +96,24 @@ fn the_first_grant_at_the_top_changes_only_elements() {
 }
 
 #[test]
+fn the_same_policy_always_hashes_the_same() {
+    // The grant sets carry two flags (interval, timeout), held by nftables in a HashSet:
+    // renders of one policy must still agree on the hash, or agents could not be compared
+    // and each would rewrite its report on every round.
+    let policy = policy(
+        vec![
+            rule("http", 300, Access::Allow, "Internet", "80"),
+            grant("g", 100, "198.18.0.0/24", "22"),
+        ],
+        &[("g", 60)],
+    );
+    let first = render(&policy, &target(), now()).hash();
+    for _ in 0..32 {
+        assert_eq!(render(&policy, &target(), now()).hash(), first);
+    }
+}
+
+#[test]
 fn a_grant_below_a_user_rule_keeps_its_place() {
     let deny = rule("deny-ssh", 100, Access::Deny, "*", "22");
     let ruleset = render(
