@@ -227,8 +227,9 @@ pub async fn run(
     let objects: Api<SecurityRule> = Api::namespaced(client, &config.namespace);
     let (nsg_store, nsg_writer) = reflector::store();
     let (rule_store, rule_writer) = reflector::store();
-    // SecurityRules cannot be selected by spec field on the server; the namespace's are
-    // watched and filtered here.
+    // Only the rules of this NSG (the CRD's selectable field): an agent holds and hears
+    // its own NSG's rules, not every grant of the namespace's other NSGs. A rule moved to
+    // another NSG leaves the selection, which the watch delivers as a delete.
     let nsg_events = reflector::reflector(
         nsg_writer,
         watcher::watcher(
@@ -240,7 +241,14 @@ pub async fn run(
     .map(|event| event.map(|e| Change::of_nsg(&e)));
     let rule_events = reflector::reflector(
         rule_writer,
-        watcher::watcher(objects, watcher::Config::default()),
+        watcher::watcher(
+            objects,
+            watcher::Config::default().fields(&format!(
+                "{}={}",
+                crate::api::security_rule::NSG_FIELD,
+                config.nsg
+            )),
+        ),
     )
     .default_backoff()
     .map(|event| event.map(|e| Change::of_rule(&e)));

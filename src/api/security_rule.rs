@@ -17,6 +17,8 @@ use super::validation::{DURATION_PATTERN, TIMESTAMP_PATTERN};
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// The value of [`LABEL_MANAGED_BY`] on Portcullis' objects.
 pub const MANAGED_BY: &str = "portcullis";
+/// The field a SecurityRule list or watch may be selected by: the NSG it belongs to.
+pub const NSG_FIELD: &str = "spec.networkSecurityGroupName";
 
 /// A rule attached to the NSG named in `networkSecurityGroupName`.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -27,6 +29,9 @@ pub const MANAGED_BY: &str = "portcullis";
     namespaced,
     shortname = "nsgrule",
     category = "portcullis",
+    // An agent watches only its NSG's rules (`--field-selector
+    // spec.networkSecurityGroupName=NAME`), not every rule of the namespace.
+    selectable = ".spec.networkSecurityGroupName",
     doc = "One NSG rule as an object; JIT denies and grants are materialized as these.",
     printcolumn(
         name = "NSG",

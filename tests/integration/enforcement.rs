@@ -33,6 +33,7 @@ use crate::support::{Ctx, TestResult, eventually, ssh_policy, succeeded, web_nsg
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
         policy_closes_ssh_and_keeps_allowed_ports_open,
+        a_rule_is_enforced_while_it_names_the_nsg,
         grant_admits_only_its_source_until_revoked,
         grant_ends_on_time_with_the_agent_killed,
         kernel_verdicts_equal_the_evaluation,
@@ -760,6 +761,60 @@ async fn policy_closes_ssh_and_keeps_allowed_ports_open(ctx: Ctx) -> TestResult 
         },
     )
     .await?;
+    Ok(())
+}
+
+/// A user's SecurityRule of this namespace, denying port 80 to `source`, in NSG `nsg`.
+fn user_deny(source: Ipv4Addr, nsg: &str) -> String {
+    format!(
+        r#"apiVersion: jit.portcullis.dev/v1alpha1
+kind: SecurityRule
+metadata:
+  name: no-http-for-b
+spec:
+  networkSecurityGroupName: {nsg}
+  priority: 200
+  direction: Inbound
+  access: Deny
+  protocol: Tcp
+  sourceAddressPrefix: "{source}"
+  sourcePortRange: "*"
+  destinationAddressPrefix: "*"
+  destinationPortRange: "80"
+"#
+    )
+}
+
+/// The agent watches only its NSG's rules (selected on the server by
+/// `spec.networkSecurityGroupName`): a rule of another NSG is not enforced, and one moved
+/// into the NSG and out again is enforced exactly while it is there (leaving the selection
+/// reaches the agent as a delete).
+async fn a_rule_is_enforced_while_it_names_the_nsg(ctx: Ctx) -> TestResult {
+    if skipped("a_rule_is_enforced_while_it_names_the_nsg") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    let _http = listen(&lab, 80)?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    succeeded(&ctx.apply(&user_deny(B, "other")))?;
+    lab.until(B, 80, true).await?;
+    succeeded(&ctx.apply(&user_deny(B, "nsg")))?;
+    lab.until(B, 80, false).await?;
+    lab.until(A, 80, true).await?;
+    succeeded(&ctx.apply(&user_deny(B, "other")))?;
+    lab.until(B, 80, true).await?;
+    // The server selects by the field, as the agent asks it to.
+    let rules: Api<portcullis::api::SecurityRule> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let selected = rules
+        .list(&kube::api::ListParams::default().fields(&format!(
+            "{}=other",
+            portcullis::api::security_rule::NSG_FIELD
+        )))
+        .await?;
+    if selected.items.len() != 1 {
+        return Err(format!("{} rules selected for NSG other", selected.items.len()).into());
+    }
     Ok(())
 }
 
