@@ -140,7 +140,7 @@ pub struct AgentArgs {
     /// The agent's name in the NSG status (unique per machine; default: the host name).
     #[arg(long)]
     pub agent_name: Option<String>,
-    /// Run nft inside this network namespace (`ip netns exec`) while the agent itself stays
+    /// Run nft inside this network namespace (as named by `ip netns add`) while the agent itself stays
     /// in its own: for tests and for enforcing inside a namespace from the host.
     #[arg(long, hide = true)]
     pub netns: Option<String>,
