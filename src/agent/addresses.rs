@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 
 use super::Error;
+use super::apply::Nft;
 
 #[derive(Deserialize)]
 struct Interface {
@@ -41,24 +42,13 @@ pub fn parse(json: &[u8]) -> Result<Vec<IpAddr>, Error> {
     Ok(addresses)
 }
 
-/// The machine's addresses: of this network namespace, or of the named one.
-pub async fn local(netns: Option<&str>) -> Result<Vec<IpAddr>, Error> {
-    let mut command = tokio::process::Command::new("ip");
-    if let Some(netns) = netns {
-        command.args(["-n", netns]);
-    }
-    let output = command
-        .args(["-j", "address", "show"])
-        .output()
+/// The machine's addresses: of the network namespace `nft` runs in.
+pub async fn local(nft: &Nft) -> Result<Vec<IpAddr>, Error> {
+    let output = nft
+        .output("ip", &["-j", "address", "show"])
         .await
-        .map_err(|e| Error::Addresses(format!("cannot run `ip`: {e}")))?;
-    if !output.status.success() {
-        return Err(Error::Addresses(format!(
-            "`ip -j address show` failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    parse(&output.stdout)
+        .map_err(Error::Addresses)?;
+    parse(output.as_bytes())
 }
 
 #[cfg(test)]

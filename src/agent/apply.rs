@@ -60,11 +60,6 @@ impl Nft {
         })
     }
 
-    /// The network namespace `nft` runs in, when not the agent's own.
-    pub fn netns(&self) -> Option<&str> {
-        self.netns.as_deref()
-    }
-
     /// Runs one transaction: the batch as JSON on the standard input of `nft -j -f -`.
     pub async fn run(&self, batch: &Nftables<'_>) -> Result<(), Error> {
         let json = serde_json::to_vec(batch)

@@ -147,7 +147,7 @@ impl Config {
             return Ok(self.addresses.clone());
         }
         let addresses = if self.addresses.is_empty() {
-            addresses::local(self.nft.netns()).await?
+            addresses::local(&self.nft).await?
         } else {
             self.addresses.clone()
         };
