@@ -208,6 +208,114 @@ mod tests {
     }
 
     #[test]
+    fn a_skipped_event_never_hides_a_change_of_what_the_round_reads() {
+        // Random events on an NSG and four rules moving between two NSGs, applied to a
+        // store as the reflector would; a round runs whenever `moved_by` says so. Whenever
+        // it says no, the NSG's identity and this NSG's rules (name → version) in the
+        // store must be exactly what the last round read.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let mut store_nsg: Option<NetworkSecurityGroup> = Some(nsg("u0", 1));
+        let mut store_rules: HashMap<String, SecurityRule> = HashMap::new();
+        let mut inputs = Inputs::default();
+        let mut version = 0;
+        let read = |nsg: &Option<NetworkSecurityGroup>, rules: &HashMap<String, SecurityRule>| {
+            let mine: std::collections::BTreeMap<String, String> = rules
+                .values()
+                .filter(|r| r.spec.network_security_group_name == "nsg")
+                .map(|r| {
+                    (
+                        r.metadata.name.clone().unwrap(),
+                        r.metadata.resource_version.clone().unwrap(),
+                    )
+                })
+                .collect();
+            let identity = nsg
+                .as_ref()
+                .map(|n| (n.metadata.uid.clone().unwrap(), n.metadata.generation));
+            (identity, mine)
+        };
+        let mut last_read = None;
+        for step in 0..20_000 {
+            version += 1;
+            let change = match next(6) {
+                0 => {
+                    // A status write (same generation), a spec change, or a new object.
+                    let (uid, generation) = store_nsg
+                        .as_ref()
+                        .map(|n| {
+                            (
+                                n.metadata.uid.clone().unwrap(),
+                                n.metadata.generation.unwrap(),
+                            )
+                        })
+                        .unwrap_or(("u0".into(), 1));
+                    let updated = match next(3) {
+                        0 => nsg(&uid, generation),
+                        1 => nsg(&uid, generation + 1),
+                        _ => nsg(&format!("u{version}"), 1),
+                    };
+                    store_nsg = Some(updated.clone());
+                    Change::of_nsg(&watcher::Event::Apply(updated))
+                }
+                1 if store_nsg.is_some() && next(4) == 0 => {
+                    let gone = store_nsg.take().unwrap();
+                    Change::of_nsg(&watcher::Event::Delete(gone))
+                }
+                1 | 2 | 3 => {
+                    let name = format!("rule-{}", next(4));
+                    let of = if next(2) == 0 { "nsg" } else { "other" };
+                    let updated = rule(&name, of, &version.to_string());
+                    store_rules.insert(name, updated.clone());
+                    Change::of_rule(&watcher::Event::Apply(updated))
+                }
+                4 => {
+                    let name = format!("rule-{}", next(4));
+                    match store_rules.remove(&name) {
+                        Some(gone) => Change::of_rule(&watcher::Event::Delete(gone)),
+                        None => Change::Nothing,
+                    }
+                }
+                _ => {
+                    // A relist's item: the store is not updated before the relist ends.
+                    let name = format!("rule-{}", next(4));
+                    let item = rule(&name, "nsg", &version.to_string());
+                    Change::of_rule(&watcher::Event::InitApply(item))
+                }
+            };
+            if inputs.moved_by("nsg", &change) {
+                // The round: reads the NSG (returns early without one) and its rules.
+                match &store_nsg {
+                    Some(current) => {
+                        let mut mine: Vec<&SecurityRule> = store_rules
+                            .values()
+                            .filter(|r| r.spec.network_security_group_name == "nsg")
+                            .collect();
+                        mine.sort_by_key(|r| r.metadata.name.clone());
+                        inputs.record(current, &mine);
+                        last_read = Some(read(&store_nsg, &store_rules));
+                    }
+                    None => {
+                        inputs.forget();
+                        last_read = None;
+                    }
+                }
+            } else if let Some(last) = &last_read {
+                assert_eq!(
+                    &read(&store_nsg, &store_rules),
+                    last,
+                    "step {step}: {change:?} was skipped but changed what a round reads"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn before_a_round_read_anything_or_after_a_relist_every_change_counts() {
         let empty = Inputs::default();
         assert!(empty.moved_by("nsg", &apply(rule("grant-c", "other", "13"))));
