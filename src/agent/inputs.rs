@@ -267,7 +267,7 @@ mod tests {
                     let gone = store_nsg.take().unwrap();
                     Change::of_nsg(&watcher::Event::Delete(gone))
                 }
-                1 | 2 | 3 => {
+                1..=3 => {
                     let name = format!("rule-{}", next(4));
                     let of = if next(2) == 0 { "nsg" } else { "other" };
                     let updated = rule(&name, of, &version.to_string());
