@@ -111,6 +111,32 @@ fn the_same_policy_always_hashes_the_same() {
     for _ in 0..32 {
         assert_eq!(render(&policy, &target(), now()).hash(), first);
     }
+    // Any element field changes it: the expiry, the port, the source.
+    for changed in [
+        self::policy(
+            vec![
+                rule("http", 300, Access::Allow, "Internet", "80"),
+                grant("g", 100, "198.18.0.0/24", "22"),
+            ],
+            &[("g", 61)],
+        ),
+        self::policy(
+            vec![
+                rule("http", 300, Access::Allow, "Internet", "80"),
+                grant("g", 100, "198.18.0.0/24", "23"),
+            ],
+            &[("g", 60)],
+        ),
+        self::policy(
+            vec![
+                rule("http", 300, Access::Allow, "Internet", "80"),
+                grant("g", 100, "198.18.0.0/25", "22"),
+            ],
+            &[("g", 60)],
+        ),
+    ] {
+        assert_ne!(render(&changed, &target(), now()).hash(), first);
+    }
 }
 
 #[test]
