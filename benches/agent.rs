@@ -4,6 +4,8 @@
 //! - render + apply (full replace) of NSGs of 10, 1,000 and 10,000 rules;
 //! - the apply of one grant (an element add) beside 10 and beside 10,000 active grants, and
 //!   the ratio of the two (it must stay flat);
+//! - the CPU of the agent's round before that apply (model, render, diff, hash), beside 10
+//!   and beside 10,000 active grants;
 //! - revoke precision with the kernel alone (no agent): grants whose element timeouts run
 //!   out, `expiresAt` → first dropped connect;
 //! - end to end through a control plane, the operator (in-process) and the agent binary:
@@ -48,10 +50,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher::{self, watcher};
-use portcullis::agent::apply::{Applied, Enforcer, Nft};
+use portcullis::agent::apply::{self, Applied, Enforcer, Nft};
 use portcullis::agent::render::{self, Policy, Ruleset, Target};
 use portcullis::api::jit_request::Phase;
-use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup};
+use portcullis::api::security_rule::{LABEL_MANAGED_BY, MANAGED_BY};
+use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use portcullis::rules::{
     self, Access, AddressPrefix, Direction, Origin, PortRange, Protocol, Rule, Scope,
 };
@@ -160,6 +163,17 @@ async fn run() -> BenchResult<()> {
         target: "≤ 1.5".into(),
         met: Some(ratio <= 1.5),
     });
+    for active in ACTIVE {
+        rows.push(percentiles(
+            if active == ACTIVE[0] {
+                "one round's CPU for a grant, 10 active grants"
+            } else {
+                "one round's CPU for a grant, 10,000 active grants"
+            },
+            &round_cpu(active)?,
+            None,
+        ));
+    }
 
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); ACTIVE.len()];
     for _ in 0..RATE_ROUNDS {
@@ -680,6 +694,58 @@ async fn grant_applies(enforcer: &mut Enforcer, active: usize) -> BenchResult<Ve
     Ok(samples)
 }
 
+/// What one agent round costs before `nft` runs when a grant arrives beside `active` others,
+/// from the objects as the watches hold them (the NSG and its grants' SecurityRules, as the
+/// operator writes them): the NSG model, the render, the comparison with what is applied,
+/// the grant diff and the hash the report carries. Pure CPU, one sample per extra grant.
+fn round_cpu(active: usize) -> BenchResult<Vec<f64>> {
+    let now = Timestamp::now();
+    let expires = (now + SignedDuration::from_hours(1)).to_string();
+    let nsg: NetworkSecurityGroup = serde_json::from_value(json!({
+        "metadata": {"name": "nsg", "namespace": "bench", "uid": "nsg-uid", "generation": 1},
+        "spec": {"virtualNetworkPrefixes": ["198.18.0.0/28"]}
+    }))?;
+    let object = |index: usize| -> BenchResult<SecurityRule> {
+        let source = Ipv4Addr::new(198, 19, (index / 250) as u8, (index % 250) as u8 + 1);
+        Ok(serde_json::from_value(json!({
+            "metadata": {
+                "name": format!("grant-{index}"),
+                "resourceVersion": index.to_string(),
+                "labels": {LABEL_MANAGED_BY: MANAGED_BY}
+            },
+            "spec": {
+                "networkSecurityGroupName": "nsg", "priority": 100, "direction": "Inbound",
+                "access": "Allow", "protocol": "Tcp", "sourceAddressPrefix": source.to_string(),
+                "sourcePortRange": "*", "destinationAddressPrefix": VM.to_string(),
+                "destinationPortRange": PORT.to_string(), "expiresAt": expires
+            }
+        }))?)
+    };
+    let mut objects = (0..active).map(object).collect::<BenchResult<Vec<_>>>()?;
+    let render = |objects: &[SecurityRule]| -> BenchResult<Ruleset> {
+        let refs: Vec<&SecurityRule> = objects.iter().collect();
+        let policy = portcullis::agent::policy(&nsg, &refs, now)
+            .map_err(|invalid| format!("{invalid:?}"))?;
+        Ok(render::render(&policy, &target(), now))
+    };
+    let mut applied = render(&objects)?;
+    let mut samples = Vec::new();
+    for extra in 0..GRANT_APPLIES {
+        objects.push(object(active + extra)?);
+        let started = Instant::now();
+        let desired = render(&objects)?;
+        let changed = desired != applied;
+        let update = apply::grant_update(&applied, &desired, now);
+        let hash = desired.hash();
+        samples.push(started.elapsed().as_secs_f64());
+        if !changed || update.is_none() || hash.is_empty() {
+            return Err("one more grant did not render as an element update".into());
+        }
+        applied = desired;
+    }
+    Ok(samples)
+}
+
 /// Connects per second from `source` through the table with `active` grants in force and
 /// one for `source`: sequential, each a whole TCP handshake with the listener, so the
 /// kernel's verdict on every SYN is part of each.
@@ -865,7 +931,7 @@ async fn measure_end_to_end(
     }
 
     // When each request's grant rule reached a watch like the agent's.
-    let rules: Api<portcullis::api::SecurityRule> = Api::namespaced(client.clone(), ns);
+    let rules: Api<SecurityRule> = Api::namespaced(client.clone(), ns);
     let (seen, mut rule_seen) = tokio::sync::mpsc::unbounded_channel();
     let rule_watch = tokio::spawn(async move {
         let config = watcher::Config::default().labels(&format!(
