@@ -341,10 +341,32 @@ fn heard(
             inputs.moved_by(nsg, &change)
         }
         Err(error) => {
-            tracing::warn!(%error, "watch failed; keeping the applied rules and retrying");
+            match outdated_crd(&error) {
+                Some(fix) => {
+                    tracing::error!(%error, fix, "cannot watch the NSG's rules; keeping the applied rules")
+                }
+                None => {
+                    tracing::warn!(%error, "watch failed; keeping the applied rules and retrying")
+                }
+            }
             false
         }
     }
+}
+
+/// What to do when the watch fails because the SecurityRule CRD in the cluster predates the
+/// selectable field the agent selects by: retrying cannot help (the agent keeps its table,
+/// and applies nothing new, until the CRDs are upgraded, which `helm upgrade` never does).
+fn outdated_crd(error: &watcher::Error) -> Option<&'static str> {
+    let (watcher::Error::InitialListFailed(kube::Error::Api(status))
+    | watcher::Error::WatchStartFailed(kube::Error::Api(status))) = error
+    else {
+        return None;
+    };
+    (status.code == 400 && status.message.contains("field label not supported")).then_some(
+        "the SecurityRule CRD predates this agent (no selectable field \
+         spec.networkSecurityGroupName): apply crds/portcullis.yaml from this release",
+    )
 }
 
 /// Puts the stored ruleset back into the kernel. A failure is logged, not fatal: the agent
@@ -706,6 +728,20 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outdated_crd_is_named_as_the_cause() {
+        let refused = |message: &str| {
+            let mut status = kube::core::Status::failure(message, "BadRequest");
+            status.code = 400;
+            watcher::Error::InitialListFailed(kube::Error::Api(status.boxed()))
+        };
+        // What the apiserver answers for a field a CRD does not declare selectable.
+        let old = refused("field label not supported: spec.networkSecurityGroupName");
+        assert!(outdated_crd(&old).unwrap().contains("crds/portcullis.yaml"));
+        assert_eq!(outdated_crd(&refused("the server is shutting down")), None);
+        assert_eq!(outdated_crd(&watcher::Error::NoResourceVersion), None);
+    }
 
     #[test]
     fn systemd_hears_ready_on_its_socket() {
