@@ -7,6 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub const READY: &str = "Ready";
 /// Two NSG rules share a direction and a priority.
 pub const CONFLICT: &str = "PriorityConflict";
+/// The agents' reports leave the NSG object room below etcd's size limit.
+pub const REPORTS_WITHIN_LIMIT: &str = "ReportsWithinLimit";
 /// A JIT request's access is open.
 pub const GRANTED: &str = "Granted";
 
@@ -16,6 +18,9 @@ pub mod reason {
     pub const NO_CONFLICT: &str = "NoConflict";
     pub const CONFLICTING_PRIORITIES: &str = "ConflictingPriorities";
     pub const INVALID_RULE: &str = "InvalidRule";
+    pub const WITHIN_LIMIT: &str = "WithinLimit";
+    /// So many agents report into one NSG that its object nears etcd's size limit.
+    pub const TOO_MANY_AGENTS: &str = "TooManyAgents";
     pub const NSG_NOT_FOUND: &str = "NetworkSecurityGroupNotFound";
     pub const NO_PRIORITY_AVAILABLE: &str = "NoPriorityAvailable";
     /// A user rule above a JIT deny lets a protected port in from a source the policy does

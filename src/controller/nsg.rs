@@ -36,6 +36,12 @@ const MAX_DELAY: Duration = Duration::from_secs(60);
 const SPACING: Duration = Duration::from_secs(2);
 /// How many JIT deny rules the status lists before it only counts them (see [`listed`]).
 const MAX_LISTED_DENIES: usize = 256;
+/// How many agents may report into one NSG before its status warns. Each report is an entry
+/// of `status.enforcement` under the agent's own field manager, about 700 bytes with its
+/// `managedFields` (measured with 200 agents); 1,500 of them fill about 1 MiB, and at
+/// about 2,000 the object reaches etcd's 1.5 MiB limit, past which every status write to
+/// it fails.
+pub const MAX_ADVISED_REPORTS: usize = 1_500;
 /// A safety net: even with no change and no expiry ahead, look again this often.
 const RESYNC: Duration = Duration::from_secs(600);
 /// Addresses from the documentation ranges, used as "somebody on the Internet" when
@@ -126,6 +132,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
                 .join("; "),
         }
     };
+    let reports = reports_within_limit(previous.enforcement.len());
     let exposed_ports: BTreeSet<String> = exposure
         .iter()
         .map(|e| format!("{}/{:?}", e.port, e.protocol))
@@ -133,7 +140,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
     let denies = jit_denies(&effective);
     let status = NetworkSecurityGroupStatus {
         observed_generation: generation,
-        conditions: [ready, conflict]
+        conditions: [ready, conflict, reports]
             .into_iter()
             .map(|d| d.into_condition(&previous.conditions, generation, &now_time))
             .collect(),
@@ -166,6 +173,29 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
         .and_then(|at| at.duration_since(now).try_into().ok())
         .map_or(RESYNC, |d: Duration| d.min(RESYNC));
     Ok(Action::requeue(wait))
+}
+
+/// Whether `agents` reports leave the NSG object room (see [`MAX_ADVISED_REPORTS`]).
+fn reports_within_limit(agents: usize) -> Decided {
+    if agents <= MAX_ADVISED_REPORTS {
+        Decided {
+            type_: conditions::REPORTS_WITHIN_LIMIT,
+            status: true,
+            reason: reason::WITHIN_LIMIT,
+            message: format!("{agents} agents report into this NSG"),
+        }
+    } else {
+        Decided {
+            type_: conditions::REPORTS_WITHIN_LIMIT,
+            status: false,
+            reason: reason::TOO_MANY_AGENTS,
+            message: format!(
+                "{agents} agents report into this NSG, each an entry of status.enforcement: \
+                 at about 2,000 the object reaches etcd's 1.5 MiB limit and no status write \
+                 to it succeeds any more; split the machines over several NSGs"
+            ),
+        }
+    }
 }
 
 /// The effective rules the status lists: every rule but the grants (counted, never listed),
@@ -452,6 +482,21 @@ fn destinations(effective: &[rules::Rule], scope: &Scope) -> Vec<IpAddr> {
 mod tests {
     use super::*;
     use crate::rules::{Access, PortRange};
+
+    #[test]
+    fn too_many_agents_reporting_into_one_nsg_is_a_condition() {
+        let fits = reports_within_limit(MAX_ADVISED_REPORTS);
+        assert!(fits.status);
+        assert_eq!(fits.reason, reason::WITHIN_LIMIT);
+        let crowded = reports_within_limit(MAX_ADVISED_REPORTS + 1);
+        assert!(!crowded.status);
+        assert_eq!(crowded.reason, reason::TOO_MANY_AGENTS);
+        assert!(
+            crowded.message.starts_with("1501 agents"),
+            "{}",
+            crowded.message
+        );
+    }
 
     fn rule(
         name: &str,

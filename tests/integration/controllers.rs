@@ -11,6 +11,7 @@ use portcullis::api::jit_policy::{GrantState, GrantStateReason, MachineState};
 use portcullis::api::jit_request::Phase;
 use portcullis::api::nsg::RuleOrigin;
 use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use portcullis::controller::nsg::MAX_ADVISED_REPORTS;
 
 use crate::support::{Ctx, TestResult, eventually, failed, inline_allow, succeeded, web_nsg};
 
@@ -30,6 +31,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         policy_shrink_revokes_active_grants,
         deleting_the_policy_cascades_and_revokes,
         nsg_reports_exposure_and_conflicts,
+        too_many_agents_on_one_nsg_are_reported,
         expired_request_never_grants_again,
         kubectl_wait_for_granted_works,
         metrics_count_grants,
@@ -518,6 +520,64 @@ async fn deleting_the_policy_cascades_and_revokes(ctx: Ctx) -> TestResult {
     ctx.phase_of("orphan", Phase::Revoked).await?;
     ctx.rule_gone(&granted.status.unwrap().grants[0].rule)
         .await?;
+    Ok(())
+}
+
+/// Past [`MAX_ADVISED_REPORTS`] agents' entries in `status.enforcement` the NSG warns. The
+/// entries are written in one apply here: one write per agent, each under its own field
+/// manager as agents write them, costs the apiserver more with every entry already there,
+/// which is why the limit is what it is.
+async fn too_many_agents_on_one_nsg_are_reported(ctx: Ctx) -> TestResult {
+    succeeded(&ctx.apply(&nsg("")))?;
+    let nsgs: Api<NetworkSecurityGroup> = ctx.api();
+    let condition = |status: bool| {
+        let nsgs = nsgs.clone();
+        async move {
+            let status_of = if status { "True" } else { "False" };
+            eventually(&format!("ReportsWithinLimit {status_of}"), || async {
+                nsgs.get("nsg")
+                    .await
+                    .ok()?
+                    .status?
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "ReportsWithinLimit" && c.status == status_of)
+            })
+            .await
+        }
+    };
+    condition(true).await?;
+    let agents = MAX_ADVISED_REPORTS + 1;
+    let reports: Vec<serde_json::Value> = (0..agents)
+        .map(|agent| {
+            serde_json::json!({
+                "agent": format!("node-{agent}"),
+                "host": format!("node-{agent}"),
+                "addresses": ["198.18.0.10"],
+                "observedGeneration": 1,
+                "rulesHash": "0123456789abcdef",
+                "appliedAt": "2026-01-01T00:00:00Z"
+            })
+        })
+        .collect();
+    let patch = serde_json::json!({
+        "apiVersion": "jit.portcullis.dev/v1alpha1",
+        "kind": "NetworkSecurityGroup",
+        "status": {"enforcement": reports}
+    });
+    nsgs.patch_status(
+        "nsg",
+        &PatchParams::apply("portcullis-agents").force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    let crowded = condition(false).await?;
+    assert_eq!(crowded.reason, "TooManyAgents");
+    assert!(
+        crowded.message.starts_with(&format!("{agents} agents")),
+        "{}",
+        crowded.message
+    );
     Ok(())
 }
 
