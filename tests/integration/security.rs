@@ -4,11 +4,11 @@
 //! running as its own service account.
 
 use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use portcullis::access::materialize::{Owner, allow_rule_name, deny_rule_name};
-use portcullis::api::jit_policy::MachineState;
+use portcullis::api::jit_policy::{GrantState, GrantStateReason, MachineState};
 use portcullis::api::jit_request::Phase;
-use portcullis::api::{JitPolicy, JitRequest, SecurityRule};
+use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use portcullis::rules::Protocol;
 
 use crate::support::{Ctx, TestResult, eventually, failed, succeeded};
@@ -23,6 +23,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         operator_never_takes_over_a_rule_it_does_not_own,
         deleting_a_request_beyond_the_bounded_history_completes,
         a_revoke_finalizer_stripped_from_a_grant_is_put_back,
+        idle_reports_come_from_agents_and_count_where_the_policy_asks,
         managed_rules_are_the_operators_alone,
         admission_policies_type_check,
     ]
@@ -333,6 +334,136 @@ subjects:
         &["delete", "jitr", "again", "--wait=true"],
         None,
     ))?;
+    Ok(())
+}
+
+/// Hole: an agent's report that a grant is idle ends it (`Revoked`/`Idle`), and the
+/// operator took it for any grant of the NSG, also on a port whose policy sets no
+/// `idleTimeout`. Reports are NSG status, which requesters and policy admins may not write;
+/// and one naming a grant of a port without an idle limit is ignored, while the same
+/// report ends the grant of a port with one.
+async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx) -> TestResult {
+    succeeded(&ctx.apply(NSG))?;
+    succeeded(&ctx.apply(
+        "apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitPolicy
+metadata:
+  name: web
+spec:
+  virtualMachines:
+  - name: web-1
+    address: 198.18.0.10
+    networkSecurityGroupName: nsg
+    ports:
+    - number: 22
+      protocol: TCP
+      allowedSourceAddressPrefix: 198.19.0.0/16
+      maxRequestAccessDuration: PT1H
+    - number: 3389
+      protocol: TCP
+      allowedSourceAddressPrefix: 198.19.0.0/16
+      maxRequestAccessDuration: PT1H
+      idleTimeout: PT1H
+",
+    ))?;
+    succeeded(&ctx.apply_as(
+        "alice",
+        &["team-web"],
+        "apiVersion: jit.portcullis.dev/v1alpha1
+kind: JitRequest
+metadata:
+  name: alices
+spec:
+  policyName: web
+  virtualMachines:
+  - name: web-1
+    ports:
+    - number: 22
+      duration: PT30M
+      allowedSourceAddressPrefix: 198.19.0.10
+    - number: 3389
+      duration: PT30M
+      allowedSourceAddressPrefix: 198.19.0.10
+",
+    ))?;
+    let granted = ctx.phase_of("alices", Phase::Granted).await?;
+    let grants = granted.status.ok_or("no status")?.grants;
+    let idle: Vec<serde_json::Value> = grants
+        .iter()
+        .map(|g| serde_json::json!({"rule": g.rule}))
+        .collect();
+    let report = serde_json::json!({
+        "apiVersion": "jit.portcullis.dev/v1alpha1",
+        "kind": "NetworkSecurityGroup",
+        "status": {"enforcement": [{
+            "agent": "vm-1", "host": "vm-1", "observedGeneration": 1,
+            "rulesHash": "0123456789abcdef", "appliedAt": "2026-01-01T00:00:00Z",
+            "idleGrants": idle
+        }]}
+    });
+    succeeded(&ctx.apply(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: frank-admin
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-policy-admin}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: frank}
+",
+    ))?;
+    // Applied as an agent applies it (a patch, no read first).
+    let mut forged = report.clone();
+    forged["metadata"] = serde_json::json!({"name": "nsg"});
+    let forged = forged.to_string();
+    for (user, groups) in [("mallory", &["team-web"][..]), ("frank", &[][..])] {
+        let refused = failed(&ctx.kubectl_impersonating(
+            user,
+            groups,
+            &[
+                "apply",
+                "--server-side",
+                "--subresource=status",
+                "--field-manager=portcullis-agent-vm-1",
+                "--force-conflicts",
+                "-f",
+                "-",
+            ],
+            Some(&forged),
+        ))?;
+        assert!(
+            refused.contains("cannot patch resource \"networksecuritygroups/status\""),
+            "{user}: {refused}"
+        );
+    }
+    // Written as an agent writes it: the grant with an idle limit ends, the other stays.
+    let nsgs: Api<NetworkSecurityGroup> = ctx.api();
+    nsgs.patch_status(
+        "nsg",
+        &PatchParams::apply("portcullis-agent-vm-1").force(),
+        &Patch::Apply(&report),
+    )
+    .await?;
+    let requests: Api<JitRequest> = ctx.api();
+    let after = eventually("the 3389 grant revoked as idle", || async {
+        let status = requests.get("alices").await.ok()?.status?;
+        status
+            .grants
+            .iter()
+            .any(|g| {
+                g.number == 3389
+                    && g.status == GrantState::Revoked
+                    && g.status_reason == Some(GrantStateReason::Idle)
+            })
+            .then_some(status)
+    })
+    .await?;
+    let ssh = after
+        .grants
+        .iter()
+        .find(|g| g.number == 22)
+        .ok_or("no SSH grant")?;
+    assert_eq!(ssh.status, GrantState::Initiated, "{after:?}");
+    assert_eq!(after.phase, Some(Phase::Granted), "{after:?}");
     Ok(())
 }
 

@@ -347,9 +347,12 @@ pub(super) async fn review(
             Some(GrantStateReason::PolicyChanged)
         } else if newer.contains(&(grant.virtual_machine.clone(), grant.number, grant.protocol)) {
             Some(GrantStateReason::NewerRequestInitiated)
-        } else if current
-            .is_some_and(|p| ctx.reported_idle(namespace, &p.network_security_group, &grant.rule))
-        {
+        } else if current.is_some_and(|p| {
+            // Only where the policy asks for an idle limit: an agent's report is trusted
+            // to say a grant was silent, not to end grants the policy lets stay silent.
+            p.idle_timeout.is_some()
+                && ctx.reported_idle(namespace, &p.network_security_group, &grant.rule)
+        }) {
             Some(GrantStateReason::Idle)
         } else {
             None
