@@ -200,6 +200,8 @@ pub async fn cleanup(nft: Nft, table: &str) -> Result<(), Error> {
 /// What the agent last reported, to write status only when it changes.
 #[derive(Clone, Debug, PartialEq)]
 struct Reported {
+    /// The NSG object reported into: one deleted and created again starts with no report.
+    nsg: Option<String>,
     generation: Option<i64>,
     hash: String,
     error: Option<String>,
@@ -682,6 +684,7 @@ impl Agent {
     /// failed (retried with the next round).
     async fn report(&mut self, nsg: &NetworkSecurityGroup, error: Option<String>) -> bool {
         let current = Reported {
+            nsg: nsg.metadata.uid.clone(),
             generation: nsg.metadata.generation,
             hash: self.hash.clone(),
             error,

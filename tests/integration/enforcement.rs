@@ -34,6 +34,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
         policy_closes_ssh_and_keeps_allowed_ports_open,
         a_rule_is_enforced_while_it_names_the_nsg,
+        a_recreated_nsg_gets_the_agents_report,
         grant_admits_only_its_source_until_revoked,
         grant_ends_on_time_with_the_agent_killed,
         kernel_verdicts_equal_the_evaluation,
@@ -815,6 +816,21 @@ async fn a_rule_is_enforced_while_it_names_the_nsg(ctx: Ctx) -> TestResult {
     if selected.items.len() != 1 {
         return Err(format!("{} rules selected for NSG other", selected.items.len()).into());
     }
+    Ok(())
+}
+
+/// An NSG deleted and created again with the same spec is a new object with an empty
+/// status: the agent reports into it again, though nothing it enforces changed.
+async fn a_recreated_nsg_gets_the_agents_report(ctx: Ctx) -> TestResult {
+    if skipped("a_recreated_nsg_gets_the_agents_report") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&[A, B])?;
+    lab.start_agent(&ctx, "vm-1")?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    succeeded(&ctx.kubectl(&["delete", "nsg", "nsg", "--wait=true"]))?;
+    enforced(&ctx, &lab, "vm-1").await?;
+    lab.until(B, 22, false).await?;
     Ok(())
 }
 
