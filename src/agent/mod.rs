@@ -691,7 +691,13 @@ impl Agent {
             idle: self.idle.clone(),
             listening: self.listening.clone(),
         };
-        if self.reported.as_ref() == Some(&current) {
+        // Rewritten when what it says changed, or when it is gone from the NSG (a status
+        // wiped by hand): the entry is the agent's own, and only the agent puts it back.
+        let listed = nsg
+            .status
+            .as_ref()
+            .is_some_and(|s| s.enforcement.iter().any(|e| e.agent == self.config.agent));
+        if listed && self.reported.as_ref() == Some(&current) {
             return true;
         }
         let entry = EnforcementReport {

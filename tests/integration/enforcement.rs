@@ -820,7 +820,8 @@ async fn a_rule_is_enforced_while_it_names_the_nsg(ctx: Ctx) -> TestResult {
 }
 
 /// An NSG deleted and created again with the same spec is a new object with an empty
-/// status: the agent reports into it again, though nothing it enforces changed.
+/// status, and a status wiped by hand has lost the report: either way the agent reports
+/// again, though nothing it enforces changed.
 async fn a_recreated_nsg_gets_the_agents_report(ctx: Ctx) -> TestResult {
     if skipped("a_recreated_nsg_gets_the_agents_report") {
         return Ok(());
@@ -831,6 +832,16 @@ async fn a_recreated_nsg_gets_the_agents_report(ctx: Ctx) -> TestResult {
     succeeded(&ctx.kubectl(&["delete", "nsg", "nsg", "--wait=true"]))?;
     enforced(&ctx, &lab, "vm-1").await?;
     lab.until(B, 22, false).await?;
+    succeeded(&ctx.kubectl(&[
+        "patch",
+        "nsg",
+        "nsg",
+        "--subresource=status",
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/status/enforcement"}]"#,
+    ]))?;
+    enforced(&ctx, &lab, "vm-1").await?;
     Ok(())
 }
 
