@@ -11,7 +11,9 @@ use portcullis::api::jit_request::Phase;
 use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use portcullis::rules::Protocol;
 
-use crate::support::{Ctx, TestResult, eventually, failed, succeeded};
+use crate::support::{
+    Ctx, TestResult, eventually, failed, policy_admin_binding, ssh_policy, succeeded,
+};
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
     crate::tests![
@@ -305,16 +307,7 @@ async fn only_the_requestor_or_a_revoker_may_revoke(ctx: Ctx) -> TestResult {
     );
     ctx.phase_of("alices", Phase::Granted).await?;
     // A policy admin holds `revoke` (deploy/user-roles.yaml) and may.
-    succeeded(&ctx.apply(
-        "apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: frank-admin
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-policy-admin}
-subjects:
-- {apiGroup: rbac.authorization.k8s.io, kind: User, name: frank}
-",
-    ))?;
+    succeeded(&ctx.apply(&policy_admin_binding("frank")))?;
     succeeded(&ctx.kubectl_impersonating(
         "frank",
         &[],
@@ -344,47 +337,21 @@ subjects:
 /// report ends the grant of a port with one.
 async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(NSG))?;
-    succeeded(&ctx.apply(
-        "apiVersion: jit.portcullis.dev/v1alpha1
-kind: JitPolicy
-metadata:
-  name: web
-spec:
-  virtualMachines:
-  - name: web-1
-    address: 198.18.0.10
-    networkSecurityGroupName: nsg
-    ports:
-    - number: 22
-      protocol: TCP
-      allowedSourceAddressPrefix: 198.19.0.0/16
-      maxRequestAccessDuration: PT1H
-    - number: 3389
+    let rdp = "    - number: 3389
       protocol: TCP
       allowedSourceAddressPrefix: 198.19.0.0/16
       maxRequestAccessDuration: PT1H
       idleTimeout: PT1H
-",
-    ))?;
+";
+    succeeded(&ctx.apply(&ssh_policy("198.19.0.0/16", rdp)))?;
+    let rdp = "    - number: 3389
+      duration: PT30M
+      allowedSourceAddressPrefix: 198.19.0.10
+";
     succeeded(&ctx.apply_as(
         "alice",
         &["team-web"],
-        "apiVersion: jit.portcullis.dev/v1alpha1
-kind: JitRequest
-metadata:
-  name: alices
-spec:
-  policyName: web
-  virtualMachines:
-  - name: web-1
-    ports:
-    - number: 22
-      duration: PT30M
-      allowedSourceAddressPrefix: 198.19.0.10
-    - number: 3389
-      duration: PT30M
-      allowedSourceAddressPrefix: 198.19.0.10
-",
+        &request("alices", "web", "web-1", "198.19.0.10", rdp),
     ))?;
     let granted = ctx.phase_of("alices", Phase::Granted).await?;
     let grants = granted.status.ok_or("no status")?.grants;
@@ -401,16 +368,7 @@ spec:
             "idleGrants": idle
         }]}
     });
-    succeeded(&ctx.apply(
-        "apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: frank-admin
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-policy-admin}
-subjects:
-- {apiGroup: rbac.authorization.k8s.io, kind: User, name: frank}
-",
-    ))?;
+    succeeded(&ctx.apply(&policy_admin_binding("frank")))?;
     // Applied as an agent applies it (a patch, no read first).
     let mut forged = report.clone();
     forged["metadata"] = serde_json::json!({"name": "nsg"});

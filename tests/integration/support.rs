@@ -371,6 +371,21 @@ subjects:
     )
 }
 
+/// A RoleBinding `{user}-admin` of `portcullis-policy-admin` to `user` in the namespace it is
+/// applied to: NSGs, policies and rules to write, and requests to revoke.
+pub fn policy_admin_binding(user: &str) -> String {
+    format!(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {user}-admin
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-policy-admin}}
+subjects:
+- {{kind: User, apiGroup: rbac.authorization.k8s.io, name: {user}}}
+"#
+    )
+}
+
 /// Policy `web` protecting SSH on web-1 (198.18.0.10, behind `nsg`) from `source` for up
 /// to an hour; `more` follows that port, so it may add fields to it (indented six spaces).
 pub fn ssh_policy(source: &str, more: &str) -> String {
