@@ -319,6 +319,16 @@ mod tests {
         std::iter::from_fn(|| queue.start(Instant::now())).collect()
     }
 
+    /// One worker, a 300 ms debounce and a 2 s spacing, as the NSG and policy controllers.
+    fn spaced_queue() -> Queue<&'static str> {
+        Queue::new(&Settings {
+            concurrency: 1,
+            debounce: ms(300),
+            max_delay: ms(60_000),
+            spacing: ms(2_000),
+        })
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -439,12 +449,7 @@ mod tests {
 
     #[test]
     fn a_stream_of_wakes_apart_runs_once_per_spacing_and_a_requeue_is_not_held() {
-        let mut queue = Queue::new(&Settings {
-            concurrency: 1,
-            debounce: ms(300),
-            max_delay: ms(60_000),
-            spacing: ms(2_000),
-        });
+        let mut queue = spaced_queue();
         let now = Instant::now();
         let mut runs = Vec::new();
         // A wake every 500 ms, further apart than the debounce, for 10 s.
@@ -480,12 +485,7 @@ mod tests {
 
     #[test]
     fn a_prompt_wake_is_not_held_by_the_spacing_and_wins_over_spaced_ones() {
-        let mut queue = Queue::new(&Settings {
-            concurrency: 1,
-            debounce: ms(300),
-            max_delay: ms(60_000),
-            spacing: ms(2_000),
-        });
+        let mut queue = spaced_queue();
         let now = Instant::now();
         queue.wake("policy", now, Pace::Spaced);
         queue.fire(now + ms(300));
