@@ -50,11 +50,12 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher::{self, watcher};
+use portcullis::access::materialize::report_name;
 use portcullis::agent::apply::{self, Applied, Enforcer, Nft};
 use portcullis::agent::render::{self, Policy, Ruleset, Target};
 use portcullis::api::jit_request::Phase;
 use portcullis::api::security_rule::{LABEL_MANAGED_BY, MANAGED_BY};
-use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use portcullis::api::{AgentReport, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
 use portcullis::rules::{
     self, Access, AddressPrefix, Direction, Origin, PortRange, Protocol, Rule, Scope,
 };
@@ -870,6 +871,7 @@ async fn measure_end_to_end(
         .create(&PostParams::default(), &namespace)
         .await?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), ns);
+    let reports: Api<AgentReport> = Api::namespaced(client.clone(), ns);
     nsgs.create(
         &PostParams::default(),
         &serde_json::from_value(json!({
@@ -916,11 +918,10 @@ async fn measure_end_to_end(
     // Enforcing once it reported, and the port closed.
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let reported = nsgs.get("nsg").await?.status.is_some_and(|s| {
-            s.enforcement
-                .iter()
-                .any(|r| r.agent == "bench" && r.error.is_none() && r.rules_hash != "none")
-        });
+        let reported = reports
+            .get_opt(&report_name("nsg", "bench"))
+            .await?
+            .is_some_and(|r| r.spec.report.error.is_none() && r.spec.report.rules_hash != "none");
         if reported && !lab.probe.passes(sources[0]).await? {
             break;
         }

@@ -133,11 +133,11 @@ say "Starting the agent for default/web-nsg on $VM_IP"
   2>"$WORK/agent.log" &
 PIDS+=($!)
 for _ in $(seq 1 100); do
-  kubectl get nsg web-nsg -o jsonpath='{.status.enforcement[?(@.agent=="web-1")].rulesHash}' 2>/dev/null |
+  kubectl get agentreport web-nsg.web-1 -o jsonpath='{.spec.rulesHash}' 2>/dev/null |
     grep -qv '^none$\|^$' && break
   sleep 0.2
 done
-show kubectl get nsg web-nsg -o jsonpath='{range .status.enforcement[*]}{.agent}{" on "}{.host}{": rules "}{.rulesHash}{" applied "}{.appliedAt}{"\n"}{end}'
+show kubectl get agentreports
 echo "The agent's table (nft list table inet portcullis, abridged):"
 ip netns exec "$VM_NS" nft list chain inet portcullis input | sed -n '1,40p'
 

@@ -100,6 +100,38 @@ pub fn allow_rule_name(request: Owner<'_>, machine: &str, port: u16, protocol: P
     ))
 }
 
+/// The name of agent `agent`'s [`AgentReport`](crate::api::AgentReport) on NSG `nsg`:
+/// `{nsg}.{agent}` when the NSG's name has no dot and the whole is a valid object name (the
+/// first dot then tells the two apart); otherwise `{agent, cleaned}-{16 hex digits}` of a
+/// hash of both, which holds no dot and so never equals a name of the first form. The
+/// operator counts a report only under this name, so no agent's report can hide behind
+/// another's, and two reports never claim the same agent.
+pub fn report_name(nsg: &str, agent: &str) -> String {
+    let plain = format!("{nsg}.{agent}");
+    if !nsg.contains('.') && plain.len() <= MAX_NAME && is_dns_subdomain(&plain) {
+        return plain;
+    }
+    let hash = fnv1a(&format!("{nsg}\0{agent}"));
+    let cleaned: String = agent
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_NAME - 17)
+        .collect();
+    let keep = cleaned.trim_matches('-');
+    if keep.is_empty() {
+        format!("{hash:016x}")
+    } else {
+        format!("{keep}-{hash:016x}")
+    }
+}
+
 /// `name` lowercased when that is a valid object name. Otherwise (too long, or characters a
 /// DNS subdomain refuses) it is reduced to `[a-z0-9-]`, truncated and suffixed with `-` and
 /// 8 hex digits of a hash of the full name: different inputs keep different names, and the
@@ -643,5 +675,38 @@ mod tests {
         assert_eq!(value["destinationPortRanges"], json!(["3389"]));
         assert_eq!(value["expiresAt"], "2030-01-02T03:04:05Z");
         assert_eq!(value["protocol"], "Tcp");
+    }
+
+    #[test]
+    fn report_names_are_readable_valid_and_never_shared() {
+        assert_eq!(report_name("web-nsg", "vm-1"), "web-nsg.vm-1");
+        assert_eq!(
+            report_name("web-nsg", "vm-1.example.com"),
+            "web-nsg.vm-1.example.com"
+        );
+        // Split differently, the same text would be one name: the second form has no dot.
+        let dotted = report_name("web.nsg", "vm-1");
+        assert_ne!(dotted, report_name("web", "nsg.vm-1"));
+        assert!(
+            !dotted.contains('.') && dotted.starts_with("vm-1-"),
+            "{dotted}"
+        );
+        let odd = [
+            ("web-nsg", "VM_1"),
+            ("web-nsg", "VM-1"),
+            ("web.nsg", "vm-1"),
+            ("web-nsg", &"a".repeat(300)),
+            ("web-nsg", "___"),
+        ];
+        let names: std::collections::BTreeSet<String> =
+            odd.iter().map(|(n, a)| report_name(n, a)).collect();
+        assert_eq!(names.len(), odd.len(), "{names:?}");
+        for name in &names {
+            assert!(name.len() <= MAX_NAME && is_dns_subdomain(name), "{name}");
+        }
+        assert_eq!(
+            report_name("web-nsg", "VM_1"),
+            report_name("web-nsg", "VM_1")
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! Which watch events can change what the agent enforces.
 //!
-//! The agent watches its NSG and every `SecurityRule` of the namespace. Most of those
-//! events change nothing it enforces: a status write to the NSG (the operator's summary,
-//! its own report and other agents'), a rule of another NSG. A round on each of them is
+//! The agent watches its NSG and that NSG's `SecurityRule`s. Many of those events change
+//! nothing it enforces: a status write to the NSG (the operator's summary of the agents'
+//! reports), a rule's metadata. A round on each of them is
 //! work in proportion to the NSG's grants, and a grant arriving meanwhile waits for it.
 //! So a round runs for an event only when the event touches what the last round read:
 //! the NSG's identity or spec generation, or a rule of this NSG (or one that was) at a new

@@ -2,9 +2,8 @@
 //!
 //! It watches the NSG and the `SecurityRule`s that reference it, renders the effective
 //! inbound rules for the machine's addresses ([`render`]), puts them into its own table
-//! ([`apply`]) and reports what it applied into the NSG status, in its own entry of
-//! `status.enforcement` (server-side apply with a field manager of its own, so the
-//! operator's status writes and other agents' reports are never clobbered).
+//! ([`apply`]) and reports what it applied in an [`AgentReport`] object of its own
+//! ([`report`]), which the operator summarizes into the NSG's `status.enforcement`.
 //!
 //! Failure behaviour, by design:
 //! - API server unreachable: the watches retry with backoff and nothing is re-applied; the
@@ -29,6 +28,7 @@ pub mod cut;
 pub mod inputs;
 pub mod listening;
 pub mod render;
+pub mod report;
 pub mod saver;
 pub mod state;
 
@@ -43,17 +43,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client};
 
 use crate::api::convert::ConvertError;
-use crate::api::nsg::{EnforcementReport, IdleGrant, ListeningPort};
+use crate::api::nsg::{EnforcementReport, IdleGrant, ListeningPort, MAX_REPORTED_IDLE};
 use crate::api::nsg_model::NsgModel;
-use crate::api::{NetworkSecurityGroup, SecurityRule};
+use crate::api::{AgentReport, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self};
 use activity::Activity;
 use apply::{Applied, Enforcer, Nft};
 use inputs::{Change, Inputs};
 use render::{Mode, Policy, Ruleset, Target};
+use report::{Reported, Written};
 use saver::Saver;
 use state::State;
 
@@ -113,10 +114,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The nftables table the agent owns (family `inet`).
     pub table: String,
-    /// The agent's identity: key of its `status.enforcement` entry and suffix of its field
-    /// manager; unique per machine (the host name by default).
+    /// The agent's identity: with the NSG's, the name of its [`AgentReport`] (see
+    /// [`report_name`](crate::access::materialize::report_name)) and the suffix of its
+    /// field manager; unique per machine (the host name by default).
     pub agent: String,
-    /// The host name reported with the entry.
+    /// The host name reported with it.
     pub host: String,
     /// Where `nft` runs.
     pub nft: Nft,
@@ -197,18 +199,6 @@ pub async fn cleanup(nft: Nft, table: &str) -> Result<(), Error> {
     Enforcer::new(nft).cleanup(table).await
 }
 
-/// What the agent last reported, to write status only when it changes.
-#[derive(Clone, Debug, PartialEq)]
-struct Reported {
-    /// The NSG object reported into: one deleted and created again starts with no report.
-    nsg: Option<String>,
-    generation: Option<i64>,
-    hash: String,
-    error: Option<String>,
-    idle: Vec<IdleGrant>,
-    listening: Vec<ListeningPort>,
-}
-
 /// Enforces the NSG until `shutdown` resolves. Errors of one round (nft refused, status
 /// not written) are logged, reported and retried; only shutdown ends the loop.
 pub async fn run(
@@ -226,9 +216,12 @@ pub async fn run(
         .map_or_else(|| "none".to_owned(), Ruleset::hash);
     let addresses = config.current_addresses().await?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), &config.namespace);
-    let objects: Api<SecurityRule> = Api::namespaced(client, &config.namespace);
+    let objects: Api<SecurityRule> = Api::namespaced(client.clone(), &config.namespace);
+    let reports: Api<AgentReport> = Api::namespaced(client, &config.namespace);
+    let report_name = crate::access::materialize::report_name(&config.nsg, &config.agent);
     let (nsg_store, nsg_writer) = reflector::store();
     let (rule_store, rule_writer) = reflector::store();
+    let (report_store, report_writer) = reflector::store();
     // Only the rules of this NSG (the CRD's selectable field): an agent holds and hears
     // its own NSG's rules, not every grant of the namespace's other NSGs. A rule moved to
     // another NSG leaves the selection, which the watch delivers as a delete.
@@ -254,10 +247,21 @@ pub async fn run(
     )
     .default_backoff()
     .map(|event| event.map(|e| Change::of_rule(&e)));
-    let mut events = pin!(futures::stream::select(
-        nsg_events.map(|e| (0, e)),
-        rule_events.map(|e| (1, e))
-    ));
+    // Its own report, to write it again if it is deleted or changed by someone else.
+    let report_events = reflector::reflector(
+        report_writer,
+        watcher::watcher(
+            reports.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={report_name}")),
+        ),
+    )
+    .default_backoff()
+    .map(|event| event.map(|_| Change::Nothing));
+    let mut events = pin!(futures::stream::select_all([
+        nsg_events.map(|e| (0, e)).boxed(),
+        rule_events.map(|e| (1, e)).boxed(),
+        report_events.map(|e| (2, e)).boxed(),
+    ]));
     let mut shutdown = pin!(shutdown);
     let mut synced = [false, false];
     let mut agent = Agent {
@@ -269,8 +273,12 @@ pub async fn run(
         addresses_read: tokio::time::Instant::now(),
         nsg_store,
         rule_store,
-        nsgs,
+        reports,
+        report_store,
+        report_name,
         reported: None,
+        written: None,
+        report_stale: false,
         applied_at: None,
         activity: Activity::new(Timestamp::now()),
         idle: Vec::new(),
@@ -296,11 +304,11 @@ pub async fn run(
             () = &mut shutdown => break,
             event = events.next() => {
                 let Some(event) = event else { break };
-                moved |= heard(&agent.inputs, &agent.config.nsg, &mut synced, event);
+                moved |= agent.heard(&mut synced, event);
                 // What else is ready joins the same round: a burst is one round, not one
                 // per event.
                 while let Some(Some(event)) = events.next().now_or_never() {
-                    moved |= heard(&agent.inputs, &agent.config.nsg, &mut synced, event);
+                    moved |= agent.heard(&mut synced, event);
                 }
                 false
             }
@@ -328,34 +336,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Takes one watch event: whether it may change what is enforced (see [`inputs`]). Marks
-/// the watch synced at the end of its first list; a failed watch changes nothing (it
-/// retries, and the applied rules stay).
-fn heard(
-    inputs: &Inputs,
-    nsg: &str,
-    synced: &mut [bool; 2],
-    (which, event): (usize, Result<Change, watcher::Error>),
-) -> bool {
-    match event {
-        Ok(change) => {
-            synced[which] |= change == Change::Relisted;
-            inputs.moved_by(nsg, &change)
-        }
-        Err(error) => {
-            match outdated_crd(&error) {
-                Some(fix) => {
-                    tracing::error!(%error, fix, "cannot watch the NSG's rules; keeping the applied rules")
-                }
-                None => {
-                    tracing::warn!(%error, "watch failed; keeping the applied rules and retrying")
-                }
-            }
-            false
-        }
-    }
-}
-
 /// What to do when the watch fails because the SecurityRule CRD in the cluster predates the
 /// selectable field the agent selects by: retrying cannot help (the agent keeps its table,
 /// and applies nothing new, until the CRDs are upgraded, which `helm upgrade` never does).
@@ -365,10 +345,17 @@ fn outdated_crd(error: &watcher::Error) -> Option<&'static str> {
     else {
         return None;
     };
-    (status.code == 400 && status.message.contains("field label not supported")).then_some(
-        "the SecurityRule CRD predates this agent (no selectable field \
-         spec.networkSecurityGroupName): apply crds/portcullis.yaml from this release",
-    )
+    match status.code {
+        400 if status.message.contains("field label not supported") => Some(
+            "the SecurityRule CRD predates this agent (no selectable field \
+             spec.networkSecurityGroupName): apply crds/portcullis.yaml from this release",
+        ),
+        404 => Some(
+            "a CRD this agent needs is not installed (AgentReport is new in this release): \
+             apply crds/portcullis.yaml from this release",
+        ),
+        _ => None,
+    }
 }
 
 /// Puts the stored ruleset back into the kernel. A failure is logged, not fatal: the agent
@@ -427,8 +414,14 @@ struct Agent {
     addresses_read: tokio::time::Instant,
     nsg_store: Store<NetworkSecurityGroup>,
     rule_store: Store<SecurityRule>,
-    nsgs: Api<NetworkSecurityGroup>,
+    reports: Api<AgentReport>,
+    /// The agent's own report, as its watch shows it.
+    report_store: Store<AgentReport>,
+    report_name: String,
     reported: Option<Reported>,
+    /// The report as last written, and whether the cluster's has stopped being it.
+    written: Option<Written>,
+    report_stale: bool,
     applied_at: Option<Timestamp>,
     /// When the grants' flows last carried a packet.
     activity: Activity,
@@ -442,6 +435,42 @@ struct Agent {
 }
 
 impl Agent {
+    /// Takes one watch event: whether it may change what is enforced (see [`inputs`]), or
+    /// the agent's report is no longer what it wrote ([`report::stale`]). Marks the NSG and
+    /// rule watches synced at the end of their first list; a failed watch changes nothing
+    /// (it retries, and the applied rules stay).
+    fn heard(
+        &mut self,
+        synced: &mut [bool; 2],
+        (which, event): (usize, Result<Change, watcher::Error>),
+    ) -> bool {
+        match event {
+            Ok(_) if which == 2 => {
+                let stored = self
+                    .report_store
+                    .get(&ObjectRef::new(&self.report_name).within(&self.config.namespace));
+                let stale = report::stale(self.written.as_ref(), stored.as_deref());
+                self.report_stale |= stale;
+                stale
+            }
+            Ok(change) => {
+                synced[which] |= change == Change::Relisted;
+                self.inputs.moved_by(&self.config.nsg, &change)
+            }
+            Err(error) => {
+                match outdated_crd(&error) {
+                    Some(fix) => {
+                        tracing::error!(%error, fix, "cannot watch; keeping the applied rules")
+                    }
+                    None => {
+                        tracing::warn!(%error, "watch failed; keeping the applied rules and retrying")
+                    }
+                }
+                false
+            }
+        }
+    }
+
     /// One enforcement round from the caches; returns how long until the next one is due
     /// (the next expiry, or a retry after a failure).
     async fn round(&mut self) -> Duration {
@@ -680,24 +709,20 @@ impl Agent {
         applied
     }
 
-    /// Writes this agent's `status.enforcement` entry when it changed; false if the write
-    /// failed (retried with the next round).
+    /// Writes this agent's report when what it says changed, or when the one in the cluster
+    /// stopped being what the agent wrote (deleted by hand, say): the report is the agent's
+    /// own, and only the agent puts it back. False if the write failed (retried with the
+    /// next round).
     async fn report(&mut self, nsg: &NetworkSecurityGroup, error: Option<String>) -> bool {
         let current = Reported {
             nsg: nsg.metadata.uid.clone(),
             generation: nsg.metadata.generation,
             hash: self.hash.clone(),
             error,
-            idle: self.idle.clone(),
+            idle: self.idle.iter().take(MAX_REPORTED_IDLE).cloned().collect(),
             listening: self.listening.clone(),
         };
-        // Rewritten when what it says changed, or when it is gone from the NSG (a status
-        // wiped by hand): the entry is the agent's own, and only the agent puts it back.
-        let listed = nsg
-            .status
-            .as_ref()
-            .is_some_and(|s| s.enforcement.iter().any(|e| e.agent == self.config.agent));
-        if listed && self.reported.as_ref() == Some(&current) {
+        if !self.report_stale && self.reported.as_ref() == Some(&current) {
             return true;
         }
         let entry = EnforcementReport {
@@ -711,23 +736,21 @@ impl Agent {
             idle_grants: current.idle.clone(),
             listening_ports: current.listening.clone(),
         };
-        let patch = serde_json::json!({
-            "apiVersion": NetworkSecurityGroup::api_version(&()),
-            "kind": NetworkSecurityGroup::kind(&()),
-            "status": { "enforcement": [entry] },
-        });
+        let object = report::object(&self.report_name, nsg, entry);
         let params = PatchParams::apply(&self.config.field_manager()).force();
         match self
-            .nsgs
-            .patch_status(&self.config.nsg, &params, &Patch::Apply(&patch))
+            .reports
+            .patch(&self.report_name, &params, &Patch::Apply(&object))
             .await
         {
-            Ok(_) => {
+            Ok(written) => {
+                self.written = Written::of(&written);
+                self.report_stale = false;
                 self.reported = Some(current);
                 true
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot report into the NSG status; retrying");
+                tracing::warn!(%error, "cannot write the agent's report; retrying");
                 false
             }
         }

@@ -7,8 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub const READY: &str = "Ready";
 /// Two NSG rules share a direction and a priority.
 pub const CONFLICT: &str = "PriorityConflict";
-/// The agents' reports leave the NSG object room below etcd's size limit.
-pub const REPORTS_WITHIN_LIMIT: &str = "ReportsWithinLimit";
+/// Every agent on the NSG reports its current generation applied, without an error.
+pub const ENFORCED: &str = "Enforced";
 /// A JIT request's access is open.
 pub const GRANTED: &str = "Granted";
 
@@ -18,9 +18,14 @@ pub mod reason {
     pub const NO_CONFLICT: &str = "NoConflict";
     pub const CONFLICTING_PRIORITIES: &str = "ConflictingPriorities";
     pub const INVALID_RULE: &str = "InvalidRule";
-    pub const WITHIN_LIMIT: &str = "WithinLimit";
-    /// So many agents report into one NSG that its object nears etcd's size limit.
-    pub const TOO_MANY_AGENTS: &str = "TooManyAgents";
+    /// Every agent reports the NSG's generation applied, and no error.
+    pub const AGENTS_IN_SYNC: &str = "AgentsInSync";
+    /// Some agent reports an error (it keeps its last good rules).
+    pub const AGENT_ERROR: &str = "AgentError";
+    /// Some agent has not applied the NSG's current generation yet.
+    pub const AGENTS_BEHIND: &str = "AgentsBehind";
+    /// No agent reports on the NSG: nothing enforces it.
+    pub const NO_AGENTS: &str = "NoAgents";
     pub const NSG_NOT_FOUND: &str = "NetworkSecurityGroupNotFound";
     pub const NO_PRIORITY_AVAILABLE: &str = "NoPriorityAvailable";
     /// A user rule above a JIT deny lets a protected port in from a source the policy does

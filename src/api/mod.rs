@@ -1,4 +1,4 @@
-//! The Kubernetes API of Portcullis: the five custom resources of group
+//! The Kubernetes API of Portcullis: the six custom resources of group
 //! `jit.portcullis.dev/v1alpha1`, their schemas (with CEL validation so that bad input is
 //! refused at `kubectl apply` time) and their conversion into the pure [`crate::rules`] model.
 //!
@@ -8,6 +8,7 @@
 // kube's derive takes one `printcolumn(...)` per column, so their `type_ = "string"` repeat.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod agent_report;
 pub mod conditions;
 pub mod convert;
 pub mod jit_approval;
@@ -19,6 +20,7 @@ pub mod rule_fields;
 pub mod security_rule;
 pub mod validation;
 
+pub use agent_report::{AgentReport, AgentReportSpec};
 pub use jit_approval::{JitApproval, JitApprovalSpec, JitApprovalStatus};
 pub use jit_policy::{JitPolicy, JitPolicySpec, JitPolicyStatus};
 pub use jit_request::{JitRequest, JitRequestSpec, JitRequestStatus};
@@ -63,6 +65,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         JitPolicy::crd(),
         JitRequest::crd(),
         JitApproval::crd(),
+        AgentReport::crd(),
     ]
 }
 

@@ -38,6 +38,12 @@ use super::validation::{ADDRESS_SPACE_MESSAGE, ADDRESS_SPACE_RULE};
         description = "JIT deny rules in force (one per protected machine and policy)"
     ),
     printcolumn(name = "Grants", type_ = "integer", json_path = ".status.activeGrants"),
+    printcolumn(name = "Agents", type_ = "integer", json_path = ".status.agents"),
+    printcolumn(
+        name = "Enforced",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Enforced\")].status"
+    ),
     printcolumn(
         name = "Exposed",
         type_ = "string",
@@ -121,7 +127,12 @@ pub struct NetworkSecurityGroupStatus {
     /// `exposure` as a short list of ports (for `kubectl get`), e.g. `22/Tcp,3389/Tcp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exposed_ports: Option<String>,
-    /// One report per enforcing agent, each written by that agent alone.
+    /// How many agents report on this NSG (each an `AgentReport`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<u32>,
+    /// The agents' reports, copied by the operator from their `AgentReport`s: those with
+    /// an error first, then those behind the NSG's generation, then by agent, at most
+    /// [`MAX_LISTED_REPORTS`] (`kubectl get agentreports` lists every one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["agent".into()]))]
     pub enforcement: Vec<EnforcementReport>,
@@ -176,6 +187,9 @@ pub struct Exposure {
     pub listening_on: Vec<String>,
 }
 
+/// How many agents' reports an NSG's status lists.
+pub const MAX_LISTED_REPORTS: usize = 32;
+
 /// How many hosts an exposure names in `listeningOn`.
 pub const MAX_LISTENING_HOSTS: usize = 16;
 
@@ -189,29 +203,42 @@ pub struct ListeningPort {
     pub protocol: RuleProtocol,
 }
 
-/// What one agent applied on its host.
+/// How many idle grants one report lists; the rest follow once these are revoked.
+pub const MAX_REPORTED_IDLE: usize = 512;
+/// How long a reported error may be, in characters.
+pub const MAX_REPORTED_ERROR: usize = 1024;
+
+/// What one agent applied on its host. Bounded in every list and string: an agent writes
+/// it, and the operator copies it into the NSG's status.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnforcementReport {
     /// The agent's identity (unique per host), the list-map key.
+    #[schemars(length(min = 1, max = 253))]
     pub agent: String,
+    #[schemars(length(max = 253))]
     pub host: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
     pub addresses: Vec<String>,
     /// The NSG generation and the hash of the rules the agent applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    #[schemars(length(max = 64))]
     pub rules_hash: String,
     pub applied_at: Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_REPORTED_ERROR))]
     pub error: Option<String>,
     /// Grants with an `idleTimeout` that carried no packet through this agent for that
     /// long: the operator revokes them (`Idle`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_REPORTED_IDLE))]
     pub idle_grants: Vec<IdleGrant>,
     /// The management ports (and those JIT guards here) listening on the machine, on a
     /// wildcard address or one of `addresses`. Gateways report none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub listening_ports: Vec<ListeningPort>,
 }
 
@@ -220,6 +247,7 @@ pub struct EnforcementReport {
 #[serde(rename_all = "camelCase")]
 pub struct IdleGrant {
     /// The grant's `SecurityRule`.
+    #[schemars(length(max = 253))]
     pub rule: String,
     /// When the agent last saw a packet of it; absent: none since the grant began (or
     /// since the agent started, whichever is later).

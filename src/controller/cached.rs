@@ -16,7 +16,9 @@ use crate::access::materialize::{
 };
 use crate::api::nsg_model::RuleObject;
 use crate::api::security_rule::SecurityRuleSpec;
-use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::{
+    AgentReport, JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule,
+};
 
 /// How a watched kind is kept in its cache.
 pub trait Keep: Watched {
@@ -39,7 +41,13 @@ macro_rules! kept_whole {
     )*};
 }
 
-kept_whole!(NetworkSecurityGroup, JitPolicy, JitRequest, JitApproval);
+kept_whole!(
+    NetworkSecurityGroup,
+    JitPolicy,
+    JitRequest,
+    JitApproval,
+    AgentReport
+);
 
 impl Keep for SecurityRule {
     type Kept = CachedRule;

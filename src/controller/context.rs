@@ -20,7 +20,9 @@ use crate::access::materialize::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::api::convert::ConvertError;
 use crate::api::jit_request::Requestor;
 use crate::api::nsg_model::{NsgModel, RuleObject};
-use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use crate::api::{
+    AgentReport, JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule,
+};
 use crate::rules::{self, Scope};
 
 /// The reflector caches, read instead of the API on every hot path.
@@ -31,6 +33,7 @@ pub struct Stores {
     pub requests: Store<JitRequest>,
     pub rules: Store<CachedRule>,
     pub approvals: Store<JitApproval>,
+    pub reports: Store<AgentReport>,
 }
 
 /// Shared state of the controllers.
@@ -111,14 +114,14 @@ impl Context {
 
     /// Whether an agent enforcing the NSG `nsg` reports the grant rule `rule` idle.
     pub fn reported_idle(&self, namespace: &str, nsg: &str, rule: &str) -> bool {
-        self.nsg(namespace, nsg).is_some_and(|nsg| {
-            nsg.status.as_ref().is_some_and(|status| {
-                status
-                    .enforcement
-                    .iter()
-                    .any(|e| e.idle_grants.iter().any(|g| g.rule == rule))
-            })
-        })
+        self.index().reported_idle(namespace, nsg, rule)
+    }
+
+    /// The agents' reports on the NSG `nsg` (those that count: see
+    /// [`ReportEntry`](super::index::ReportEntry)).
+    pub fn reports_on(&self, namespace: &str, nsg: &str) -> Vec<Arc<AgentReport>> {
+        let names = self.index().reports_on(namespace, nsg);
+        cached(&self.stores.reports, namespace, names)
     }
 
     /// The request `name` in `namespace`, from the cache.
@@ -324,7 +327,7 @@ pub fn ownership(rule: &CachedRule, owner_uid: &str) -> Ownership {
 impl Context {
     /// Writes `status` by server-side apply as the operator's field manager. Fields other
     /// managers own (agents' enforcement reports) are left alone.
-    pub async fn apply_status<K, S>(&self, object: &K, status: &S) -> Result<(), super::Error>
+    pub async fn apply_status<K, S>(&self, object: &K, status: &S) -> Result<K, super::Error>
     where
         K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
             + Clone
@@ -352,6 +355,31 @@ impl Context {
                 .expect("written lock")
                 .insert(written_key::<K>(&namespace, &name), version);
         }
+        Ok(written)
+    }
+
+    /// Applies an empty status to `object` as field manager `manager`: the apiserver drops
+    /// every status field that manager alone held.
+    pub async fn release_status<K>(&self, object: &K, manager: &str) -> Result<(), super::Error>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let (name, namespace) = super::name_and_namespace(object, "object")?;
+        let api: kube::Api<K> = kube::Api::namespaced(self.client.clone(), &namespace);
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": {},
+        });
+        api.patch_status(
+            &name,
+            &kube::api::PatchParams::apply(manager).force(),
+            &kube::api::Patch::Apply(&patch),
+        )
+        .await?;
         Ok(())
     }
 

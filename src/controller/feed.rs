@@ -68,7 +68,7 @@ pub struct Triggers {
 }
 
 /// How many kinds must list before the gate opens.
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 impl Triggers {
     pub fn new(
@@ -164,7 +164,16 @@ pub async fn watch<K>(
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+                if missing_crd(&error) {
+                    // Nothing is reconciled until every kind lists: name the fix.
+                    tracing::error!(
+                        kind = %K::kind(&()),
+                        %error,
+                        "the CRD is not installed: apply crds/portcullis.yaml from this release"
+                    );
+                } else {
+                    tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+                }
                 continue;
             }
         };
@@ -198,6 +207,17 @@ pub async fn watch<K>(
             }
         }
     }
+}
+
+/// Whether the watch failed because the apiserver does not serve the kind (a CRD of this
+/// release not installed, as after a `helm upgrade`, which never upgrades CRDs).
+fn missing_crd(error: &watcher::Error) -> bool {
+    matches!(
+        error,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+            if status.code == 404
+    )
 }
 
 /// The event as the cache keeps it.

@@ -40,7 +40,7 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
-use index::{ApprovalEntry, NsgEntry, PolicyEntry, RequestEntry, RuleEntry, Wake};
+use index::{ApprovalEntry, NsgEntry, PolicyEntry, ReportEntry, RequestEntry, RuleEntry, Wake};
 
 pub use context::Context;
 pub use runner::Action;
@@ -329,12 +329,14 @@ pub async fn run(
     let (requests, request_writer) = reflector::store();
     let (rules, rule_writer) = reflector::store();
     let (approvals, approval_writer) = reflector::store();
+    let (reports, report_writer) = reflector::store();
     let stores = context::Stores {
         nsgs,
         policies,
         requests,
         rules,
         approvals,
+        reports,
     };
     let notifier = notify::Notifier::start(&config.notify, metrics.clone())?;
     let ctx = Arc::new(Context::new(
@@ -401,6 +403,13 @@ pub async fn run(
         feed.watch::<crate::api::JitApproval>(approval_writer, |index, change| {
             let (key, entry) = change.entry(ApprovalEntry::of);
             index.approval(key, entry)
+        }),
+    );
+    let feeds = futures::future::join(
+        feeds,
+        feed.watch::<crate::api::AgentReport>(report_writer, |index, change| {
+            let (key, entry) = change.entry(ReportEntry::of);
+            index.report(key, entry.flatten())
         }),
     );
 

@@ -1,8 +1,9 @@
 //! The NSG controller: computes each NSG's effective rules (inline rules, `SecurityRule`
 //! objects that have not expired, Azure's defaults), priority conflicts, and the management
-//! ports exposed to the Internet, and writes them to status only when they change. Grants
-//! are counted there, not listed, and so are the JIT denies of an NSG in front of many
-//! machines: the status stays small however many machines and grants an NSG has.
+//! ports exposed to the Internet, and writes them to status only when they change, with a
+//! summary of the agents' [`AgentReport`]s. Grants are counted there, not listed, and so are
+//! the JIT denies of an NSG in front of many machines and the reports of many agents: the
+//! status stays small however many machines, grants and agents an NSG has.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -17,9 +18,9 @@ use super::{Config, Error, name_and_namespace};
 use crate::access::validate::{model_protocol, policy_ports};
 use crate::api::conditions::{self, Decided, reason};
 use crate::api::convert::{self};
-use crate::api::nsg::{Exposure, MAX_LISTENING_HOSTS};
+use crate::api::nsg::{EnforcementReport, Exposure, MAX_LISTED_REPORTS, MAX_LISTENING_HOSTS};
 use crate::api::nsg_model::NsgModel;
-use crate::api::{NetworkSecurityGroup, NetworkSecurityGroupStatus};
+use crate::api::{AgentReport, NetworkSecurityGroup, NetworkSecurityGroupStatus};
 use crate::rules::{self, AddressPrefix, Direction, Origin, Packet, Protocol, Scope};
 
 pub const NAME: &str = "nsg";
@@ -36,12 +37,6 @@ const MAX_DELAY: Duration = Duration::from_secs(60);
 const SPACING: Duration = Duration::from_secs(2);
 /// How many JIT deny rules the status lists before it only counts them (see [`listed`]).
 const MAX_LISTED_DENIES: usize = 256;
-/// How many agents may report into one NSG before its status warns. Each report is an entry
-/// of `status.enforcement` under the agent's own field manager, about 700 bytes with its
-/// `managedFields` (measured with 200 agents); 1,500 of them fill about 1 MiB, and at
-/// about 2,000 the object reaches etcd's 1.5 MiB limit, past which every status write to
-/// it fails.
-pub const MAX_ADVISED_REPORTS: usize = 1_500;
 /// A safety net: even with no change and no expiry ahead, look again this often.
 const RESYNC: Duration = Duration::from_secs(600);
 /// Addresses from the documentation ranges, used as "somebody on the Internet" when
@@ -71,6 +66,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
     let now = ctx.now();
     let (name, namespace) = name_and_namespace(nsg.as_ref(), "NetworkSecurityGroup")?;
     let objects = ctx.rules_of(&namespace, &name);
+    let reports = ctx.reports_on(&namespace, &name);
     let model = NsgModel::new(&nsg, objects.iter().map(Arc::as_ref), now);
     let next_expiry = model.next_expiry();
     let (scope, invalid) = (model.scope, model.invalid);
@@ -81,7 +77,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
         &effective,
         &scope,
         &management_ports(&ctx, &namespace, &name),
-        &listening(&nsg),
+        &listening(&reports),
     );
 
     let previous = nsg.status.clone().unwrap_or_default();
@@ -132,7 +128,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
                 .join("; "),
         }
     };
-    let reports = reports_within_limit(previous.enforcement.len());
+    let enforced = enforced(&reports, generation);
     let exposed_ports: BTreeSet<String> = exposure
         .iter()
         .map(|e| format!("{}/{:?}", e.port, e.protocol))
@@ -140,7 +136,7 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
     let denies = jit_denies(&effective);
     let status = NetworkSecurityGroupStatus {
         observed_generation: generation,
-        conditions: [ready, conflict, reports]
+        conditions: [ready, conflict, enforced]
             .into_iter()
             .map(|d| d.into_condition(&previous.conditions, generation, &now_time))
             .collect(),
@@ -160,14 +156,12 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
         exposure,
         exposed_ports: (!exposed_ports.is_empty())
             .then(|| exposed_ports.into_iter().collect::<Vec<_>>().join(",")),
-        enforcement: Vec::new(),
+        agents: Some(reports.len() as u32),
+        enforcement: listed_reports(&reports, generation),
     };
-    let unchanged = NetworkSecurityGroupStatus {
-        enforcement: Vec::new(),
-        ..previous
-    } == status;
-    if !unchanged {
-        ctx.apply_status(nsg.as_ref(), &status).await?;
+    if previous != status {
+        let written = ctx.apply_status(nsg.as_ref(), &status).await?;
+        drop_unlisted_reports(&ctx, &written, &status.enforcement).await?;
     }
     let wait = next_expiry
         .and_then(|at| at.duration_since(now).try_into().ok())
@@ -175,27 +169,137 @@ pub async fn reconcile(nsg: Arc<NetworkSecurityGroup>, ctx: Arc<Context>) -> Res
     Ok(Action::requeue(wait))
 }
 
-/// Whether `agents` reports leave the NSG object room (see [`MAX_ADVISED_REPORTS`]).
-fn reports_within_limit(agents: usize) -> Decided {
-    if agents <= MAX_ADVISED_REPORTS {
-        Decided {
-            type_: conditions::REPORTS_WITHIN_LIMIT,
-            status: true,
-            reason: reason::WITHIN_LIMIT,
-            message: format!("{agents} agents report into this NSG"),
+/// Whether every agent on the NSG enforces its `generation`: the `Enforced` condition.
+fn enforced(reports: &[Arc<AgentReport>], generation: Option<i64>) -> Decided {
+    let decided = |status, reason, message| Decided {
+        type_: conditions::ENFORCED,
+        status,
+        reason,
+        message,
+    };
+    let agents = |of: &[&EnforcementReport]| {
+        let mut names: Vec<&str> = of.iter().map(|r| r.agent.as_str()).collect();
+        names.sort_unstable();
+        let more = names.len().saturating_sub(MAX_NAMED_AGENTS);
+        names.truncate(MAX_NAMED_AGENTS);
+        let mut text = names.join(", ");
+        if more > 0 {
+            text.push_str(&format!(" and {more} more"));
         }
-    } else {
-        Decided {
-            type_: conditions::REPORTS_WITHIN_LIMIT,
-            status: false,
-            reason: reason::TOO_MANY_AGENTS,
-            message: format!(
-                "{agents} agents report into this NSG, each an entry of status.enforcement: \
-                 at about 2,000 the object reaches etcd's 1.5 MiB limit and no status write \
-                 to it succeeds any more; split the machines over several NSGs"
+        text
+    };
+    let all: Vec<&EnforcementReport> = reports.iter().map(|r| &r.spec.report).collect();
+    let failing: Vec<&EnforcementReport> =
+        all.iter().copied().filter(|r| r.error.is_some()).collect();
+    let behind: Vec<&EnforcementReport> = all
+        .iter()
+        .copied()
+        .filter(|r| r.error.is_none() && r.observed_generation != generation)
+        .collect();
+    if all.is_empty() {
+        decided(
+            false,
+            reason::NO_AGENTS,
+            "no agent reports on this NSG: nothing enforces it".into(),
+        )
+    } else if let Some(first) = failing.first() {
+        decided(
+            false,
+            reason::AGENT_ERROR,
+            format!(
+                "{} of {} agents report an error and keep their last good rules ({}); {}: {}",
+                failing.len(),
+                all.len(),
+                agents(&failing),
+                first.agent,
+                first.error.as_deref().unwrap_or_default()
             ),
-        }
+        )
+    } else if !behind.is_empty() {
+        decided(
+            false,
+            reason::AGENTS_BEHIND,
+            format!(
+                "{} of {} agents have not applied generation {} yet ({})",
+                behind.len(),
+                all.len(),
+                generation.unwrap_or_default(),
+                agents(&behind)
+            ),
+        )
+    } else {
+        decided(
+            true,
+            reason::AGENTS_IN_SYNC,
+            format!(
+                "{} agents enforce generation {}",
+                all.len(),
+                generation.unwrap_or_default()
+            ),
+        )
     }
+}
+
+/// How many agents a condition message names.
+const MAX_NAMED_AGENTS: usize = 5;
+
+/// The reports the status lists: those with an error first, then those behind
+/// `generation`, then the rest, each group by agent; at most [`MAX_LISTED_REPORTS`].
+fn listed_reports(reports: &[Arc<AgentReport>], generation: Option<i64>) -> Vec<EnforcementReport> {
+    let mut listed: Vec<&EnforcementReport> = reports.iter().map(|r| &r.spec.report).collect();
+    listed.sort_by(|a, b| {
+        let rank = |r: &EnforcementReport| (r.error.is_none(), r.observed_generation == generation);
+        rank(a).cmp(&rank(b)).then_with(|| a.agent.cmp(&b.agent))
+    });
+    listed.dedup_by(|a, b| a.agent == b.agent);
+    listed
+        .into_iter()
+        .take(MAX_LISTED_REPORTS)
+        .cloned()
+        .collect()
+}
+
+/// Removes from the NSG's status the report entries it no longer lists that another field
+/// manager still holds: those the agents of earlier releases wrote there themselves, each
+/// as `portcullis-agent-NAME`. An empty apply under that manager's name releases what it
+/// held, and the apiserver drops what nobody holds any more. Nothing to do (and no call)
+/// once they are gone.
+async fn drop_unlisted_reports(
+    ctx: &Context,
+    written: &NetworkSecurityGroup,
+    listed: &[EnforcementReport],
+) -> Result<(), Error> {
+    let stale = written
+        .status
+        .iter()
+        .flat_map(|s| &s.enforcement)
+        .any(|e| !listed.iter().any(|l| l.agent == e.agent));
+    if !stale {
+        return Ok(());
+    }
+    let holders: Vec<&str> = written
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:status/f:enforcement").is_some())
+        })
+        .filter_map(|m| m.manager.as_deref())
+        .filter(|m| *m != super::MANAGER)
+        .collect();
+    for manager in holders {
+        tracing::info!(
+            nsg = written.metadata.name.as_deref().unwrap_or_default(),
+            manager,
+            "dropping a report an earlier agent wrote into the NSG status"
+        );
+        ctx.release_status(written, manager).await?;
+    }
+    Ok(())
 }
 
 /// The effective rules the status lists: every rule but the grants (counted, never listed),
@@ -266,9 +370,9 @@ fn management_ports(
 
 /// The ports agents found listening, each on every address its agent protects, with the
 /// agent's name.
-fn listening(nsg: &NetworkSecurityGroup) -> Vec<(u16, Protocol, IpAddr, String)> {
+fn listening(reports: &[Arc<AgentReport>]) -> Vec<(u16, Protocol, IpAddr, String)> {
     let mut probes = Vec::new();
-    for report in nsg.status.iter().flat_map(|s| &s.enforcement) {
+    for report in reports.iter().map(|r| &r.spec.report) {
         let addresses: Vec<IpAddr> = report
             .addresses
             .iter()
@@ -483,19 +587,75 @@ mod tests {
     use super::*;
     use crate::rules::{Access, PortRange};
 
+    fn report(agent: &str, generation: i64, error: Option<&str>) -> Arc<AgentReport> {
+        let mut nsg = crate::api::nsg::empty("team", "web-nsg");
+        nsg.metadata.uid = Some("nsg-uid".into());
+        let entry = EnforcementReport {
+            agent: agent.into(),
+            host: agent.into(),
+            addresses: Vec::new(),
+            observed_generation: Some(generation),
+            rules_hash: "h".into(),
+            applied_at: Time(jiff::Timestamp::UNIX_EPOCH),
+            error: error.map(str::to_owned),
+            idle_grants: Vec::new(),
+            listening_ports: Vec::new(),
+        };
+        Arc::new(crate::agent::report::object(agent, &nsg, entry))
+    }
+
     #[test]
-    fn too_many_agents_reporting_into_one_nsg_is_a_condition() {
-        let fits = reports_within_limit(MAX_ADVISED_REPORTS);
-        assert!(fits.status);
-        assert_eq!(fits.reason, reason::WITHIN_LIMIT);
-        let crowded = reports_within_limit(MAX_ADVISED_REPORTS + 1);
-        assert!(!crowded.status);
-        assert_eq!(crowded.reason, reason::TOO_MANY_AGENTS);
-        assert!(
-            crowded.message.starts_with("1501 agents"),
-            "{}",
-            crowded.message
+    fn enforced_says_which_agents_fail_or_lag() {
+        let none = enforced(&[], Some(3));
+        assert_eq!((none.status, none.reason), (false, reason::NO_AGENTS));
+        let synced = enforced(&[report("vm-1", 3, None), report("vm-2", 3, None)], Some(3));
+        assert_eq!(
+            (synced.status, synced.reason),
+            (true, reason::AGENTS_IN_SYNC)
         );
+        assert_eq!(synced.message, "2 agents enforce generation 3");
+        let behind = enforced(&[report("vm-1", 3, None), report("vm-2", 2, None)], Some(3));
+        assert_eq!(
+            (behind.status, behind.reason),
+            (false, reason::AGENTS_BEHIND)
+        );
+        assert!(behind.message.contains("(vm-2)"), "{}", behind.message);
+        // An error outranks lag, and names the agent and what it said.
+        let failing = enforced(
+            &[
+                report("vm-1", 2, None),
+                report("vm-2", 3, Some("nft: refused")),
+            ],
+            Some(3),
+        );
+        assert_eq!(
+            (failing.status, failing.reason),
+            (false, reason::AGENT_ERROR)
+        );
+        assert!(
+            failing.message.ends_with("vm-2: nft: refused"),
+            "{}",
+            failing.message
+        );
+        let many: Vec<_> = (0..9)
+            .map(|i| report(&format!("vm-{i}"), 1, None))
+            .collect();
+        let message = enforced(&many, Some(3)).message;
+        assert!(message.contains("vm-4 and 4 more"), "{message}");
+    }
+
+    #[test]
+    fn the_status_lists_failing_and_lagging_agents_first_and_a_bounded_number() {
+        let mut reports: Vec<_> = (0..100)
+            .map(|i| report(&format!("vm-{i:03}"), 3, None))
+            .collect();
+        reports.push(report("vm-zzz", 3, Some("nft: refused")));
+        reports.push(report("vm-yyy", 2, None));
+        let listed = listed_reports(&reports, Some(3));
+        assert_eq!(listed.len(), MAX_LISTED_REPORTS);
+        let agents: Vec<&str> = listed.iter().map(|r| r.agent.as_str()).collect();
+        assert_eq!(agents[..3], ["vm-zzz", "vm-yyy", "vm-000"]);
+        assert_eq!(listed_reports(&reports[..2], Some(3)).len(), 2);
     }
 
     fn rule(

@@ -18,7 +18,7 @@ use super::{ADMIN, ALICE, APPROVERS, BOB, ControlPlane, Error};
 use crate::api::{JitApproval, JitRequest, SecurityRule};
 
 /// What `deploy/` installs besides the CRDs and the operator's Deployment, in apply order.
-pub const MANIFESTS: [(&str, &str); 7] = [
+pub const MANIFESTS: [(&str, &str); 8] = [
     ("namespace", include_str!("../../deploy/namespace.yaml")),
     (
         "operator RBAC",
@@ -40,6 +40,10 @@ pub const MANIFESTS: [(&str, &str); 7] = [
     (
         "SecurityRule protection",
         include_str!("../../deploy/admission/securityrules.yaml"),
+    ),
+    (
+        "AgentReport authorization",
+        include_str!("../../deploy/admission/agentreports.yaml"),
     ),
 ];
 

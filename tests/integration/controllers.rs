@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use std::process::Output;
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use portcullis::access::materialize::{LABEL_MANAGED_BY, LABEL_ROLE, Owner, deny_rule_name};
+use portcullis::access::materialize::{
+    LABEL_MANAGED_BY, LABEL_ROLE, Owner, deny_rule_name, report_name,
+};
 use portcullis::api::jit_policy::{GrantState, GrantStateReason, MachineState};
 use portcullis::api::jit_request::Phase;
-use portcullis::api::nsg::RuleOrigin;
+use portcullis::api::nsg::{MAX_LISTED_REPORTS, RuleOrigin};
 use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
-use portcullis::controller::nsg::MAX_ADVISED_REPORTS;
 
 use crate::support::{Ctx, TestResult, eventually, failed, inline_allow, succeeded, web_nsg};
 
@@ -31,7 +32,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn)> {
         policy_shrink_revokes_active_grants,
         deleting_the_policy_cascades_and_revokes,
         nsg_reports_exposure_and_conflicts,
-        too_many_agents_on_one_nsg_are_reported,
+        many_agents_report_and_the_nsg_stays_small,
         expired_request_never_grants_again,
         kubectl_wait_for_granted_works,
         metrics_count_grants,
@@ -523,61 +524,112 @@ async fn deleting_the_policy_cascades_and_revokes(ctx: Ctx) -> TestResult {
     Ok(())
 }
 
-/// Past [`MAX_ADVISED_REPORTS`] agents' entries in `status.enforcement` the NSG warns. The
-/// entries are written in one apply here: one write per agent, each under its own field
-/// manager as agents write them, costs the apiserver more with every entry already there,
-/// which is why the limit is what it is.
-async fn too_many_agents_on_one_nsg_are_reported(ctx: Ctx) -> TestResult {
+/// Agents report in objects of their own (`AgentReport`), and the NSG's status summarizes
+/// them: however many agents, the NSG stays small (it lists 32, failing ones first, and
+/// counts the rest); a report not under its own name counts for nothing; and the entries
+/// the agents of earlier releases wrote into the NSG's status themselves are dropped.
+async fn many_agents_report_and_the_nsg_stays_small(ctx: Ctx) -> TestResult {
+    use futures::{StreamExt, TryStreamExt};
+    use portcullis::api::AgentReport;
     succeeded(&ctx.apply(&nsg("")))?;
     let nsgs: Api<NetworkSecurityGroup> = ctx.api();
-    let condition = |status: bool| {
-        let nsgs = nsgs.clone();
-        async move {
-            let status_of = if status { "True" } else { "False" };
-            eventually(&format!("ReportsWithinLimit {status_of}"), || async {
-                nsgs.get("nsg")
-                    .await
-                    .ok()?
-                    .status?
-                    .conditions
-                    .into_iter()
-                    .find(|c| c.type_ == "ReportsWithinLimit" && c.status == status_of)
-            })
-            .await
-        }
-    };
-    condition(true).await?;
-    let agents = MAX_ADVISED_REPORTS + 1;
-    let reports: Vec<serde_json::Value> = (0..agents)
-        .map(|agent| {
-            serde_json::json!({
-                "agent": format!("node-{agent}"),
-                "host": format!("node-{agent}"),
-                "addresses": ["198.18.0.10"],
-                "observedGeneration": 1,
-                "rulesHash": "0123456789abcdef",
-                "appliedAt": "2026-01-01T00:00:00Z"
-            })
-        })
-        .collect();
-    let patch = serde_json::json!({
+    let uid = eventually("the NSG", || async {
+        nsgs.get("nsg").await.ok()?.metadata.uid
+    })
+    .await?;
+    // As an agent of the last release wrote its report.
+    let old = serde_json::json!({
         "apiVersion": "jit.portcullis.dev/v1alpha1",
         "kind": "NetworkSecurityGroup",
-        "status": {"enforcement": reports}
+        "status": {"enforcement": [{
+            "agent": "old-node", "host": "old-node", "rulesHash": "0123",
+            "appliedAt": "2026-01-01T00:00:00Z"
+        }]}
     });
     nsgs.patch_status(
         "nsg",
-        &PatchParams::apply("portcullis-agents").force(),
-        &Patch::Apply(&patch),
+        &PatchParams::apply("portcullis-agent-old-node").force(),
+        &Patch::Apply(&old),
     )
     .await?;
-    let crowded = condition(false).await?;
-    assert_eq!(crowded.reason, "TooManyAgents");
-    assert!(
-        crowded.message.starts_with(&format!("{agents} agents")),
-        "{}",
-        crowded.message
+    let reports: Api<AgentReport> = ctx.api();
+    let agents = 500;
+    let report = |name: String, agent: String, error: Option<&str>| {
+        serde_json::json!({
+            "apiVersion": "jit.portcullis.dev/v1alpha1",
+            "kind": "AgentReport",
+            "metadata": {
+                "name": name,
+                "ownerReferences": [{
+                    "apiVersion": "jit.portcullis.dev/v1alpha1",
+                    "kind": "NetworkSecurityGroup", "name": "nsg", "uid": uid
+                }]
+            },
+            "spec": {
+                "networkSecurityGroupName": "nsg",
+                "agent": agent, "host": agent,
+                "addresses": ["198.18.0.10"], "observedGeneration": 1,
+                "rulesHash": "0123456789abcdef", "appliedAt": "2026-01-01T00:00:00Z",
+                "error": error
+            }
+        })
+    };
+    let mut objects: Vec<serde_json::Value> = (0..agents)
+        .map(|i| {
+            let agent = format!("node-{i:04}");
+            let error = (i == agents - 1).then_some("nft: refused");
+            report(report_name("nsg", &agent), agent, error)
+        })
+        .collect();
+    // Under another agent's name: it must not count, or stand in for that agent.
+    objects.push(report("forged".into(), "node-0000".into(), Some("forged")));
+    futures::stream::iter(objects)
+        .map(|object| {
+            let reports = reports.clone();
+            async move {
+                let name = object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let params = PatchParams::apply("portcullis-agent").force();
+                reports.patch(&name, &params, &Patch::Apply(&object)).await
+            }
+        })
+        .buffer_unordered(8)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let status = eventually("the NSG to count every agent", || async {
+        let status = nsgs.get("nsg").await.ok()?.status?;
+        (status.agents == Some(agents as u32)
+            && !status.enforcement.iter().any(|e| e.agent == "old-node"))
+        .then_some(status)
+    })
+    .await?;
+    assert_eq!(status.enforcement.len(), MAX_LISTED_REPORTS);
+    assert_eq!(
+        status.enforcement[0].agent,
+        format!("node-{:04}", agents - 1)
     );
+    assert_eq!(status.enforcement[1].agent, "node-0000");
+    assert_eq!(status.enforcement[1].error, None);
+    let enforced = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Enforced")
+        .ok_or("no Enforced condition")?;
+    assert_eq!(
+        (enforced.status.as_str(), enforced.reason.as_str()),
+        ("False", "AgentError")
+    );
+    assert!(
+        enforced
+            .message
+            .starts_with(&format!("1 of {agents} agents")),
+        "{}",
+        enforced.message
+    );
+    let size = serde_json::to_vec(&nsgs.get("nsg").await?)?.len();
+    assert!(size < 64 * 1024, "the NSG is {size} bytes");
     Ok(())
 }
 

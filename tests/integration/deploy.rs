@@ -44,6 +44,8 @@ async fn kustomization_passes_server_dry_run(ctx: Ctx) -> TestResult {
         "validatingadmissionpolicy.admissionregistration.k8s.io/portcullis-jitrequest-delete",
         "validatingadmissionpolicy.admissionregistration.k8s.io/portcullis-managed-securityrules",
         "validatingadmissionpolicybinding.admissionregistration.k8s.io/portcullis-managed-securityrules",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/portcullis-agentreports",
+        "customresourcedefinition.apiextensions.k8s.io/agentreports.jit.portcullis.dev",
     ] {
         if !out.contains(expected) {
             return Err(format!("dry run output lacks {expected}:\n{out}").into());
@@ -52,8 +54,9 @@ async fn kustomization_passes_server_dry_run(ctx: Ctx) -> TestResult {
     Ok(())
 }
 
-/// The agent's shipped RBAC: its NSG and that NSG's status, the rules of its namespace, and
-/// nothing else (no other NSG, no other namespace, no writes to rules or requests). The
+/// The agent's shipped RBAC: its NSG (read, and the verb `report` that admission asks of an
+/// AgentReport's writer), the rules of its namespace, its reports, and nothing else (no
+/// other NSG, no NSG status, no other namespace, no writes to rules or requests). The
 /// agent's service account is in its own namespace, portcullis-agent (created first, as
 /// `kubectl apply -k deploy/agent/` does).
 async fn agent_rbac_reaches_only_its_own_nsg(ctx: Ctx) -> TestResult {
@@ -85,9 +88,24 @@ async fn agent_rbac_reaches_only_its_own_nsg(ctx: Ctx) -> TestResult {
     let checks = [
         (may("watch", nsg, "default", None), true, "watch its NSG"),
         (
-            may("patch", nsg, "default", Some("status")),
+            may("report", nsg, "default", None),
             true,
+            "report on its NSG",
+        ),
+        (
+            may("patch", "agentreports.jit.portcullis.dev", "default", None),
+            true,
+            "write reports",
+        ),
+        (
+            may("patch", nsg, "default", Some("status")),
+            false,
             "patch its NSG's status",
+        ),
+        (
+            may("report", other, "default", None),
+            false,
+            "report on another NSG",
         ),
         (
             may("list", "securityrules.jit.portcullis.dev", "default", None),

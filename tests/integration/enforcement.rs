@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::api::Api;
+use portcullis::access::materialize::report_name;
 use portcullis::agent::apply::{Enforcer, Nft};
 use portcullis::agent::render::{self, Mode, Policy, Target};
-use portcullis::api::NetworkSecurityGroup;
 use portcullis::api::jit_request::Phase;
+use portcullis::api::{AgentReport, NetworkSecurityGroup};
 use portcullis::rules::{
     self, Access, AddressPrefix, Direction, Origin, Packet, PortRange, Protocol, Rule, Scope,
 };
@@ -690,21 +691,35 @@ fn listen(lab: &Lab, port: u16) -> Result<tokio::task::JoinHandle<()>, Error> {
     }))
 }
 
-/// Sets up the NSG and waits for the agent's report of it.
+/// Sets up the NSG and waits for the agent's report of it (its `AgentReport`, owned by the
+/// NSG as it is now).
 pub async fn enforced(ctx: &Ctx, lab: &Lab, agent: &str) -> Result<(), Error> {
     succeeded(&ctx.apply(&nsg()))?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     eventually(&format!("agent {agent} to report"), || async {
-        let nsg = nsgs.get_opt("nsg").await.ok().flatten()?;
-        nsg.status?
-            .enforcement
+        let uid = nsgs.get_opt("nsg").await.ok().flatten()?.metadata.uid;
+        let report = agent_report(ctx, agent).await?;
+        let owned = report
+            .metadata
+            .owner_references?
             .iter()
-            .any(|r| r.agent == agent && r.error.is_none() && r.rules_hash != "none")
-            .then_some(())
+            .any(|o| Some(&o.uid) == uid.as_ref());
+        let report = report.spec.report;
+        (owned && report.error.is_none() && report.rules_hash != "none").then_some(())
     })
     .await
     .map_err(|e| format!("{e}\nagent log:\n{}", lab.agent_log()))?;
     Ok(())
+}
+
+/// Agent `agent`'s report on the NSG `nsg`, if there is one.
+pub async fn agent_report(ctx: &Ctx, agent: &str) -> Option<AgentReport> {
+    let reports: Api<AgentReport> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    reports
+        .get_opt(&report_name("nsg", agent))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The expiry of `name`'s first grant.
@@ -819,8 +834,8 @@ async fn a_rule_is_enforced_while_it_names_the_nsg(ctx: Ctx) -> TestResult {
     Ok(())
 }
 
-/// An NSG deleted and created again with the same spec is a new object with an empty
-/// status, and a status wiped by hand has lost the report: either way the agent reports
+/// An NSG deleted and created again with the same spec is a new object (its reports went
+/// with the old one), and a report deleted by hand is gone: either way the agent reports
 /// again, though nothing it enforces changed.
 async fn a_recreated_nsg_gets_the_agents_report(ctx: Ctx) -> TestResult {
     if skipped("a_recreated_nsg_gets_the_agents_report") {
@@ -833,13 +848,10 @@ async fn a_recreated_nsg_gets_the_agents_report(ctx: Ctx) -> TestResult {
     enforced(&ctx, &lab, "vm-1").await?;
     lab.until(B, 22, false).await?;
     succeeded(&ctx.kubectl(&[
-        "patch",
-        "nsg",
-        "nsg",
-        "--subresource=status",
-        "--type=json",
-        "-p",
-        r#"[{"op": "remove", "path": "/status/enforcement"}]"#,
+        "delete",
+        "agentreport",
+        &report_name("nsg", "vm-1"),
+        "--wait=true",
     ]))?;
     enforced(&ctx, &lab, "vm-1").await?;
     Ok(())

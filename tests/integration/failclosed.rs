@@ -11,8 +11,8 @@ use kube::api::Api;
 use portcullis::api::NetworkSecurityGroup;
 
 use crate::enforcement::{
-    A, B, Error, Lab, SLOW_CONNECT, VM, VM_6, enforced, expiry, granted, ip, nsg, policy, request,
-    skipped,
+    A, B, Error, Lab, SLOW_CONNECT, VM, VM_6, agent_report, enforced, expiry, granted, ip, nsg,
+    policy, request, skipped,
 };
 use crate::support::{Ctx, TestResult, eventually, succeeded};
 
@@ -129,14 +129,8 @@ async fn a_ruleset_that_cannot_be_stored_is_enforced_and_reported(ctx: Ctx) -> T
     lab.start_agent(&ctx, "vm-1")?;
     succeeded(&ctx.apply(&nsg()))?;
     succeeded(&ctx.apply(&policy()))?;
-    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     let error = || async {
-        let nsg = nsgs.get_opt("nsg").await.ok().flatten()?;
-        let report = nsg
-            .status?
-            .enforcement
-            .into_iter()
-            .find(|r| r.agent == "vm-1")?;
+        let report = agent_report(&ctx, "vm-1").await?.spec.report;
         Some((report.error, report.rules_hash))
     };
     eventually("the agent to report that it cannot store", || async {

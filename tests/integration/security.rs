@@ -4,11 +4,11 @@
 //! running as its own service account.
 
 use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use portcullis::access::materialize::{Owner, allow_rule_name, deny_rule_name};
+use kube::api::{Api, DeleteParams, PostParams};
+use portcullis::access::materialize::{Owner, allow_rule_name, deny_rule_name, report_name};
 use portcullis::api::jit_policy::{GrantState, GrantStateReason, MachineState};
 use portcullis::api::jit_request::Phase;
-use portcullis::api::{JitPolicy, JitRequest, NetworkSecurityGroup, SecurityRule};
+use portcullis::api::{JitPolicy, JitRequest, SecurityRule};
 use portcullis::rules::Protocol;
 
 use crate::support::{
@@ -332,9 +332,11 @@ async fn only_the_requestor_or_a_revoker_may_revoke(ctx: Ctx) -> TestResult {
 
 /// Hole: an agent's report that a grant is idle ends it (`Revoked`/`Idle`), and the
 /// operator took it for any grant of the NSG, also on a port whose policy sets no
-/// `idleTimeout`. Reports are NSG status, which requesters and policy admins may not write;
-/// and one naming a grant of a port without an idle limit is ignored, while the same
-/// report ends the grant of a port with one.
+/// `idleTimeout`. Reports are `AgentReport`s, which requesters and policy admins may not
+/// write, and which an agent may write only for an NSG it holds the verb `report` on (as
+/// deploy/agent/rbac.yaml gives it its one NSG): an agent of another NSG is refused at
+/// admission. A report naming a grant of a port without an idle limit is ignored, while
+/// the same report ends the grant of a port with one.
 async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(NSG))?;
     let rdp = "    - number: 3389
@@ -361,46 +363,47 @@ async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx)
         .collect();
     let report = serde_json::json!({
         "apiVersion": "jit.portcullis.dev/v1alpha1",
-        "kind": "NetworkSecurityGroup",
-        "status": {"enforcement": [{
+        "kind": "AgentReport",
+        "metadata": {"name": report_name("nsg", "vm-1")},
+        "spec": {
+            "networkSecurityGroupName": "nsg",
             "agent": "vm-1", "host": "vm-1", "observedGeneration": 1,
             "rulesHash": "0123456789abcdef", "appliedAt": "2026-01-01T00:00:00Z",
             "idleGrants": idle
-        }]}
-    });
+        }
+    })
+    .to_string();
     succeeded(&ctx.apply(&policy_admin_binding("frank")))?;
+    succeeded(&ctx.apply(&agent_role("agent-other", "other-nsg")))?;
+    succeeded(&ctx.apply(&agent_role("agent-nsg", "nsg")))?;
     // Applied as an agent applies it (a patch, no read first).
-    let mut forged = report.clone();
-    forged["metadata"] = serde_json::json!({"name": "nsg"});
-    let forged = forged.to_string();
-    for (user, groups) in [("mallory", &["team-web"][..]), ("frank", &[][..])] {
-        let refused = failed(&ctx.kubectl_impersonating(
-            user,
-            groups,
-            &[
-                "apply",
-                "--server-side",
-                "--subresource=status",
-                "--field-manager=portcullis-agent-vm-1",
-                "--force-conflicts",
-                "-f",
-                "-",
-            ],
-            Some(&forged),
-        ))?;
-        assert!(
-            refused.contains("cannot patch resource \"networksecuritygroups/status\""),
-            "{user}: {refused}"
-        );
+    let apply = [
+        "apply",
+        "--server-side",
+        "--field-manager=portcullis-agent-vm-1",
+        "--force-conflicts",
+        "-f",
+        "-",
+    ];
+    for (user, groups, why) in [
+        (
+            "mallory",
+            &["team-web"][..],
+            "cannot patch resource \"agentreports\"",
+        ),
+        ("frank", &[][..], "cannot patch resource \"agentreports\""),
+        (
+            "agent-other",
+            &[][..],
+            "agent-other may not report on networksecuritygroups/nsg",
+        ),
+    ] {
+        let refused = failed(&ctx.kubectl_impersonating(user, groups, &apply, Some(&report)))?;
+        assert!(refused.contains(why), "{user}: {refused}");
     }
-    // Written as an agent writes it: the grant with an idle limit ends, the other stays.
-    let nsgs: Api<NetworkSecurityGroup> = ctx.api();
-    nsgs.patch_status(
-        "nsg",
-        &PatchParams::apply("portcullis-agent-vm-1").force(),
-        &Patch::Apply(&report),
-    )
-    .await?;
+    // Written as the NSG's agent writes it: the grant with an idle limit ends, the other
+    // stays.
+    succeeded(&ctx.kubectl_impersonating("agent-nsg", &[], &apply, Some(&report)))?;
     let requests: Api<JitRequest> = ctx.api();
     let after = eventually("the 3389 grant revoked as idle", || async {
         let status = requests.get("alices").await.ok()?.status?;
@@ -423,6 +426,37 @@ async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx)
     assert_eq!(ssh.status, GrantState::Initiated, "{after:?}");
     assert_eq!(after.phase, Some(Phase::Granted), "{after:?}");
     Ok(())
+}
+
+/// What deploy/agent/rbac.yaml gives an agent, for user `user` and NSG `nsg`: read the NSG
+/// and hold `report` on it, read rules, write reports.
+fn agent_role(user: &str, nsg: &str) -> String {
+    format!(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: {user}
+rules:
+- apiGroups: ["jit.portcullis.dev"]
+  resources: ["networksecuritygroups"]
+  resourceNames: ["{nsg}"]
+  verbs: ["get", "list", "watch", "report"]
+- apiGroups: ["jit.portcullis.dev"]
+  resources: ["securityrules"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["jit.portcullis.dev"]
+  resources: ["agentreports"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {user}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {user}}}
+subjects:
+- {{kind: User, apiGroup: rbac.authorization.k8s.io, name: {user}}}
+"#
+    )
 }
 
 /// Hole: names joined with `-` collided: request `db` on machine `prod-api` and request

@@ -1,4 +1,4 @@
-//! Keyed indexes over the five watched kinds, and who each change wakes.
+//! Keyed indexes over the six watched kinds, and who each change wakes.
 //!
 //! Every watch event first updates these indexes (after the object cache, before any
 //! reconcile is woken), so a reconcile always finds the object that woke it, and every
@@ -24,11 +24,12 @@ use jiff::Timestamp;
 use kube::Resource;
 
 use super::cached::CachedRule;
+use crate::access::materialize::report_name;
 use crate::access::materialize::{LABEL_ROLE, ROLE_DENY};
 use crate::api::jit_policy::GrantState;
 use crate::api::jit_request::Phase;
 use crate::api::nsg_model::RuleObject;
-use crate::api::{JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup};
+use crate::api::{AgentReport, JitApproval, JitPolicy, JitRequest, NetworkSecurityGroup};
 
 /// An object's namespace and name.
 pub type Key = (String, String);
@@ -111,27 +112,50 @@ impl Names {
     }
 }
 
-/// What depends on an NSG: its spec, through the generation, and the grants its agents
-/// report idle. Other status writes (the operator's summaries, the rest of the agents'
-/// reports) change nothing any reconcile reads.
+/// What depends on an NSG: its spec, through the generation. Its status (the operator's
+/// own summary) changes nothing any reconcile reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NsgEntry {
     pub generation: Option<i64>,
-    /// Grant rules some agent reports idle.
-    pub idle: BTreeSet<String>,
 }
 
 impl NsgEntry {
     pub fn of(nsg: &NetworkSecurityGroup) -> Self {
         Self {
             generation: nsg.metadata.generation,
-            idle: nsg
-                .status
+        }
+    }
+}
+
+/// An agent's report: the NSG it is on and the grant rules it reports idle. A report not
+/// under its own name ([`report_name`] of its NSG and agent) counts for nothing: no agent's
+/// report can stand in for another's, and no agent has two.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportEntry {
+    pub nsg: Name,
+    pub idle: BTreeSet<Name>,
+}
+
+impl ReportEntry {
+    /// The entry of `report`; none when it does not count.
+    pub fn of(report: &AgentReport) -> Option<Self> {
+        let spec = &report.spec;
+        let name = report.metadata.name.as_deref().unwrap_or_default();
+        (name == report_name(&spec.network_security_group_name, &spec.report.agent)).then(|| Self {
+            nsg: spec.network_security_group_name.as_str().into(),
+            idle: spec
+                .report
+                .idle_grants
                 .iter()
-                .flat_map(|s| &s.enforcement)
-                .flat_map(|e| &e.idle_grants)
-                .map(|g| g.rule.clone())
+                .map(|g| g.rule.as_str().into())
                 .collect(),
+        })
+    }
+
+    fn held(self, names: &mut Names) -> Self {
+        Self {
+            nsg: names.share(&self.nsg),
+            idle: self.idle.iter().map(|r| names.share(r)).collect(),
         }
     }
 }
@@ -424,6 +448,11 @@ impl<K: std::hash::Hash + Eq, V: Ord + Clone> Multi<K, V> {
 #[derive(Debug, Default)]
 pub struct Index {
     nsgs: HashMap<Held, NsgEntry>,
+    reports: HashMap<Held, ReportEntry>,
+    /// (namespace, NSG) → the agents' reports on it.
+    reports_by_nsg: Multi<Held, Name>,
+    /// (namespace, NSG, grant rule) → the reports that say it is idle.
+    idle_by_rule: Multi<(Name, Name, Name), Name>,
     policies: HashMap<Held, PolicyEntry>,
     requests: HashMap<Held, RequestEntry>,
     rules: HashMap<Held, RuleEntry>,
@@ -476,25 +505,6 @@ impl Index {
             }
             None => self.nsgs.remove(&held),
         };
-        // A grant newly reported idle wakes its request, which revokes it.
-        if let Some(entry) = &entry {
-            let known = before.as_ref().map(|b| &b.idle);
-            for rule in entry
-                .idle
-                .iter()
-                .filter(|r| known.is_none_or(|k| !k.contains(*r)))
-            {
-                if let Some(RuleEntry {
-                    owner: Some((OwnerKind::Request, request, _)),
-                    ..
-                }) = self
-                    .held(&key.0, rule)
-                    .and_then(|rule| self.rules.get(&rule))
-                {
-                    wake.requests.insert(key_in(&key, request));
-                }
-            }
-        }
         // Policies place their denies, and waiting requests their grants, from the spec.
         if before.map(|b| b.generation) != entry.map(|e| e.generation) {
             for policy in self.policies_by_nsg.get(&held) {
@@ -502,6 +512,63 @@ impl Index {
                 wake.requests
                     .extend(self.waiting_by_policy.get(&policy).map(|r| key_in(&key, r)));
                 wake.policies.insert(unheld(&policy));
+            }
+        }
+        wake
+    }
+
+    /// Records the agent report `key` as it is now (`None`: deleted, or not counted): its
+    /// NSG's summary is written again, and a grant newly reported idle wakes its request,
+    /// which revokes it.
+    pub fn report(&mut self, key: Key, entry: Option<ReportEntry>) -> Wake {
+        let mut wake = Wake::default();
+        let held = self.hold(&key);
+        let entry = entry.map(|e| e.held(&mut self.names));
+        let before = match &entry {
+            Some(entry) => self.reports.insert(held.clone(), entry.clone()),
+            None => self.reports.remove(&held),
+        };
+        if before == entry {
+            // Only the report's other fields changed: the summary shows them.
+            wake.nsgs.extend(entry.iter().map(|e| key_in(&key, &e.nsg)));
+            return wake;
+        }
+        let (namespace, name) = &held;
+        // Rules no report said idle until now: their requests revoke them.
+        let fresh: Vec<Name> = entry
+            .iter()
+            .flat_map(|e| e.idle.iter().map(|rule| (e.nsg.clone(), rule.clone())))
+            .filter(|(nsg, rule)| {
+                self.idle_by_rule
+                    .get(&(namespace.clone(), nsg.clone(), rule.clone()))
+                    .next()
+                    .is_none()
+            })
+            .map(|(_, rule)| rule)
+            .collect();
+        for (entry, present) in [(&before, false), (&entry, true)] {
+            let Some(entry) = entry else { continue };
+            self.reports_by_nsg.set(
+                (namespace.clone(), entry.nsg.clone()),
+                name.clone(),
+                present,
+            );
+            for rule in &entry.idle {
+                self.idle_by_rule.set(
+                    (namespace.clone(), entry.nsg.clone(), rule.clone()),
+                    name.clone(),
+                    present,
+                );
+            }
+            wake.nsgs.insert(key_in(&key, &entry.nsg));
+        }
+        for rule in fresh {
+            if let Some(RuleEntry {
+                owner: Some((OwnerKind::Request, request, _)),
+                ..
+            }) = self.rules.get(&(namespace.clone(), rule))
+            {
+                wake.requests.insert(key_in(&key, request));
             }
         }
         wake
@@ -711,6 +778,26 @@ impl Index {
     /// The approvals deciding on `request` in `namespace`.
     pub fn approvals_of(&self, namespace: &str, request: &str) -> Vec<String> {
         self.names_under(&self.approvals_by_request, namespace, request)
+    }
+
+    /// The agents' reports on NSG `nsg` in `namespace` (those that count).
+    pub fn reports_on(&self, namespace: &str, nsg: &str) -> Vec<String> {
+        self.names_under(&self.reports_by_nsg, namespace, nsg)
+    }
+
+    /// Whether an agent on NSG `nsg` in `namespace` reports the grant rule `rule` idle.
+    pub fn reported_idle(&self, namespace: &str, nsg: &str, rule: &str) -> bool {
+        let (Some(namespace), Some(nsg), Some(rule)) = (
+            self.names.find(namespace),
+            self.names.find(nsg),
+            self.names.find(rule),
+        ) else {
+            return false;
+        };
+        self.idle_by_rule
+            .get(&(namespace, nsg, rule))
+            .next()
+            .is_some()
     }
 
     /// The policies with a machine behind NSG `nsg` in `namespace`.

@@ -47,7 +47,13 @@ fn rule(nsg: &str, owner: Option<(OwnerKind, &str)>, deny: bool) -> Option<RuleE
 fn nsg(generation: i64) -> Option<NsgEntry> {
     Some(NsgEntry {
         generation: Some(generation),
-        idle: BTreeSet::new(),
+    })
+}
+
+fn report(nsg: &str, idle: &[&str]) -> Option<ReportEntry> {
+    Some(ReportEntry {
+        nsg: nsg.into(),
+        idle: idle.iter().map(|r| (*r).into()).collect(),
     })
 }
 
@@ -79,18 +85,62 @@ fn a_grant_reported_idle_wakes_its_request_once() {
         rule("a", Some((OwnerKind::Request, "open")), false),
     );
     index.rule(k("deny"), rule("a", Some((OwnerKind::Policy, "p1")), true));
-    let reporting = |rules: &[&str]| {
-        Some(NsgEntry {
-            generation: Some(1),
-            idle: rules.iter().map(|r| (*r).to_owned()).collect(),
-        })
-    };
-    let wake = index.nsg(k("a"), reporting(&["grant-open", "deny", "unknown"]));
+    let wake = index.report(k("a.vm-1"), report("a", &["grant-open", "deny", "unknown"]));
     assert_eq!(wake.requests, keys(&["open"]));
+    assert_eq!(wake.nsgs, keys(&["a"]));
     assert!(wake.policies.is_empty());
-    // Reported again (another agent's report, any status write): nothing new to revoke.
-    let wake = index.nsg(k("a"), reporting(&["grant-open"]));
+    assert!(index.reported_idle(NS, "a", "grant-open"));
+    assert!(!index.reported_idle(NS, "b", "grant-open"));
+    // Reported again (the report's other fields changed): nothing new to revoke, and the
+    // NSG's summary is written again.
+    let wake = index.report(k("a.vm-1"), report("a", &["grant-open"]));
     assert!(wake.requests.is_empty());
+    assert_eq!(wake.nsgs, keys(&["a"]));
+    // A second agent saying the same; the first one's report gone: still idle.
+    let wake = index.report(k("a.vm-2"), report("a", &["grant-open"]));
+    assert!(wake.requests.is_empty());
+    index.report(k("a.vm-1"), None);
+    assert!(index.reported_idle(NS, "a", "grant-open"));
+    index.report(k("a.vm-2"), report("a", &[]));
+    assert!(!index.reported_idle(NS, "a", "grant-open"));
+    assert_eq!(index.reports_on(NS, "a"), ["a.vm-2"]);
+}
+
+#[test]
+fn a_report_moved_or_gone_wakes_both_nsgs_and_leaves_no_trace() {
+    let mut index = populated();
+    index.report(k("r"), report("a", &["grant-x"]));
+    let wake = index.report(k("r"), report("b", &[]));
+    assert_eq!(wake.nsgs, keys(&["a", "b"]));
+    assert!(index.reports_on(NS, "a").is_empty());
+    assert!(!index.reported_idle(NS, "a", "grant-x"));
+    let wake = index.report(k("r"), None);
+    assert_eq!(wake.nsgs, keys(&["b"]));
+    assert!(index.reports_on(NS, "b").is_empty());
+    assert!(index.reports.is_empty() && index.idle_by_rule.0.is_empty());
+}
+
+#[test]
+fn a_report_counts_only_under_its_own_name() {
+    let object = |name: &str| {
+        let mut nsg = crate::api::nsg::empty(NS, "web-nsg");
+        nsg.metadata.uid = Some("uid".into());
+        let mut report = crate::agent::report::object(
+            name,
+            &nsg,
+            serde_json::from_value(json!({
+                "agent": "vm-1", "host": "vm-1", "rulesHash": "h",
+                "appliedAt": "2026-01-01T00:00:00Z",
+                "idleGrants": [{"rule": "grant-1"}],
+            }))
+            .unwrap(),
+        );
+        report.metadata.namespace = Some(NS.into());
+        report
+    };
+    let counted = ReportEntry::of(&object("web-nsg.vm-1")).unwrap();
+    assert_eq!(counted.nsg.as_ref(), "web-nsg");
+    assert_eq!(ReportEntry::of(&object("vm-1-forged")), None);
 }
 
 #[test]
