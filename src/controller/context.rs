@@ -2,6 +2,7 @@
 //! the caches of all four kinds with their indexes, and the one clock.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
@@ -112,9 +113,10 @@ impl Context {
             .get(&ObjectRef::new(name).within(namespace))
     }
 
-    /// Whether an agent enforcing the NSG `nsg` reports the grant rule `rule` idle.
-    pub fn reported_idle(&self, namespace: &str, nsg: &str, rule: &str) -> bool {
-        self.index().reported_idle(namespace, nsg, rule)
+    /// Whether the agents enforcing NSG `nsg` at `address` agree that the grant rule
+    /// `rule` is idle (see [`Index::reported_idle`]).
+    pub fn reported_idle(&self, namespace: &str, nsg: &str, rule: &str, address: IpAddr) -> bool {
+        self.index().reported_idle(namespace, nsg, rule, address)
     }
 
     /// The agents' reports on the NSG `nsg` (those that count: see

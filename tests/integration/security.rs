@@ -335,8 +335,9 @@ async fn only_the_requestor_or_a_revoker_may_revoke(ctx: Ctx) -> TestResult {
 /// `idleTimeout`. Reports are `AgentReport`s, which requesters and policy admins may not
 /// write, and which an agent may write only for an NSG it holds the verb `report` on (as
 /// deploy/agent/rbac.yaml gives it its one NSG): an agent of another NSG is refused at
-/// admission. A report naming a grant of a port without an idle limit is ignored, while
-/// the same report ends the grant of a port with one.
+/// admission, and so is an agent on one node reporting as another. A report naming a grant
+/// of a port without an idle limit is ignored, while the same report ends the grant of a
+/// port with one.
 async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx) -> TestResult {
     succeeded(&ctx.apply(NSG))?;
     let rdp = "    - number: 3389
@@ -367,7 +368,7 @@ async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx)
         "metadata": {"name": report_name("nsg", "vm-1")},
         "spec": {
             "networkSecurityGroupName": "nsg",
-            "agent": "vm-1", "host": "vm-1", "observedGeneration": 1,
+            "agent": "vm-1", "host": "vm-1", "addresses": ["198.18.0.10"], "observedGeneration": 1,
             "rulesHash": "0123456789abcdef", "appliedAt": "2026-01-01T00:00:00Z",
             "idleGrants": idle
         }
@@ -385,25 +386,51 @@ async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx)
         "-f",
         "-",
     ];
-    for (user, groups, why) in [
+    // The DaemonSet's agents hold tokens bound to their node: one reports as its node only.
+    let on_node = |node: &str| {
+        let mut args = vec![format!(
+            "--as-user-extra=authentication.kubernetes.io/node-name={node}"
+        )];
+        args.extend(apply.iter().map(|a| (*a).to_owned()));
+        args
+    };
+    let plain: Vec<String> = apply.iter().map(|a| (*a).to_owned()).collect();
+    let refusals = [
         (
             "mallory",
             &["team-web"][..],
+            plain.clone(),
             "cannot patch resource \"agentreports\"",
         ),
-        ("frank", &[][..], "cannot patch resource \"agentreports\""),
+        (
+            "frank",
+            &[][..],
+            plain.clone(),
+            "cannot patch resource \"agentreports\"",
+        ),
         (
             "agent-other",
             &[][..],
+            plain,
             "agent-other may not report on networksecuritygroups/nsg",
         ),
-    ] {
-        let refused = failed(&ctx.kubectl_impersonating(user, groups, &apply, Some(&report)))?;
+        (
+            "agent-nsg",
+            &[][..],
+            on_node("node-2"),
+            "the agent on node node-2 reports as that node: spec.agent must be node-2, not vm-1",
+        ),
+    ];
+    for (user, groups, args, why) in refusals {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let refused = failed(&ctx.kubectl_impersonating(user, groups, &args, Some(&report)))?;
         assert!(refused.contains(why), "{user}: {refused}");
     }
-    // Written as the NSG's agent writes it: the grant with an idle limit ends, the other
-    // stays.
-    succeeded(&ctx.kubectl_impersonating("agent-nsg", &[], &apply, Some(&report)))?;
+    // Written as the NSG's agent on its node writes it: the grant with an idle limit ends,
+    // the other stays.
+    let on_vm_1 = on_node("vm-1");
+    let on_vm_1: Vec<&str> = on_vm_1.iter().map(String::as_str).collect();
+    succeeded(&ctx.kubectl_impersonating("agent-nsg", &[], &on_vm_1, Some(&report)))?;
     let requests: Api<JitRequest> = ctx.api();
     let after = eventually("the 3389 grant revoked as idle", || async {
         let status = requests.get("alices").await.ok()?.status?;

@@ -699,3 +699,39 @@ fn the_walk_finds_what_a_lookup_of_each_grant_finds() {
         assert_eq!(changed(&old, &new), (gone, added), "seed {seed:#x}");
     }
 }
+
+/// Every grant of an NSG reaches every agent on it, but one for another machine changes
+/// nothing this machine's agent applies: no `nft` run, the same hash, so no report write.
+#[test]
+fn a_grant_for_another_machine_changes_nothing_here() {
+    let aimed = |rule: Rule, at: &str| Rule {
+        destination_prefixes: vec![at.parse().unwrap()],
+        ..rule
+    };
+    let deny = |machine: &str| {
+        aimed(
+            Rule {
+                jit: true,
+                origin: Origin::SecurityRule {
+                    name: format!("deny-{machine}"),
+                },
+                ..rule("deny", 150, Access::Deny, "*", "22")
+            },
+            machine,
+        )
+    };
+    let mine = aimed(grant("mine", 100, "198.19.0.1", "22"), "198.18.0.10");
+    let base = vec![deny("198.18.0.10"), deny("198.18.0.11"), mine];
+    let other = aimed(grant("other", 101, "198.19.0.2", "22"), "198.18.0.11");
+    let before = render(&policy(base.clone(), &[("mine", 60)]), &target(), now());
+    let after = render(
+        &policy([base, vec![other]].concat(), &[("mine", 60), ("other", 60)]),
+        &target(),
+        now(),
+    );
+    assert!(
+        before == after,
+        "a grant for 198.18.0.11 changed 198.18.0.10's ruleset"
+    );
+    assert_eq!(before.hash(), after.hash());
+}

@@ -18,6 +18,7 @@
 mod tests;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use jiff::Timestamp;
@@ -127,12 +128,14 @@ impl NsgEntry {
     }
 }
 
-/// An agent's report: the NSG it is on and the grant rules it reports idle. A report not
-/// under its own name ([`report_name`] of its NSG and agent) counts for nothing: no agent's
-/// report can stand in for another's, and no agent has two.
+/// An agent's report: the NSG it is on, the addresses it enforces it for and the grant
+/// rules it reports idle. A report not under its own name ([`report_name`] of its NSG and
+/// agent) counts for nothing: no agent's report can stand in for another's, and no agent
+/// has two.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReportEntry {
     pub nsg: Name,
+    pub addresses: BTreeSet<IpAddr>,
     pub idle: BTreeSet<Name>,
 }
 
@@ -143,6 +146,12 @@ impl ReportEntry {
         let name = report.metadata.name.as_deref().unwrap_or_default();
         (name == report_name(&spec.network_security_group_name, &spec.report.agent)).then(|| Self {
             nsg: spec.network_security_group_name.as_str().into(),
+            addresses: spec
+                .report
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
             idle: spec
                 .report
                 .idle_grants
@@ -156,6 +165,7 @@ impl ReportEntry {
         Self {
             nsg: names.share(&self.nsg),
             idle: self.idle.iter().map(|r| names.share(r)).collect(),
+            ..self
         }
     }
 }
@@ -451,8 +461,8 @@ pub struct Index {
     reports: HashMap<Held, ReportEntry>,
     /// (namespace, NSG) → the agents' reports on it.
     reports_by_nsg: Multi<Held, Name>,
-    /// (namespace, NSG, grant rule) → the reports that say it is idle.
-    idle_by_rule: Multi<(Name, Name, Name), Name>,
+    /// (namespace, NSG, address) → the reports of the agents enforcing the NSG there.
+    enforcers: Multi<(Name, Name, IpAddr), Name>,
     policies: HashMap<Held, PolicyEntry>,
     requests: HashMap<Held, RequestEntry>,
     rules: HashMap<Held, RuleEntry>,
@@ -518,8 +528,10 @@ impl Index {
     }
 
     /// Records the agent report `key` as it is now (`None`: deleted, or not counted): its
-    /// NSG's summary is written again, and a grant newly reported idle wakes its request,
-    /// which revokes it.
+    /// NSG's summary is written again. What it says of idle grants, or where it enforces,
+    /// may make every enforcer of a grant agree that it is idle (see
+    /// [`Index::reported_idle`]): the requests of the grants idle in any report on those
+    /// addresses look again.
     pub fn report(&mut self, key: Key, entry: Option<ReportEntry>) -> Wake {
         let mut wake = Wake::default();
         let held = self.hold(&key);
@@ -534,18 +546,7 @@ impl Index {
             return wake;
         }
         let (namespace, name) = &held;
-        // Rules no report said idle until now: their requests revoke them.
-        let fresh: Vec<Name> = entry
-            .iter()
-            .flat_map(|e| e.idle.iter().map(|rule| (e.nsg.clone(), rule.clone())))
-            .filter(|(nsg, rule)| {
-                self.idle_by_rule
-                    .get(&(namespace.clone(), nsg.clone(), rule.clone()))
-                    .next()
-                    .is_none()
-            })
-            .map(|(_, rule)| rule)
-            .collect();
+        let mut places = BTreeSet::new();
         for (entry, present) in [(&before, false), (&entry, true)] {
             let Some(entry) = entry else { continue };
             self.reports_by_nsg.set(
@@ -553,22 +554,27 @@ impl Index {
                 name.clone(),
                 present,
             );
-            for rule in &entry.idle {
-                self.idle_by_rule.set(
-                    (namespace.clone(), entry.nsg.clone(), rule.clone()),
-                    name.clone(),
-                    present,
-                );
+            for address in &entry.addresses {
+                let place = (namespace.clone(), entry.nsg.clone(), *address);
+                self.enforcers.set(place.clone(), name.clone(), present);
+                places.insert(place);
             }
             wake.nsgs.insert(key_in(&key, &entry.nsg));
         }
-        for rule in fresh {
-            if let Some(RuleEntry {
-                owner: Some((OwnerKind::Request, request, _)),
-                ..
-            }) = self.rules.get(&(namespace.clone(), rule))
-            {
-                wake.requests.insert(key_in(&key, request));
+        for place in places {
+            for report in self.enforcers.get(&place) {
+                let Some(report) = self.reports.get(&(namespace.clone(), report.clone())) else {
+                    continue;
+                };
+                for rule in &report.idle {
+                    if let Some(RuleEntry {
+                        owner: Some((OwnerKind::Request, request, _)),
+                        ..
+                    }) = self.rules.get(&(namespace.clone(), rule.clone()))
+                    {
+                        wake.requests.insert(key_in(&key, request));
+                    }
+                }
             }
         }
         wake
@@ -785,19 +791,26 @@ impl Index {
         self.names_under(&self.reports_by_nsg, namespace, nsg)
     }
 
-    /// Whether an agent on NSG `nsg` in `namespace` reports the grant rule `rule` idle.
-    pub fn reported_idle(&self, namespace: &str, nsg: &str, rule: &str) -> bool {
-        let (Some(namespace), Some(nsg), Some(rule)) = (
-            self.names.find(namespace),
-            self.names.find(nsg),
-            self.names.find(rule),
-        ) else {
+    /// Whether the grant rule `rule` to `address` is idle by the agents' reports on NSG
+    /// `nsg` in `namespace`: some agent enforces the NSG at that address, and every one that
+    /// does reports it idle. An agent that does not enforce there cannot say (a gateway a
+    /// session does not cross, or an agent lying about another machine's grants), and one
+    /// that sees traffic outweighs any that sees none.
+    pub fn reported_idle(&self, namespace: &str, nsg: &str, rule: &str, address: IpAddr) -> bool {
+        let (Some(namespace), Some(nsg)) = (self.names.find(namespace), self.names.find(nsg))
+        else {
             return false;
         };
-        self.idle_by_rule
-            .get(&(namespace, nsg, rule))
-            .next()
-            .is_some()
+        let mut enforcers = self
+            .enforcers
+            .get(&(namespace.clone(), nsg, address))
+            .peekable();
+        enforcers.peek().is_some()
+            && enforcers.all(|report| {
+                self.reports
+                    .get(&(namespace.clone(), report.clone()))
+                    .is_some_and(|r| r.idle.contains(rule))
+            })
     }
 
     /// The policies with a machine behind NSG `nsg` in `namespace`.

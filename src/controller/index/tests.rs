@@ -50,11 +50,26 @@ fn nsg(generation: i64) -> Option<NsgEntry> {
     })
 }
 
-fn report(nsg: &str, idle: &[&str]) -> Option<ReportEntry> {
+/// The address the tests' grants are aimed at, and another machine's.
+const VM: &str = "198.18.0.10";
+const OTHER_VM: &str = "198.18.0.11";
+
+fn ip(address: &str) -> std::net::IpAddr {
+    address.parse().unwrap()
+}
+
+/// A report on `nsg` by an agent enforcing it at `at`.
+fn report_at(nsg: &str, at: &[&str], idle: &[&str]) -> Option<ReportEntry> {
     Some(ReportEntry {
         nsg: nsg.into(),
+        addresses: at.iter().map(|a| ip(a)).collect(),
         idle: idle.iter().map(|r| (*r).into()).collect(),
     })
+}
+
+/// A report on `nsg` by the agent of [`VM`].
+fn report(nsg: &str, idle: &[&str]) -> Option<ReportEntry> {
+    report_at(nsg, &[VM], idle)
 }
 
 /// Two policies on NSG `a`, one also on `b`; a waiting and a granted request on `p1`.
@@ -89,21 +104,46 @@ fn a_grant_reported_idle_wakes_its_request_once() {
     assert_eq!(wake.requests, keys(&["open"]));
     assert_eq!(wake.nsgs, keys(&["a"]));
     assert!(wake.policies.is_empty());
-    assert!(index.reported_idle(NS, "a", "grant-open"));
-    assert!(!index.reported_idle(NS, "b", "grant-open"));
+    assert!(index.reported_idle(NS, "a", "grant-open", ip(VM)));
+    assert!(!index.reported_idle(NS, "b", "grant-open", ip(VM)));
     // Reported again (the report's other fields changed): nothing new to revoke, and the
     // NSG's summary is written again.
-    let wake = index.report(k("a.vm-1"), report("a", &["grant-open"]));
+    let wake = index.report(k("a.vm-1"), report("a", &["grant-open", "deny", "unknown"]));
     assert!(wake.requests.is_empty());
     assert_eq!(wake.nsgs, keys(&["a"]));
-    // A second agent saying the same; the first one's report gone: still idle.
-    let wake = index.report(k("a.vm-2"), report("a", &["grant-open"]));
-    assert!(wake.requests.is_empty());
+    assert_eq!(index.reports_on(NS, "a"), ["a.vm-1"]);
+}
+
+#[test]
+fn a_grant_is_idle_only_when_every_agent_enforcing_it_says_so() {
+    let mut index = populated();
+    index.rule(
+        k("grant-open"),
+        rule("a", Some((OwnerKind::Request, "open")), false),
+    );
+    // The machine's own agent sees traffic; a gateway in front of it sees none (the
+    // session does not cross it): not idle.
+    index.report(k("a.vm-1"), report("a", &[]));
+    index.report(k("a.gw"), report_at("a", &[VM, OTHER_VM], &["grant-open"]));
+    assert!(!index.reported_idle(NS, "a", "grant-open", ip(VM)));
+    // The machine's agent falls silent too: idle, and the request looks again.
+    let wake = index.report(k("a.vm-1"), report("a", &["grant-open"]));
+    assert_eq!(wake.requests, keys(&["open"]));
+    assert!(index.reported_idle(NS, "a", "grant-open", ip(VM)));
+    // Another machine's agent cannot call a grant to this one idle.
+    index.report(k("a.vm-1"), report("a", &[]));
+    index.report(k("a.gw"), None);
+    index.report(k("a.vm-2"), report_at("a", &[OTHER_VM], &["grant-open"]));
+    assert!(!index.reported_idle(NS, "a", "grant-open", ip(VM)));
+    // Nobody enforcing there: nobody can say.
     index.report(k("a.vm-1"), None);
-    assert!(index.reported_idle(NS, "a", "grant-open"));
-    index.report(k("a.vm-2"), report("a", &[]));
-    assert!(!index.reported_idle(NS, "a", "grant-open"));
-    assert_eq!(index.reports_on(NS, "a"), ["a.vm-2"]);
+    assert!(!index.reported_idle(NS, "a", "grant-open", ip(VM)));
+    // The one enforcer that saw traffic gone, the other's word stands: the request wakes.
+    index.report(k("a.vm-1"), report("a", &[]));
+    index.report(k("a.gw"), report_at("a", &[VM], &["grant-open"]));
+    let wake = index.report(k("a.vm-1"), None);
+    assert_eq!(wake.requests, keys(&["open"]));
+    assert!(index.reported_idle(NS, "a", "grant-open", ip(VM)));
 }
 
 #[test]
@@ -113,11 +153,11 @@ fn a_report_moved_or_gone_wakes_both_nsgs_and_leaves_no_trace() {
     let wake = index.report(k("r"), report("b", &[]));
     assert_eq!(wake.nsgs, keys(&["a", "b"]));
     assert!(index.reports_on(NS, "a").is_empty());
-    assert!(!index.reported_idle(NS, "a", "grant-x"));
+    assert!(!index.reported_idle(NS, "a", "grant-x", ip(VM)));
     let wake = index.report(k("r"), None);
     assert_eq!(wake.nsgs, keys(&["b"]));
     assert!(index.reports_on(NS, "b").is_empty());
-    assert!(index.reports.is_empty() && index.idle_by_rule.0.is_empty());
+    assert!(index.reports.is_empty() && index.enforcers.0.is_empty());
 }
 
 #[test]

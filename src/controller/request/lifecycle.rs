@@ -351,7 +351,7 @@ pub(super) async fn review(
             // Only where the policy asks for an idle limit: an agent's report is trusted
             // to say a grant was silent, not to end grants the policy lets stay silent.
             p.idle_timeout.is_some()
-                && ctx.reported_idle(namespace, &p.network_security_group, &grant.rule)
+                && ctx.reported_idle(namespace, &p.network_security_group, &grant.rule, p.address)
         }) {
             Some(GrantStateReason::Idle)
         } else {
