@@ -375,8 +375,8 @@ async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx)
     })
     .to_string();
     succeeded(&ctx.apply(&policy_admin_binding("frank")))?;
-    succeeded(&ctx.apply(&agent_role("agent-other", "other-nsg")))?;
-    succeeded(&ctx.apply(&agent_role("agent-nsg", "nsg")))?;
+    role_for(&ctx, "agent-other", &agent_rules("other-nsg"))?;
+    role_for(&ctx, "agent-nsg", &agent_rules("nsg"))?;
     // Applied as an agent applies it (a patch, no read first).
     let apply = [
         "apply",
@@ -455,16 +455,11 @@ async fn idle_reports_come_from_agents_and_count_where_the_policy_asks(ctx: Ctx)
     Ok(())
 }
 
-/// What deploy/agent/rbac.yaml gives an agent, for user `user` and NSG `nsg`: read the NSG
-/// and hold `report` on it, read rules, write reports.
-fn agent_role(user: &str, nsg: &str) -> String {
+/// What deploy/agent/rbac.yaml gives an agent, for NSG `nsg`: read the NSG and hold
+/// `report` on it, read rules, write reports.
+fn agent_rules(nsg: &str) -> String {
     format!(
-        r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata:
-  name: {user}
-rules:
-- apiGroups: ["jit.portcullis.dev"]
+        r#"- apiGroups: ["jit.portcullis.dev"]
   resources: ["networksecuritygroups"]
   resourceNames: ["{nsg}"]
   verbs: ["get", "list", "watch", "report"]
@@ -474,14 +469,6 @@ rules:
 - apiGroups: ["jit.portcullis.dev"]
   resources: ["agentreports"]
   verbs: ["get", "list", "watch", "create", "patch"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: {user}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {user}}}
-subjects:
-- {{kind: User, apiGroup: rbac.authorization.k8s.io, name: {user}}}
 "#
     )
 }
