@@ -4,7 +4,8 @@
 //! 2. One NSG in front of 10,000 machines (200 policies of 50): the operator places a deny
 //!    per machine, then 10,000 requests arrive from 16 clients at once, through the
 //!    admission `deploy/` ships. Every request must be granted, no object may pass 1 MiB and
-//!    admission must refuse nothing.
+//!    admission must refuse nothing. Then each machine's agent reports (10,000 AgentReports,
+//!    16 writers): the NSG must count them all and stay small.
 //! 3. 100,000 grants over 10,000 more machines (100 namespaces, each one NSG and two
 //!    policies of 50 machines, ten requesters per machine), written straight to the API
 //!    while the operator is stopped, exactly as the operator would have written them
@@ -25,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, Patch, PatchParams};
 use portcullis::access::materialize::{self, LABEL_ROLE, Owner, ROLE_DENY};
 use portcullis::access::validate::validate;
+use portcullis::api::AgentReport;
 use portcullis::controller::context::rule_manifest;
 use portcullis::controller::request::status;
 use portcullis::rules::{PortRange, Protocol, Scope, place};
@@ -296,6 +298,7 @@ async fn one_nsg(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let (reports_written, reports_counted) = agent_reports(admin, ns, machines).await?;
     let (largest, size) = largest_object(admin, ns).await?;
     Ok(vec![
         Row {
@@ -323,12 +326,78 @@ async fn one_nsg(
             met: Some(refusals.is_empty()),
         },
         Row {
+            name: "one NSG: an agent's report per machine, written / counted in the NSG",
+            value: format!(
+                "{machines} in {reports_written:.1} s ({:.0}/s) / {reports_counted:.1} s later",
+                machines as f64 / reports_written
+            ),
+            target: "-".into(),
+            met: None,
+        },
+        Row {
             name: "one NSG: largest object",
             value: format!("{:.0} KiB ({largest})", size as f64 / 1024.0),
             target: "≤ 1 MiB".into(),
             met: Some(size <= MAX_OBJECT),
         },
     ])
+}
+
+/// Each of `machines` agents' reports on the NSG of `ns`, written as an agent writes its own
+/// (server-side apply), [`ONE_NSG_CLIENTS`] at a time: how long the writes took, and how
+/// long after them the NSG's status counted them all.
+async fn agent_reports(admin: &Client, ns: &str, machines: usize) -> BenchResult<(f64, f64)> {
+    let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(admin.clone(), ns);
+    let uid = nsgs
+        .get("nsg")
+        .await?
+        .metadata
+        .uid
+        .ok_or("NSG without uid")?;
+    let reports: Api<AgentReport> = Api::namespaced(admin.clone(), ns);
+    let started = Instant::now();
+    futures::stream::iter(0..machines)
+        .map(|m| {
+            let (reports, uid) = (reports.clone(), uid.clone());
+            async move {
+                let agent = format!("vm-{m}");
+                let name = materialize::report_name("nsg", &agent);
+                let report = json!({
+                    "apiVersion": "jit.portcullis.dev/v1alpha1", "kind": "AgentReport",
+                    "metadata": {"name": name, "ownerReferences": [{
+                        "apiVersion": "jit.portcullis.dev/v1alpha1",
+                        "kind": "NetworkSecurityGroup", "name": "nsg", "uid": uid
+                    }]},
+                    "spec": {
+                        "networkSecurityGroupName": "nsg", "agent": agent, "host": agent,
+                        "addresses": [format!("198.18.{}.{}", m / 250, m % 250 + 1)],
+                        "observedGeneration": 1, "rulesHash": "0123456789abcdef",
+                        "appliedAt": "2026-01-01T00:00:00Z",
+                        "listeningPorts": [{"port": 22, "protocol": "Tcp"}]
+                    }
+                });
+                let params = PatchParams::apply(&format!("portcullis-agent-{agent}")).force();
+                reports.patch(&name, &params, &Patch::Apply(&report)).await
+            }
+        })
+        .buffer_unordered(ONE_NSG_CLIENTS)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let written = started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let agents = nsgs.get("nsg").await?.status.and_then(|s| s.agents);
+        if agents == Some(machines as u32) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(
+                format!("the NSG counts {agents:?} of {machines} agents after 5 minutes").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((written, started.elapsed().as_secs_f64() - written))
 }
 
 /// The largest NSG, policy or request in `ns` as the API serves it.
