@@ -1200,23 +1200,18 @@ impl Builder<'_> {
                     items.into_iter().partition(|(source, ports, _)| {
                         source.prefix_len() == source.max_prefix_len() && ports.0 == ports.1
                     });
-                for (source, ports, expires) in hosts {
+                let hosts = hosts.into_iter().map(|item| (true, item));
+                let rest = disjoint(&rest, family)
+                    .into_iter()
+                    .map(|item| (false, item));
+                for (is_exact, (source, ports, expires)) in hosts.chain(rest) {
                     let key = GrantKey {
                         destination,
                         source,
                         protocol,
                         ports,
                     };
-                    exact.push((key, expires));
-                }
-                for (source, ports, expires) in disjoint(&rest, family) {
-                    let key = GrantKey {
-                        destination,
-                        source,
-                        protocol,
-                        ports,
-                    };
-                    ranged.push((key, expires));
+                    if is_exact { &mut exact } else { &mut ranged }.push((key, expires));
                 }
             }
             for (is_exact, elements) in [(true, exact), (false, ranged)] {
