@@ -46,7 +46,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
 use crate::api::convert::ConvertError;
-use crate::api::nsg::{EnforcementReport, IdleGrant, ListeningPort, MAX_REPORTED_IDLE};
+use crate::api::nsg::{EnforcementReport, IdleGrant, ListeningPort};
 use crate::api::nsg_model::NsgModel;
 use crate::api::{AgentReport, NetworkSecurityGroup, SecurityRule};
 use crate::rules::{self};
@@ -258,9 +258,9 @@ pub async fn run(
     .default_backoff()
     .map(|event| event.map(|_| Change::Nothing));
     let mut events = pin!(futures::stream::select_all([
-        nsg_events.map(|e| (0, e)).boxed(),
-        rule_events.map(|e| (1, e)).boxed(),
-        report_events.map(|e| (2, e)).boxed(),
+        nsg_events.map(|e| (NSG_WATCH, e)).boxed(),
+        rule_events.map(|e| (RULE_WATCH, e)).boxed(),
+        report_events.map(|e| (REPORT_WATCH, e)).boxed(),
     ]));
     let mut shutdown = pin!(shutdown);
     let mut synced = [false, false];
@@ -336,9 +336,16 @@ pub async fn run(
     Ok(())
 }
 
-/// What to do when the watch fails because the SecurityRule CRD in the cluster predates the
-/// selectable field the agent selects by: retrying cannot help (the agent keeps its table,
-/// and applies nothing new, until the CRDs are upgraded, which `helm upgrade` never does).
+/// Which watch an event came from: the first two must list before any round runs (the
+/// index into `synced`); the report's needs not.
+const NSG_WATCH: usize = 0;
+const RULE_WATCH: usize = 1;
+const REPORT_WATCH: usize = 2;
+
+/// What to do when a watch fails because the CRDs in the cluster predate this agent: the
+/// SecurityRule CRD without the selectable field the agent selects by, or no AgentReport
+/// CRD at all. Retrying cannot help (the agent keeps its table, and applies or reports
+/// nothing new, until the CRDs are upgraded, which `helm upgrade` never does).
 fn outdated_crd(error: &watcher::Error) -> Option<&'static str> {
     let (watcher::Error::InitialListFailed(kube::Error::Api(status))
     | watcher::Error::WatchStartFailed(kube::Error::Api(status))) = error
@@ -445,7 +452,7 @@ impl Agent {
         (which, event): (usize, Result<Change, watcher::Error>),
     ) -> bool {
         match event {
-            Ok(_) if which == 2 => {
+            Ok(_) if which == REPORT_WATCH => {
                 let stored = self
                     .report_store
                     .get(&ObjectRef::new(&self.report_name).within(&self.config.namespace));
@@ -719,7 +726,7 @@ impl Agent {
             generation: nsg.metadata.generation,
             hash: self.hash.clone(),
             error,
-            idle: self.idle.iter().take(MAX_REPORTED_IDLE).cloned().collect(),
+            idle: self.idle.clone(),
             listening: self.listening.clone(),
         };
         if !self.report_stale && self.reported.as_ref() == Some(&current) {
@@ -771,6 +778,11 @@ mod tests {
         // What the apiserver answers for a field a CRD does not declare selectable.
         let old = refused("field label not supported: spec.networkSecurityGroupName");
         assert!(outdated_crd(&old).unwrap().contains("crds/portcullis.yaml"));
+        // What it answers for a kind no CRD serves.
+        let mut missing = kube::core::Status::failure("the server could not find it", "NotFound");
+        missing.code = 404;
+        let missing = watcher::Error::InitialListFailed(kube::Error::Api(missing.boxed()));
+        assert!(outdated_crd(&missing).unwrap().contains("AgentReport"));
         assert_eq!(outdated_crd(&refused("the server is shutting down")), None);
         assert_eq!(outdated_crd(&watcher::Error::NoResourceVersion), None);
     }

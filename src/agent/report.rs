@@ -6,7 +6,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
-use crate::api::nsg::{EnforcementReport, IdleGrant, ListeningPort, MAX_REPORTED_ERROR};
+use crate::api::nsg::{
+    EnforcementReport, IdleGrant, ListeningPort, MAX_REPORTED_ERROR, MAX_REPORTED_IDLE,
+};
 use crate::api::{AgentReport, AgentReportSpec, NetworkSecurityGroup};
 
 /// What the agent last reported, to write only when it changes.
@@ -62,8 +64,10 @@ pub fn stale(written: Option<&Written>, stored: Option<&AgentReport>) -> bool {
 
 /// The report object `name` for `nsg`, owned by it (deleting the NSG deletes its reports;
 /// not a controller reference, and no owner deletion is blocked: the agent needs no rights
-/// on the NSG for it). An error is cut to what the schema accepts.
+/// on the NSG for it). Cut to what the schema accepts: the first idle grants (the rest are
+/// reported once these are revoked), an error's first characters.
 pub fn object(name: &str, nsg: &NetworkSecurityGroup, mut entry: EnforcementReport) -> AgentReport {
+    entry.idle_grants.truncate(MAX_REPORTED_IDLE);
     if let Some(error) = &mut entry.error
         && error.chars().count() > MAX_REPORTED_ERROR
     {
@@ -93,21 +97,12 @@ pub fn object(name: &str, nsg: &NetworkSecurityGroup, mut entry: EnforcementRepo
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
     use super::*;
 
     fn entry(error: Option<String>) -> EnforcementReport {
         EnforcementReport {
-            agent: "vm-1".into(),
-            host: "vm-1".into(),
-            addresses: vec!["198.18.0.10".into()],
-            observed_generation: Some(3),
-            rules_hash: "abc".into(),
-            applied_at: Time(jiff::Timestamp::UNIX_EPOCH),
             error,
-            idle_grants: Vec::new(),
-            listening_ports: Vec::new(),
+            ..crate::api::nsg::report_of("vm-1")
         }
     }
 
@@ -138,12 +133,21 @@ mod tests {
     }
 
     #[test]
-    fn a_long_error_is_cut_to_what_the_schema_accepts() {
+    fn a_long_error_and_many_idle_grants_are_cut_to_what_the_schema_accepts() {
         let nsg = crate::api::nsg::empty("default", "web-nsg");
-        let report = object("n", &nsg, entry(Some("é".repeat(5_000))));
-        let error = report.spec.report.error.unwrap();
+        let mut long = entry(Some("é".repeat(5_000)));
+        long.idle_grants = (0..MAX_REPORTED_IDLE + 10)
+            .map(|i| IdleGrant {
+                rule: format!("grant-{i}"),
+                last_packet: None,
+            })
+            .collect();
+        let report = object("n", &nsg, long).spec.report;
+        let error = report.error.unwrap();
         assert_eq!(error.chars().count(), MAX_REPORTED_ERROR);
         assert!(error.ends_with('…'));
+        assert_eq!(report.idle_grants.len(), MAX_REPORTED_IDLE);
+        assert_eq!(report.idle_grants[0].rule, "grant-0");
     }
 
     #[test]

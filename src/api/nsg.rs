@@ -255,6 +255,23 @@ pub struct IdleGrant {
     pub last_packet: Option<Time>,
 }
 
+/// A report of agent `agent` with no error, idle grant or listening port, at generation 3:
+/// for the tests of what writes, indexes and summarizes reports.
+#[cfg(test)]
+pub fn report_of(agent: &str) -> EnforcementReport {
+    EnforcementReport {
+        agent: agent.into(),
+        host: agent.into(),
+        addresses: vec!["198.18.0.10".into()],
+        observed_generation: Some(3),
+        rules_hash: "abc".into(),
+        applied_at: Time(jiff::Timestamp::UNIX_EPOCH),
+        error: None,
+        idle_grants: Vec::new(),
+        listening_ports: Vec::new(),
+    }
+}
+
 /// An NSG with nothing in it, named `name` in `namespace`: for the tests of what caches,
 /// indexes and runs over NSGs.
 #[cfg(test)]

@@ -328,7 +328,7 @@ pub fn ownership(rule: &CachedRule, owner_uid: &str) -> Ownership {
 
 impl Context {
     /// Writes `status` by server-side apply as the operator's field manager. Fields other
-    /// managers own (agents' enforcement reports) are left alone.
+    /// managers own are left alone.
     pub async fn apply_status<K, S>(&self, object: &K, status: &S) -> Result<K, super::Error>
     where
         K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
@@ -337,21 +337,9 @@ impl Context {
             + std::fmt::Debug,
         S: serde::Serialize + std::fmt::Debug + Sync,
     {
-        let (name, namespace) = super::name_and_namespace(object, "object")?;
-        let api: kube::Api<K> = kube::Api::namespaced(self.client.clone(), &namespace);
-        let patch = StatusPatch {
-            api_version: K::api_version(&()),
-            kind: K::kind(&()),
-            status,
-        };
-        let written = api
-            .patch_status(
-                &name,
-                &kube::api::PatchParams::apply(super::MANAGER).force(),
-                &kube::api::Patch::Apply(&patch),
-            )
-            .await?;
+        let written = apply_status_as(&self.client, object, status, super::MANAGER).await?;
         if let Some(version) = revision(&written) {
+            let (name, namespace) = super::name_and_namespace(object, "object")?;
             self.written
                 .lock()
                 .expect("written lock")
@@ -369,19 +357,8 @@ impl Context {
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
     {
-        let (name, namespace) = super::name_and_namespace(object, "object")?;
-        let api: kube::Api<K> = kube::Api::namespaced(self.client.clone(), &namespace);
-        let patch = serde_json::json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "status": {},
-        });
-        api.patch_status(
-            &name,
-            &kube::api::PatchParams::apply(manager).force(),
-            &kube::api::Patch::Apply(&patch),
-        )
-        .await?;
+        let empty = serde_json::Map::new();
+        apply_status_as(&self.client, object, &empty, manager).await?;
         Ok(())
     }
 
@@ -429,6 +406,37 @@ struct StatusPatch<'a, S> {
     api_version: std::borrow::Cow<'static, str>,
     kind: std::borrow::Cow<'static, str>,
     status: &'a S,
+}
+
+/// Server-side applies `status` to `object` as field manager `manager`; the object as
+/// written.
+async fn apply_status_as<K, S>(
+    client: &Client,
+    object: &K,
+    status: &S,
+    manager: &str,
+) -> Result<K, super::Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize + std::fmt::Debug + Sync,
+{
+    let (name, namespace) = super::name_and_namespace(object, "object")?;
+    let api: kube::Api<K> = kube::Api::namespaced(client.clone(), &namespace);
+    let patch = StatusPatch {
+        api_version: K::api_version(&()),
+        kind: K::kind(&()),
+        status,
+    };
+    Ok(api
+        .patch_status(
+            &name,
+            &kube::api::PatchParams::apply(manager).force(),
+            &kube::api::Patch::Apply(&patch),
+        )
+        .await?)
 }
 
 /// The kind, namespace and name of an object the operator wrote status to.

@@ -244,14 +244,15 @@ fn enforced(reports: &[Arc<AgentReport>], generation: Option<i64>) -> Decided {
 const MAX_NAMED_AGENTS: usize = 5;
 
 /// The reports the status lists: those with an error first, then those behind
-/// `generation`, then the rest, each group by agent; at most [`MAX_LISTED_REPORTS`].
+/// `generation`, then the rest, each group by agent; at most [`MAX_LISTED_REPORTS`]. Each
+/// agent has one report here: a report counts only under the name its NSG and agent give
+/// it (see [`ReportEntry`](super::index::ReportEntry)).
 fn listed_reports(reports: &[Arc<AgentReport>], generation: Option<i64>) -> Vec<EnforcementReport> {
     let mut listed: Vec<&EnforcementReport> = reports.iter().map(|r| &r.spec.report).collect();
     listed.sort_by(|a, b| {
         let rank = |r: &EnforcementReport| (r.error.is_none(), r.observed_generation == generation);
         rank(a).cmp(&rank(b)).then_with(|| a.agent.cmp(&b.agent))
     });
-    listed.dedup_by(|a, b| a.agent == b.agent);
     listed
         .into_iter()
         .take(MAX_LISTED_REPORTS)
@@ -591,15 +592,9 @@ mod tests {
         let mut nsg = crate::api::nsg::empty("team", "web-nsg");
         nsg.metadata.uid = Some("nsg-uid".into());
         let entry = EnforcementReport {
-            agent: agent.into(),
-            host: agent.into(),
-            addresses: Vec::new(),
             observed_generation: Some(generation),
-            rules_hash: "h".into(),
-            applied_at: Time(jiff::Timestamp::UNIX_EPOCH),
             error: error.map(str::to_owned),
-            idle_grants: Vec::new(),
-            listening_ports: Vec::new(),
+            ..crate::api::nsg::report_of(agent)
         };
         Arc::new(crate::agent::report::object(agent, &nsg, entry))
     }
