@@ -188,6 +188,7 @@ fn enforced(reports: &[Arc<AgentReport>], generation: Option<i64>) -> Decided {
         }
         text
     };
+    let of_agents = |n: usize| format!("{n} agent{}", if n == 1 { "" } else { "s" });
     let all: Vec<&EnforcementReport> = reports.iter().map(|r| &r.spec.report).collect();
     let failing: Vec<&EnforcementReport> =
         all.iter().copied().filter(|r| r.error.is_some()).collect();
@@ -207,9 +208,9 @@ fn enforced(reports: &[Arc<AgentReport>], generation: Option<i64>) -> Decided {
             false,
             reason::AGENT_ERROR,
             format!(
-                "{} of {} agents report an error and keep their last good rules ({}); {}: {}",
+                "{} of {} report an error and keep their last good rules ({}); {}: {}",
                 failing.len(),
-                all.len(),
+                of_agents(all.len()),
                 agents(&failing),
                 first.agent,
                 first.error.as_deref().unwrap_or_default()
@@ -220,9 +221,9 @@ fn enforced(reports: &[Arc<AgentReport>], generation: Option<i64>) -> Decided {
             false,
             reason::AGENTS_BEHIND,
             format!(
-                "{} of {} agents have not applied generation {} yet ({})",
+                "{} of {} have not applied generation {} yet ({})",
                 behind.len(),
-                all.len(),
+                of_agents(all.len()),
                 generation.unwrap_or_default(),
                 agents(&behind)
             ),
@@ -232,8 +233,9 @@ fn enforced(reports: &[Arc<AgentReport>], generation: Option<i64>) -> Decided {
             true,
             reason::AGENTS_IN_SYNC,
             format!(
-                "{} agents enforce generation {}",
-                all.len(),
+                "{} enforce{} generation {}",
+                of_agents(all.len()),
+                if all.len() == 1 { "s" } else { "" },
                 generation.unwrap_or_default()
             ),
         )
@@ -609,6 +611,8 @@ mod tests {
             (true, reason::AGENTS_IN_SYNC)
         );
         assert_eq!(synced.message, "2 agents enforce generation 3");
+        let one = enforced(&[report("vm-1", 3, None)], Some(3));
+        assert_eq!(one.message, "1 agent enforces generation 3");
         let behind = enforced(&[report("vm-1", 3, None), report("vm-2", 2, None)], Some(3));
         assert_eq!(
             (behind.status, behind.reason),

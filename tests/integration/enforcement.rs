@@ -761,8 +761,8 @@ async fn policy_closes_ssh_and_keeps_allowed_ports_open(ctx: Ctx) -> TestResult 
             return Err(format!("port 80 is not reachable from {source}").into());
         }
     }
-    // The operator rewrites the NSG status on a spec change; the agent's entry survives
-    // and follows the new generation.
+    // The agent applies and reports the new generation; the operator copies its report
+    // into the NSG's status and says every agent is in sync.
     succeeded(&ctx.apply(&nsg().replace("priority: 300", "priority: 310")))?;
     let nsgs: Api<NetworkSecurityGroup> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     eventually(
@@ -777,6 +777,28 @@ async fn policy_closes_ssh_and_keeps_allowed_ports_open(ctx: Ctx) -> TestResult 
         },
     )
     .await?;
+    // As a user waits for an edit to reach every machine.
+    succeeded(&ctx.kubectl(&[
+        "wait",
+        "--for=condition=Enforced",
+        "nsg/nsg",
+        "--timeout=60s",
+    ]))?;
+    let listed = succeeded(&ctx.kubectl(&["get", "nsg", "nsg"]))?;
+    assert!(
+        listed.contains("AGENTS") && listed.contains("ENFORCED"),
+        "{listed}"
+    );
+    let enforced = nsgs
+        .get("nsg")
+        .await?
+        .status
+        .into_iter()
+        .flat_map(|s| s.conditions)
+        .find(|c| c.type_ == "Enforced")
+        .ok_or("no Enforced condition")?;
+    assert_eq!(enforced.reason, "AgentsInSync", "{enforced:?}");
+    assert_eq!(enforced.message, "1 agent enforces generation 2");
     Ok(())
 }
 
