@@ -11,6 +11,7 @@ pub mod cli;
 pub mod console;
 pub mod controller;
 pub mod dev;
+pub mod fnv;
 pub mod plugin;
 pub mod rules;
 pub mod testenv;

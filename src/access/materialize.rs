@@ -15,6 +15,7 @@ use crate::api::SecurityRuleSpec;
 use crate::api::jit_policy::EstablishedConnections;
 use crate::api::jit_policy::PolicyVirtualMachine;
 use crate::api::rule_fields::{Access, Direction, RuleFields, RuleProtocol};
+use crate::fnv::Fnv;
 use crate::rules::prefix::AddressPrefix;
 use crate::rules::{Protocol, duration};
 
@@ -68,7 +69,7 @@ pub struct Owner<'a> {
 /// name clash between two owners is still caught, because the operator never writes over a
 /// rule another object controls.
 fn short_hash(text: &str) -> String {
-    let hash = fnv1a(text);
+    let hash = Fnv::of(text.as_bytes());
     format!("{:08x}", (hash ^ (hash >> 32)) as u32)
 }
 
@@ -111,7 +112,7 @@ pub fn report_name(nsg: &str, agent: &str) -> String {
     if !nsg.contains('.') && plain.len() <= MAX_NAME && is_dns_subdomain(&plain) {
         return plain;
     }
-    let hash = fnv1a(&format!("{nsg}\0{agent}"));
+    let hash = Fnv::of(format!("{nsg}\0{agent}").as_bytes());
     let cleaned: String = agent
         .to_lowercase()
         .chars()
@@ -187,14 +188,6 @@ fn shorten(cleaned: &str, original: &str, max: usize) -> String {
     } else {
         format!("{keep}-{hash}")
     }
-}
-
-/// FNV-1a, 64 bits: tiny and stable across Rust releases and platforms (unlike
-/// `DefaultHasher`), which names that must survive upgrades require.
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// Kubernetes' DNS-1123 subdomain: dot-separated labels of `[a-z0-9-]` that start and end

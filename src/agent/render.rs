@@ -49,6 +49,7 @@ use nftables::schema::{Chain, NfListObject, Rule as NftRule, Set, SetFlag, SetTy
 use nftables::stmt::{Mangle, Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
+use crate::fnv::Fnv;
 use crate::rules::{Access, AddressPrefix, Direction, Origin, PortRange, Protocol, Rule, Scope};
 
 /// The conntrack mark bit of the flows a `Close` grant let in. One bit, set with `|` and
@@ -230,24 +231,6 @@ pub struct Ruleset {
     pub grants: BTreeMap<String, BTreeMap<GrantKey, Timestamp>>,
 }
 
-/// FNV-1a, 64 bits: small, stable across builds and platforms (unlike std's hasher).
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn feed(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 ^= u64::from(*byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
-
 /// Sorts every `flags` list in nft JSON. The nftables crate keeps flags in a `HashSet`,
 /// which serializes them in a different order in every instance: hashed as they come, one
 /// ruleset had a new hash in every render, and the agent rewrote its report on every event,
@@ -300,7 +283,7 @@ impl Ruleset {
                 hash.feed(&expires.subsec_nanosecond().to_be_bytes());
             }
         }
-        format!("{:016x}", hash.0)
+        format!("{:016x}", hash.finish())
     }
 
     /// How many grant elements the ruleset holds.
@@ -1215,20 +1198,11 @@ impl Builder<'_> {
                 }
             }
             for (is_exact, elements) in [(true, exact), (false, ranged)] {
-                let set = self
-                    .grants
-                    .entry(Self::grant_set(run, family, closing, is_exact))
-                    .or_default();
-                let latest = latest_per_key(elements);
-                if set.is_empty() {
-                    // Built from sorted keys in one pass.
-                    *set = latest.into_iter().collect();
-                } else {
-                    for (key, expires) in latest {
-                        let at = set.entry(key).or_insert(expires);
-                        *at = (*at).max(expires);
-                    }
-                }
+                // Each run's set is filled once, here (built from sorted keys in one pass).
+                self.grants.insert(
+                    Self::grant_set(run, family, closing, is_exact),
+                    latest_per_key(elements).into_iter().collect(),
+                );
             }
         }
     }
