@@ -331,10 +331,7 @@ impl Context {
     /// managers own are left alone.
     pub async fn apply_status<K, S>(&self, object: &K, status: &S) -> Result<K, super::Error>
     where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: super::Watched + Resource<Scope = kube::core::NamespaceResourceScope>,
         S: serde::Serialize + std::fmt::Debug + Sync,
     {
         let written = apply_status_as(&self.client, object, status, super::MANAGER).await?;
@@ -352,10 +349,7 @@ impl Context {
     /// every status field that manager alone held.
     pub async fn release_status<K>(&self, object: &K, manager: &str) -> Result<(), super::Error>
     where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: super::Watched + Resource<Scope = kube::core::NamespaceResourceScope>,
     {
         let empty = serde_json::Map::new();
         apply_status_as(&self.client, object, &empty, manager).await?;
@@ -417,10 +411,7 @@ async fn apply_status_as<K, S>(
     manager: &str,
 ) -> Result<K, super::Error>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: super::Watched + Resource<Scope = kube::core::NamespaceResourceScope>,
     S: serde::Serialize + std::fmt::Debug + Sync,
 {
     let (name, namespace) = super::name_and_namespace(object, "object")?;
